@@ -1,0 +1,31 @@
+"""The `dmms` command: one subcommand per pipeline step, each the same code its DVC stage runs."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from pipeline import runtime
+
+# subcommand -> (module with a main(argv), one-line help)
+COMMANDS = {
+    "demo": ("pipeline.demo", "generate the embedded demo dataset"),
+    "ingest": ("pipeline.ingest", "validate a raw dataset and write the canonical manifest"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Dispatch `dmms <command> [options]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: dmms <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    runtime.run_main(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    main()
