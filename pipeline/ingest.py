@@ -38,12 +38,23 @@ class RawRow:
     data: dict[str, Any] | None  # None when the row could not even be parsed
     raw: str  # the row as text, for the rejects file
     error: RejectError | None = None
+    id_hint: str | None = None  # the id, when a row that cannot be parsed still tells it
+
+
+def _unescape(value: Any) -> Any:
+    """Turn bytes kept by surrogateescape back into visible backslash escapes (\\xe9)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_unescape(k): _unescape(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unescape(v) for v in value]
+    return value
 
 
 def _raw_json(data: Any) -> str:
     """A row as JSON text; bytes that were not UTF-8 appear backslash-escaped."""
-    text = json.dumps(data, ensure_ascii=False, default=str)
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return json.dumps(_unescape(data), ensure_ascii=False, default=str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +62,7 @@ def _raw_json(data: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path, required: list[str]) -> Iterator[RawRow]:
+def _read_csv(path: Path, required: list[str], id_column: str) -> Iterator[RawRow]:
     # surrogateescape keeps undecodable bytes so the row can be rejected with its number
     with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
@@ -65,6 +76,7 @@ def _read_csv(path: Path, required: list[str]) -> Iterator[RawRow]:
             raise IngestError(
                 f"{path}: column(s) {missing} named in params.yaml 'dataset' are not in the header {header}"
             )
+        id_index = header.index(id_column) if id_column in header else None
         n = 0
         while True:
             try:
@@ -80,9 +92,11 @@ def _read_csv(path: Path, required: list[str]) -> Iterator[RawRow]:
             if not cells or all(not c.strip() for c in cells):
                 yield RawRow(n, None, raw, RejectError("empty_row", f"line {reader.line_num}: empty row"))
             elif len(cells) != len(header):
+                hint = cells[id_index].strip() if id_index is not None and id_index < len(cells) else None
                 yield RawRow(
                     n, None, raw,
                     RejectError("malformed_row", f"line {reader.line_num}: {len(cells)} fields, header has {len(header)}"),
+                    _unescape(hint) or None,
                 )
             else:
                 yield RawRow(n, dict(zip(header, cells)), raw)
@@ -134,19 +148,19 @@ def _read_mmimdb(root: Path) -> Iterator[RawRow]:
         path = data_dir / f"{item_id}.json"
         extra = {"id": item_id, "image": f"dataset/{item_id}.jpeg", "split": split_of.get(item_id, "")}
         if item_id not in stems:
-            yield RawRow(n, None, _raw_json(extra), RejectError("malformed_row", f"{item_id} is listed in split.json but {path.name} is missing"))
+            yield RawRow(n, None, _raw_json(extra), RejectError("malformed_row", f"{item_id} is listed in split.json but {path.name} is missing"), item_id)
             continue
         blob = path.read_bytes()
         try:
             obj = json.loads(blob.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            yield RawRow(n, None, _raw_json(extra), RejectError("invalid_utf8", f"{path.name}: {exc}"))
+            yield RawRow(n, None, _raw_json(extra), RejectError("invalid_utf8", f"{path.name}: {exc}"), item_id)
             continue
         except json.JSONDecodeError as exc:
-            yield RawRow(n, None, _raw_json(extra), RejectError("malformed_row", f"{path.name}: invalid JSON: {exc}"))
+            yield RawRow(n, None, _raw_json(extra), RejectError("malformed_row", f"{path.name}: invalid JSON: {exc}"), item_id)
             continue
         if not isinstance(obj, dict):
-            yield RawRow(n, None, _raw_json(extra), RejectError("malformed_row", f"{path.name}: expected a JSON object"))
+            yield RawRow(n, None, _raw_json(extra), RejectError("malformed_row", f"{path.name}: expected a JSON object"), item_id)
             continue
         row = {**obj, **extra}
         yield RawRow(n, row, _raw_json(row))
@@ -174,7 +188,7 @@ def read_rows(cfg: DatasetConfig, root: Path) -> list[RawRow]:
         path = root / cfg.manifest
         if not path.is_file():
             raise IngestError(f"manifest not found: {path} (params: dataset.dir / dataset.manifest)")
-        rows = list(_read_csv(path, required_columns(cfg)) if cfg.format == "csv" else _read_jsonl(path))
+        rows = list(_read_csv(path, required_columns(cfg), cfg.id) if cfg.format == "csv" else _read_jsonl(path))
     if cfg.format != "csv":  # schemaless sources: a mapped column seen in no row is a mapping error
         seen = set().union(*(r.data.keys() for r in rows if r.data is not None))
         absent = [c for c in required_columns(cfg) if c not in seen]
@@ -294,8 +308,8 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
         try:
             candidates.append((precheck(row, dataset, seen), row))
         except RejectError as err:
-            raw_id = (row.data or {}).get(dataset.id)
-            reject(row, None if records.is_blank(raw_id) else str(raw_id).strip(), err)
+            raw_id = (row.data or {}).get(dataset.id, row.id_hint)
+            reject(row, None if records.is_blank(raw_id) else _unescape(str(raw_id).strip()), err)
 
     def check(pair: tuple[str, RawRow]) -> dict[str, Any] | RejectError:
         try:

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny generated datasets, written fresh into tmp_path by each test."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import DatasetConfig, IngestConfig, from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, size: tuple[int, int] = (32, 48), seed: int = 0, fmt: str = "JPEG") -> Path:
+    """A small random RGB image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def dataset_config(root: Path, **over: Any) -> DatasetConfig:
+    """The mapping used by the fixtures; keyword arguments override keys."""
+    raw: dict[str, Any] = {
+        "dir": str(root),
+        "format": "csv",
+        "manifest": "manifest.csv",
+        "id": "id",
+        "image": "image",
+        "text": ["title"],
+        "lists": {"tags": "|"},
+        "numeric": ["year"],
+        "categorical": ["country"],
+        "labels": {"column": "labels", "kind": "multilabel", "separator": "|"},
+    }
+    raw.update(over)
+    return from_dict(DatasetConfig, raw, "dataset")
+
+
+def ingest_config(**over: Any) -> IngestConfig:
+    return from_dict(IngestConfig, {"max_reject_fraction": 1.0, "workers": 2, **over}, "ingest")
+
+
+HEADER = ["id", "image", "title", "tags", "year", "country", "labels"]
+
+
+@pytest.fixture
+def good_dataset(tmp_path: Path) -> Path:
+    """A clean CSV dataset of 10 items."""
+    root = tmp_path / "ds"
+    rows = []
+    for i in range(10):
+        write_image(root / "img" / f"{i}.jpg", seed=i)
+        rows.append([f"item{i}", f"img/{i}.jpg", f"Title {i}", "a|b" if i % 2 else "", 1990 + i, "US", "x|y" if i % 3 else "x"])
+    write_csv(root / "manifest.csv", HEADER, rows)
+    return root

@@ -1,0 +1,45 @@
+"""Typed params: unknown keys and wrong types fail loudly; overlays merge key by key."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from pipeline import runtime
+from pipeline.config import ConfigError, DatasetConfig, DemoConfig, IngestConfig, BaseConfig, from_dict, load_params, section
+
+
+def test_repo_params_build_every_section():
+    params = load_params(REPO / "params.yaml")
+    section(params, "base", BaseConfig)
+    section(params, "demo", DemoConfig)
+    ds = section(params, "dataset", DatasetConfig)
+    section(params, "ingest", IngestConfig)
+    assert ds.lists == {"tags": "|"} and ds.text == ("title", "description")
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"ingest: unknown key\(s\) \['max_reject'\]; valid keys are .*max_reject_fraction"):
+        from_dict(IngestConfig, {"max_reject": 0.1}, "ingest")
+
+
+def test_wrong_types_and_values_are_errors():
+    with pytest.raises(ConfigError, match="demo.size: expected <class 'int'>"):
+        from_dict(DemoConfig, {"size": "many"}, "demo")
+    with pytest.raises(ConfigError, match="dataset.labels.kind"):
+        from_dict(DatasetConfig, {"dir": "x", "labels": {"kind": "regression"}}, "dataset")
+    with pytest.raises(ConfigError, match="fractions"):
+        from_dict(DatasetConfig, {"dir": "x", "split": {"fractions": {"train": 0.5, "val": 0.2, "test": 0.2}}}, "dataset")
+    with pytest.raises(ConfigError, match="more than one role"):
+        from_dict(DatasetConfig, {"dir": "x", "text": ["t"], "categorical": ["t"]}, "dataset")
+    with pytest.raises(ConfigError, match="clash with canonical"):
+        from_dict(DatasetConfig, {"dir": "x", "text": ["split"]}, "dataset")
+    with pytest.raises(ConfigError, match="dataset.dir: required"):
+        from_dict(DatasetConfig, {}, "dataset")
+
+
+def test_overlay_merges_key_by_key(tmp_path):
+    (tmp_path / "over.yaml").write_text("dataset:\n  dir: elsewhere\n  labels: {column: genres}\n")
+    params, _ = runtime.setup([str(REPO / "params.yaml"), str(tmp_path / "over.yaml")])
+    ds = section(params, "dataset", DatasetConfig)
+    assert ds.dir == "elsewhere" and ds.labels.column == "genres" and ds.labels.separator == "|"
+    assert ds.text == ("title", "description"), "keys the overlay does not name are kept"
