@@ -11,6 +11,7 @@ from pipeline import runtime
 COMMANDS = {
     "demo": ("pipeline.demo", "generate the embedded demo dataset"),
     "ingest": ("pipeline.ingest", "validate a raw dataset and write the canonical manifest"),
+    "extract": ("pipeline.extract", "extract one modality's feature sets with Apache Beam"),
 }
 
 

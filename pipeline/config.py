@@ -112,10 +112,15 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def section(params: Mapping[str, Any], name: str, cls: type) -> Any:
-    """Build the config of section `name` of `params` (a missing section is an error)."""
-    if name not in params:
-        raise ConfigError(f"params: section '{name}' is missing; found {sorted(params)}")
-    return from_dict(cls, params[name], name)
+    """Build the config of section `name` (dotted for nested sections, e.g. extract.job)."""
+    node: Any = params
+    for depth, key in enumerate(name.split(".")):
+        if not isinstance(node, Mapping) or key not in node:
+            where = ".".join(name.split(".")[:depth]) or "params"
+            found = sorted(node) if isinstance(node, Mapping) else node
+            raise ConfigError(f"{where}: section '{key}' is missing; found {found}")
+        node = node[key]
+    return from_dict(cls, node, name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -201,3 +202,38 @@ def parse_labels(value: Any, kind: str, separator: str, positive_name: str) -> l
     raise RejectError(
         "bad_label", f"binary label {value!r} is not one of {sorted(TRUE_WORDS | FALSE_WORDS)}"
     )
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image for extraction: EXIF orientation applied, converted to RGB, fully loaded."""
+    from PIL import ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+_ABBREVIATION = re.compile(r"(?:^|\s)(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|etc|e\.g|i\.e)\.$", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9À-Ý])")
+
+
+def split_sentences(text: str | None, max_sentences: int, min_chars: int = 2) -> list[str]:
+    """Split a text into sentences (paragraph breaks first, then sentence ends); blanks dropped.
+
+    A short text is one element; past `max_sentences` the rest is merged into the last element so
+    no text is lost.
+    """
+    if text is None or not text.strip():
+        return []
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n|\n", text):
+        pieces: list[str] = []
+        for sent in _SENTENCE_END.split(para.strip()):
+            if pieces and _ABBREVIATION.search(pieces[-1]):
+                pieces[-1] = f"{pieces[-1]} {sent}"  # "Mr. Smith" is not a sentence end
+            else:
+                pieces.append(sent)
+        out.extend(s for s in (" ".join(p.split()) for p in pieces) if len(s) >= min_chars)
+    if max_sentences > 0 and len(out) > max_sentences:
+        out = out[: max_sentences - 1] + [" ".join(out[max_sentences - 1 :])]
+    return out

@@ -52,6 +52,7 @@ def setup(params_paths: Sequence[str] | None) -> tuple[dict[str, Any], BaseConfi
         level=getattr(logging, base.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # a library may have configured the root logger while being imported
     )
     return params, base
 

@@ -1,0 +1,99 @@
+"""What every extractor shares: results, errors, the ModelHandler base, device choice, weight files."""
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemResult:
+    """The set extracted for one item: n vectors of the modality's dimension and n element records."""
+
+    vectors: np.ndarray  # (n, D) float32; n may be 0
+    elements: list[dict[str, Any]] = field(default_factory=list)
+    category_ids: list[int] | None = None
+
+
+@dataclass
+class ItemError:
+    """Why one item could not be extracted; it becomes a dead letter."""
+
+    stage: str  # prepare | inference
+    error: str
+
+
+class MissingModelError(RuntimeError):
+    """A configured model or weights file is not available locally."""
+
+
+def error_text(exc: BaseException) -> str:
+    """One-line error with its type and the innermost frame, for dead letters."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when available, else cpu; asking for cuda without one is a clear error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device")
+    return name
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """Return `path` if it is a file, else raise MissingModelError naming it."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MissingModelError(f"{what}: weights file not found: {p}")
+    return p
+
+
+def empty_result(dim: int) -> ItemResult:
+    return ItemResult(np.zeros((0, dim), dtype=np.float32), [])
+
+
+class SetModelHandler(ModelHandler):
+    """Base ModelHandler: fixed batch sizes from params and per-item fallback when a batch fails.
+
+    Subclasses implement `load_model` and `infer_batch(batch, model) -> list[ItemResult | ItemError]`.
+    A failing batch is retried item by item, so one bad item never takes its neighbours down.
+    """
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        # min == max: batches do not depend on Beam's adaptive sizing, so outputs are reproducible
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def infer_batch(self, batch: list[Any], model: Any) -> list[ItemResult | ItemError]:
+        raise NotImplementedError
+
+    def run_inference(self, batch: Sequence[Any], model: Any, inference_args: dict | None = None) -> Iterable[Any]:
+        batch = list(batch)
+        try:
+            return self.infer_batch(batch, model)
+        except Exception as exc:  # retried one by one below; nothing is dropped
+            if len(batch) == 1:
+                return [ItemError("inference", error_text(exc))]
+            log.warning("batch of %d failed (%s); retrying item by item", len(batch), error_text(exc))
+        out: list[ItemResult | ItemError] = []
+        for example in batch:
+            try:
+                out.extend(self.infer_batch([example], model))
+            except Exception as exc:
+                out.append(ItemError("inference", error_text(exc)))
+        return out

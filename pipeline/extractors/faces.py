@@ -1,0 +1,186 @@
+"""Faces: facenet-pytorch MTCNN finds 0..N faces per image; each face becomes an element.
+
+Each face is embedded by InceptionResnetV1 (VGGFace2) when its weights file is available locally,
+otherwise by the image backbone on the aligned face crop; the file metadata says which.
+Box, five landmarks and detection probability are kept per face.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.extractors.base import (
+    ItemResult, MissingModelError, SetModelHandler, require_file, resolve_device,
+)
+from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
+from pipeline.features import element, file_sha256
+
+VGGFACE2_FILE = "20180402-114759-vggface2.pt"
+
+
+@dataclass(frozen=True)
+class FacesConfig:
+    """Settings of a `faces` modality."""
+
+    kind: str = "faces"
+    min_face_size: int = 20
+    thresholds: tuple[float, ...] = (0.6, 0.7, 0.7)  # MTCNN's three stage thresholds
+    min_probability: float = 0.9  # faces below this detection probability are dropped
+    max_faces: int = 10  # most probable faces kept per image
+    crop_size: int = 160
+    margin: int = 16
+    embedder: str = "auto"  # auto | vggface2 | backbone
+    vggface2_weights: str | None = None  # null: $TORCH_HOME/checkpoints/20180402-114759-vggface2.pt
+    backbone: str = "efficientnet-lite0"
+    backbone_weights: str | None = None
+    batch_size: int = 16  # images per batch
+    crop_batch_size: int = 32  # face crops per embedder call
+    device: str = "auto"
+
+
+def vggface2_path(cfg: FacesConfig) -> Path:
+    if cfg.vggface2_weights:
+        return Path(cfg.vggface2_weights).expanduser()
+    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    return Path(torch_home) / "checkpoints" / VGGFACE2_FILE
+
+
+def embedder_choice(cfg: FacesConfig) -> str:
+    """Which embedder runs: vggface2 when its file is here (or asked for), else the backbone."""
+    if cfg.embedder == "vggface2":
+        require_file(vggface2_path(cfg), "faces embedder vggface2")
+        return "vggface2"
+    if cfg.embedder == "backbone":
+        return "backbone"
+    if cfg.embedder != "auto":
+        raise ValueError(f"faces.embedder must be auto, vggface2 or backbone, found {cfg.embedder!r}")
+    return "vggface2" if vggface2_path(cfg).is_file() else "backbone"
+
+
+def select_faces(boxes: Any, probs: Any, points: Any, min_probability: float, max_faces: int) -> list[int]:
+    """Indices of the faces to keep: probability >= threshold, most probable first, at most max_faces."""
+    if boxes is None:
+        return []
+    keep = [i for i, p in enumerate(probs) if p is not None and p >= min_probability]
+    keep.sort(key=lambda i: (-float(probs[i]), float(boxes[i][0]), float(boxes[i][1])))
+    return keep[:max_faces]
+
+
+class FaceModel:
+    """MTCNN detector plus the face embedder, loaded once per worker."""
+
+    def __init__(self, cfg: FacesConfig, device: str):
+        import torch
+        from facenet_pytorch import MTCNN
+
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.device = device
+        self.mtcnn = MTCNN(keep_all=True, min_face_size=cfg.min_face_size, thresholds=list(cfg.thresholds),
+                           post_process=False, device=device).eval()
+        self.kind = embedder_choice(cfg)
+        if self.kind == "vggface2":
+            from facenet_pytorch import InceptionResnetV1
+
+            net = InceptionResnetV1(pretrained=None, classify=False)
+            state = torch.load(vggface2_path(cfg), map_location="cpu", weights_only=True)
+            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits")}, strict=False)
+            self.net = net.to(device).eval()
+            self.dim = 512
+        else:
+            self.backbone = ImageBackbone(cfg.backbone, cfg.backbone_weights, device)
+            self.dim = self.backbone.dim
+
+    def detect(self, images: list[np.ndarray]) -> list[tuple[Any, Any, Any]]:
+        """MTCNN on a batch; images of equal size run together (MTCNN batches only those)."""
+        out: list[tuple[Any, Any, Any] | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(img.shape, []).append(i)
+        for idx in by_shape.values():
+            stack = np.stack([images[i] for i in idx])
+            boxes, probs, points = self.mtcnn.detect(stack, landmarks=True)
+            for j, i in enumerate(idx):
+                out[i] = (boxes[j], probs[j], points[j])
+        return out  # type: ignore[return-value]
+
+    def embed(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(n, 3, S, S) crops with values 0..255 -> (n, D)."""
+        import torch
+
+        if not crops:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        for start in range(0, len(crops), self.cfg.crop_batch_size):
+            x = np.stack(crops[start:start + self.cfg.crop_batch_size]).astype(np.float32)
+            if self.kind == "vggface2":
+                with torch.inference_mode():
+                    out.append(self.net(torch.from_numpy((x - 127.5) / 128.0).to(self.device)).float().cpu().numpy())
+            else:
+                x = (x / 255.0 - IMAGENET_MEAN[None, :, None, None]) / IMAGENET_STD[None, :, None, None]
+                out.append(self.backbone(x.astype(np.float32)))
+        return np.concatenate(out).astype(np.float32)
+
+
+def crop_face(image: np.ndarray, box: Any, size: int, margin: int) -> np.ndarray:
+    """Aligned square crop around a box (margin in output pixels): (3, size, size), values 0..255."""
+    from facenet_pytorch.models.utils.detect_face import extract_face
+    from PIL import Image
+
+    return extract_face(Image.fromarray(image), box, image_size=size, margin=margin).numpy()
+
+
+class FacesHandler(SetModelHandler):
+    """Input: (H, W, 3) uint8 images; output: one element per kept face."""
+
+    def __init__(self, cfg: FacesConfig):
+        super().__init__(cfg.batch_size)
+        self.cfg = cfg
+
+    def load_model(self) -> FaceModel:
+        return FaceModel(self.cfg, resolve_device(self.cfg.device))
+
+    def infer_batch(self, batch: list[np.ndarray], model: FaceModel) -> list[ItemResult]:
+        detections = model.detect(batch)
+        crops, owners, elements = [], [], []
+        for i, (image, (boxes, probs, points)) in enumerate(zip(batch, detections)):
+            for rank, j in enumerate(select_faces(boxes, probs, points, self.cfg.min_probability, self.cfg.max_faces)):
+                crops.append(crop_face(image, boxes[j], self.cfg.crop_size, self.cfg.margin))
+                owners.append(i)
+                elements.append(element(index=rank, box=[float(v) for v in boxes[j]], score=float(probs[j]),
+                                        landmarks=[float(v) for v in np.asarray(points[j]).reshape(-1)]))
+        vecs = model.embed(crops)
+        results = [ItemResult(np.zeros((0, model.dim), dtype=np.float32), []) for _ in batch]
+        for i in range(len(batch)):
+            rows = [k for k, o in enumerate(owners) if o == i]
+            results[i] = ItemResult(vecs[rows] if rows else results[i].vectors, [elements[k] for k in rows])
+        return results
+
+
+def describe(cfg: FacesConfig) -> dict[str, Any]:
+    """Provenance: detector, which embedder runs, its weights checksum and dimension."""
+    choice = embedder_choice(cfg)
+    if choice == "vggface2":
+        path, model_id, dim = vggface2_path(cfg), "mtcnn+inception_resnet_v1:vggface2", 512
+    else:
+        path = backbone_weights(cfg.backbone, cfg.backbone_weights)
+        model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone)
+    return {"extractor": "faces", "model_id": model_id, "embedder": choice,
+            "weights_sha256": file_sha256(path), "dim": dim}
+
+
+def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | None:
+    """Per-record work: the decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
+    from pipeline import records, schema
+
+    if row.get(schema.IMAGE) is None:
+        return None
+    return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)
+
+
+CONFIG_CLASS = FacesConfig
+HANDLER_CLASS = FacesHandler

@@ -1,0 +1,127 @@
+"""OCR: easyocr (packaged English weights, downloads disabled) finds 0..N text boxes per image;
+each box's text is embedded by the text encoder. Text, box and confidence are kept per element."""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.extractors.base import ItemResult, SetModelHandler, require_file, resolve_device
+from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
+from pipeline.features import element, file_sha256
+
+OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
+
+
+@dataclass(frozen=True)
+class OcrConfig:
+    """Settings of an `ocr` modality."""
+
+    kind: str = "ocr"
+    min_confidence: float = 0.3  # boxes read with lower confidence are dropped
+    canvas_size: int = 2560  # easyocr's detector canvas; images larger than this are shrunk
+    min_size: int = 10  # smallest text box in pixels
+    max_boxes: int = 32
+    model_dir: str | None = None  # folder with the two weights files; null: the packaged ones
+    text_model: str = PACKAGED_MINILM
+    max_length: int = 32
+    batch_size: int = 8  # images per batch
+    text_batch_size: int = 64
+    device: str = "auto"
+
+
+def ocr_model_dir(cfg: OcrConfig) -> Path:
+    if cfg.model_dir:
+        return Path(cfg.model_dir).expanduser()
+    import easyocr_en_models
+
+    return Path(easyocr_en_models.model_dir())
+
+
+def box_of(points: Any) -> list[float]:
+    """Axis-aligned [x0, y0, x1, y1] around easyocr's four corner points."""
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    return [float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())]
+
+
+def select_boxes(found: list[tuple[Any, str, float]], min_confidence: float, max_boxes: int) -> list[tuple[Any, str, float]]:
+    """Boxes with text and confidence >= threshold, in reading order (top to bottom, left to right)."""
+    keep = [(p, t.strip(), float(c)) for p, t, c in found if t.strip() and float(c) >= min_confidence]
+    keep.sort(key=lambda x: (box_of(x[0])[1] + box_of(x[0])[3]) / 2)
+    lines: list[list[tuple[Any, str, float]]] = []
+    for item in keep:  # a box joins the current line when its centre is within half a box height of it
+        x0, y0, x1, y1 = box_of(item[0])
+        if lines:
+            lx0, ly0, lx1, ly1 = box_of(lines[-1][0][0])
+            if abs((y0 + y1) / 2 - (ly0 + ly1) / 2) <= max(y1 - y0, ly1 - ly0) / 2:
+                lines[-1].append(item)
+                continue
+        lines.append([item])
+    ordered = [item for line in lines for item in sorted(line, key=lambda it: box_of(it[0])[0])]
+    return ordered[:max_boxes]
+
+
+class OcrModel:
+    """easyocr Reader plus the text encoder, loaded once per worker."""
+
+    def __init__(self, cfg: OcrConfig, device: str):
+        import easyocr
+
+        where = ocr_model_dir(cfg)
+        for name in OCR_FILES:
+            require_file(where / name, "easyocr")
+        self._net_dir = tempfile.mkdtemp(prefix="dmms-easyocr-")  # easyocr writes here, not ~/.EasyOCR
+        self.reader = easyocr.Reader(["en"], gpu=device.startswith("cuda"), model_storage_directory=str(where),
+                                     user_network_directory=self._net_dir, download_enabled=False, verbose=False)
+        self.encoder = TextEncoder(cfg.text_model, cfg.max_length, device)
+        self.dim = self.encoder.dim
+
+
+class OcrHandler(SetModelHandler):
+    """Input: (H, W, 3) uint8 images; output: one element per kept text box."""
+
+    def __init__(self, cfg: OcrConfig):
+        super().__init__(cfg.batch_size)
+        self.cfg = cfg
+
+    def load_model(self) -> OcrModel:
+        return OcrModel(self.cfg, resolve_device(self.cfg.device))
+
+    def infer_batch(self, batch: list[np.ndarray], model: OcrModel) -> list[ItemResult]:
+        kept = [
+            select_boxes(model.reader.readtext(img, canvas_size=self.cfg.canvas_size, min_size=self.cfg.min_size),
+                         self.cfg.min_confidence, self.cfg.max_boxes)
+            for img in batch
+        ]
+        vecs = encode_sets(model.encoder, [[t for _, t, _ in k] for k in kept], self.cfg.text_batch_size)
+        return [
+            ItemResult(v, [element(index=i, text=t, box=box_of(p), score=c) for i, (p, t, c) in enumerate(k)])
+            for k, v in zip(kept, vecs)
+        ]
+
+
+def describe(cfg: OcrConfig) -> dict[str, Any]:
+    """Provenance: the OCR weights and the text encoder; the vectors are the encoder's."""
+    where = ocr_model_dir(cfg)
+    sums = [file_sha256(require_file(where / n, "easyocr")) for n in OCR_FILES]
+    sums.append(file_sha256(_weights_file(cfg.text_model)))
+    combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
+    return {"extractor": "ocr", "model_id": f"easyocr:en+{cfg.text_model}", "weights_sha256": combined,
+            "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)), "dim": text_dim(cfg.text_model)}
+
+
+def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | None:
+    """Per-record work: the decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
+    from pipeline import records, schema
+
+    if row.get(schema.IMAGE) is None:
+        return None
+    return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)
+
+
+CONFIG_CLASS = OcrConfig
+HANDLER_CLASS = OcrHandler

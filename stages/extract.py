@@ -1,0 +1,5 @@
+"""DVC stage extract@<modality>: one Beam job turning the manifest into that modality's feature sets."""
+from pipeline import extract, runtime
+
+if __name__ == "__main__":
+    runtime.run_main(extract.main)
