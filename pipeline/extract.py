@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -249,7 +250,7 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
     }
     if stats is not None:
         meta["stats"] = stats["stats"]
-    features.write_feature_table(feats.to_pylist(), dim, meta, out_dir / "features.parquet")
+    features.write_feature_table(feats, dim, meta, out_dir / "features.parquet")
     dead = dead.sort_by(schema.ID)
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
     shutil.rmtree(tmp)
@@ -257,7 +258,7 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
     got, failed = feats[schema.ID].to_pylist(), dead[schema.ID].to_pylist()
     lost = set(ids) - set(got) - set(failed)
     twice = set(got) & set(failed)
-    n_vectors = [len(v) for v in feats[features.VECTORS].to_pylist()]
+    n_vectors = pc.list_value_length(feats[features.VECTORS]).to_pylist()
     elapsed = time.perf_counter() - t0
     metrics = {
         "modality": modality, "kind": kind, "items_in": len(ids), "written": len(got),

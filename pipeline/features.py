@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,11 +77,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_feature_table(rows: Iterable[Mapping[str, Any]], dim: int, meta: dict[str, Any], path: Path) -> pa.Table:
-    """Write rows sorted by id with provenance metadata; returns the table written."""
-    rows = sorted(rows, key=lambda r: r[schema.ID])
+def write_feature_table(table: pa.Table, dim: int, meta: dict[str, Any], path: Path) -> pa.Table:
+    """Write a feature table sorted by id with provenance metadata; returns the table written."""
     sch = schema.with_metadata(feature_schema(dim), {"kind_of_file": "features", **meta})
-    table = pa.Table.from_pylist(rows, schema=sch)
+    table = table.cast(feature_schema(dim)).sort_by(schema.ID).replace_schema_metadata(sch.metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="zstd")
     return table

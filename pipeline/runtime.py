@@ -54,6 +54,9 @@ def setup(params_paths: Sequence[str] | None) -> tuple[dict[str, Any], BaseConfi
         stream=sys.stderr,
         force=True,  # a library may have configured the root logger while being imported
     )
+    # Beam logs every bundle and type hint at INFO; keep it to warnings unless debugging
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
     return params, base
 
 
