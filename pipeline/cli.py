@@ -12,6 +12,7 @@ COMMANDS = {
     "demo": ("pipeline.demo", "generate the embedded demo dataset"),
     "ingest": ("pipeline.ingest", "validate a raw dataset and write the canonical manifest"),
     "extract": ("pipeline.extract", "extract one modality's feature sets with Apache Beam"),
+    "train": ("pipeline.train", "train the set model on extracted feature sets"),
 }
 
 

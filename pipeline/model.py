@@ -1,0 +1,197 @@
+"""The Deep Multi-Modal Sets model, its late-fusion concatenation baseline, and packed set batches.
+
+Every element of every modality is re-encoded into one D-dimensional space, all elements of an
+item form one set, the set is pooled (max, sum or mean) into a fixed vector, and an MLP predicts.
+Sets are packed, not padded: a batch is each modality's elements concatenated, plus the index of
+the item each element belongs to (segment ids), and pooling is a scatter reduction, so a batch
+costs what its elements cost. Imports torch only, so it runs on a machine with nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+POOLINGS = ("max", "sum", "mean")
+ARCHITECTURES = ("set", "concat")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture settings (params train.model)."""
+
+    architecture: str = "set"  # set | concat (the paper's late-fusion baseline)
+    dim: int = 256  # D: the common space
+    encoder_depth: int = 2  # layers of each modality's encoder MLP
+    activation: str = "relu"  # relu | gelu | tanh
+    pooling: str = "max"  # max | sum | mean
+    hierarchical: bool = False  # pool inside each modality first, then across modalities
+    head_hidden: tuple[int, ...] = (256,)
+    dropout: float = 0.2
+
+    def validate(self, where: str) -> None:
+        from pipeline.config import ConfigError
+
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"{where}.architecture: expected one of {ARCHITECTURES}, found {self.architecture!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"{where}.pooling: expected one of {POOLINGS}, found {self.pooling!r}")
+        if self.activation not in _ACTIVATIONS:
+            raise ConfigError(f"{where}.activation: expected one of {sorted(_ACTIVATIONS)}, found {self.activation!r}")
+        if self.dim < 1 or self.encoder_depth < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}: dim and encoder_depth must be >= 1 and dropout in [0, 1)")
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+@dataclass
+class ModalityBatch:
+    """One modality's elements of a batch, packed: vectors (N, d) and their item index (N,)."""
+
+    vectors: torch.Tensor  # (N, d) float
+    segment: torch.Tensor  # (N,) long, values in [0, B)
+    category_ids: torch.Tensor | None = None  # (B, C) long, meta only (0 = missing/unseen)
+
+
+@dataclass
+class SetBatch:
+    """A packed batch of B items: per modality its elements and their segment ids."""
+
+    size: int  # B
+    modalities: dict[str, ModalityBatch] = field(default_factory=dict)
+
+
+def mlp(sizes: list[int], activation: str, dropout: float, last_activation: bool) -> nn.Sequential:
+    """Linear layers through `sizes`, with activation (and dropout) between them."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def segment_pool(x: torch.Tensor, segment: torch.Tensor, size: int, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool rows of x (N, D) into `size` segments; returns (pooled (size, D), counts (size,)).
+
+    A segment with no rows pools to zeros: an item with no elements gets a defined output.
+    """
+    D = x.shape[1]
+    counts = torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(
+        0, segment, torch.ones_like(segment, dtype=x.dtype))
+    if how == "max":
+        pooled = torch.zeros(size, D, dtype=x.dtype, device=x.device)
+        pooled = pooled.scatter_reduce(0, segment[:, None].expand(-1, D), x, reduce="amax", include_self=False)
+        return pooled, counts
+    pooled = torch.zeros(size, D, dtype=x.dtype, device=x.device).index_add_(0, segment, x)
+    if how == "mean":
+        pooled = pooled / counts.clamp(min=1)[:, None]
+    return pooled, counts
+
+
+class SetModel(nn.Module):
+    """Per-modality encoders into one D-dim space, set pooling over all elements, an MLP head.
+
+    Invariant to the order of elements and of modalities. Categorical meta ids become elements
+    through learned index embeddings (one table per categorical column).
+    """
+
+    def __init__(self, cfg: ModelConfig, dims: dict[str, int], categories: dict[str, list[int]], n_labels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = sorted(dims)
+        self.encoders = nn.ModuleDict({
+            m: mlp([dims[m]] + [cfg.dim] * cfg.encoder_depth, cfg.activation, 0.0, last_activation=True)
+            for m in self.modalities if dims[m] > 0
+        })
+        # categories[m]: vocabulary size (without the 0 = missing id) of each categorical column of m
+        self.embeddings = nn.ModuleDict({
+            m: nn.ModuleList([nn.Embedding(n + 1, cfg.dim) for n in sizes]) for m, sizes in categories.items() if sizes
+        })
+        self.head = mlp([cfg.dim, *cfg.head_hidden, n_labels], cfg.activation, cfg.dropout, last_activation=False)
+
+    def elements(self, batch: SetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All elements of the batch in the common space: (N, D), their segment (N,), modality (N,)."""
+        xs, segs, mods = [], [], []
+        for i, m in enumerate(self.modalities):
+            mb = batch.modalities.get(m)
+            if mb is None:
+                continue
+            if m in self.encoders and mb.vectors.shape[0]:
+                xs.append(self.encoders[m](mb.vectors))  # (N_m, D)
+                segs.append(mb.segment)
+                mods.append(torch.full_like(mb.segment, i))
+            if m in self.embeddings and mb.category_ids is not None:
+                items = torch.arange(batch.size, device=mb.category_ids.device)
+                for c, table in enumerate(self.embeddings[m]):
+                    xs.append(table(mb.category_ids[:, c]))  # (B, D): one element per item and column
+                    segs.append(items)
+                    mods.append(torch.full_like(items, i))
+        device = next(self.parameters()).device
+        if not xs:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return torch.zeros(0, self.cfg.dim, device=device), empty, empty
+        return torch.cat(xs), torch.cat(segs), torch.cat(mods)
+
+    def pool(self, x: torch.Tensor, segment: torch.Tensor, modality: torch.Tensor, size: int) -> torch.Tensor:
+        """(N, D) elements -> (B, D) pooled vectors (flat, or hierarchical by modality)."""
+        how = self.cfg.pooling
+        if not self.cfg.hierarchical:
+            return segment_pool(x, segment, size, how)[0]
+        M = len(self.modalities)
+        inner, counts = segment_pool(x, segment * M + modality, size * M, how)  # (B*M, D)
+        present = (counts > 0).to(x.dtype)
+        inner = inner.view(size, M, -1)
+        if how == "max":  # absent modalities must not win: mask them below every present value
+            masked = inner.masked_fill(present.view(size, M, 1) == 0, float("-inf"))
+            out = masked.amax(dim=1)
+            return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+        total = inner.sum(dim=1)
+        return total / present.view(size, M).sum(1).clamp(min=1)[:, None] if how == "mean" else total
+
+    def forward(self, batch: SetBatch) -> torch.Tensor:
+        """Logits (B, n_labels)."""
+        x, seg, mod = self.elements(batch)
+        return self.head(self.pool(x, seg, mod, batch.size))
+
+
+class ConcatModel(nn.Module):
+    """The paper's late-fusion baseline: each modality mean-pooled (zeros when missing), concatenated, MLP."""
+
+    def __init__(self, cfg: ModelConfig, dims: dict[str, int], categories: dict[str, list[int]], n_labels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = sorted(dims)
+        self.dims = dims
+        self.embeddings = nn.ModuleDict({
+            m: nn.ModuleList([nn.Embedding(n + 1, cfg.dim) for n in sizes]) for m, sizes in categories.items() if sizes
+        })
+        width = sum(dims.values()) + sum(cfg.dim * len(s) for s in categories.values())
+        self.head = mlp([width, *cfg.head_hidden, n_labels], cfg.activation, cfg.dropout, last_activation=False)
+
+    def forward(self, batch: SetBatch) -> torch.Tensor:
+        parts = []
+        device = next(self.parameters()).device
+        for m in self.modalities:
+            mb = batch.modalities.get(m)
+            if self.dims[m]:
+                if mb is None or not mb.vectors.shape[0]:
+                    parts.append(torch.zeros(batch.size, self.dims[m], device=device))
+                else:
+                    parts.append(segment_pool(mb.vectors, mb.segment, batch.size, "mean")[0])
+            if m in self.embeddings:
+                for c, table in enumerate(self.embeddings[m]):
+                    ids = mb.category_ids[:, c] if mb is not None and mb.category_ids is not None else \
+                        torch.zeros(batch.size, dtype=torch.long, device=device)
+                    parts.append(table(ids))
+        return self.head(torch.cat(parts, dim=1))
+
+
+def build_model(cfg: ModelConfig, dims: dict[str, int], categories: dict[str, list[int]], n_labels: int) -> nn.Module:
+    """The model the config names."""
+    cls = SetModel if cfg.architecture == "set" else ConcatModel
+    return cls(cfg, dims, categories, n_labels)

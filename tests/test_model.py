@@ -1,0 +1,213 @@
+"""The set model: invariances, empty and missing sets, packed == padded pooling, training, bundles."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline import features, metrics, schema
+from pipeline.config import from_dict
+from pipeline.features import FeatureMismatchError
+from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model, segment_pool
+from pipeline.setdata import FeatureStore, PackedModality
+from pipeline.train import TrainConfig, check_store_matches, fit, load_bundle, predict
+
+DIMS = {"a": 6, "b": 4, "meta": 2}
+CATS = {"meta": [3]}
+
+
+def random_batch(gen: torch.Generator, sizes: dict[str, list[int]]) -> SetBatch:
+    """A batch whose item i has sizes[m][i] elements of modality m."""
+    B = len(next(iter(sizes.values())))
+    batch = SetBatch(size=B)
+    for m, counts in sizes.items():
+        seg = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+        cats = torch.randint(0, 4, (B, 1), generator=gen) if m == "meta" else None
+        batch.modalities[m] = ModalityBatch(torch.randn(len(seg), DIMS[m], generator=gen), seg, cats)
+    return batch
+
+
+def model(**over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, {"dim": 8, "dropout": 0.0, **over}, "m")
+    return build_model(cfg, DIMS, CATS, 3).eval()
+
+
+SIZES = {"a": [2, 0, 3, 1], "b": [1, 4, 0, 0], "meta": [1, 1, 1, 0]}
+
+
+@pytest.mark.parametrize("over", [{"pooling": "max"}, {"pooling": "sum"}, {"pooling": "mean"},
+                                  {"pooling": "max", "hierarchical": True}, {"pooling": "mean", "hierarchical": True}])
+def test_invariant_to_element_and_modality_order(over):
+    net = model(**over)
+    batch = random_batch(torch.Generator().manual_seed(1), SIZES)
+    ref = net(batch)
+    shuffled = SetBatch(size=batch.size)
+    for m in reversed(list(batch.modalities)):  # modality order reversed
+        mb = batch.modalities[m]
+        perm = torch.randperm(mb.segment.numel(), generator=torch.Generator().manual_seed(2))
+        shuffled.modalities[m] = ModalityBatch(mb.vectors[perm], mb.segment[perm], mb.category_ids)
+    assert torch.allclose(ref, net(shuffled), atol=1e-5)
+    # and an item's output does not depend on the other items of its batch
+    one = SetBatch(size=1, modalities={m: ModalityBatch(mb.vectors[mb.segment == 0], mb.segment[mb.segment == 0] * 0,
+                                                        None if mb.category_ids is None else mb.category_ids[:1])
+                                       for m, mb in batch.modalities.items()})
+    assert torch.allclose(ref[:1], net(one), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["set", "concat"])
+def test_empty_sets_and_missing_modalities_give_finite_outputs(arch):
+    net = model(architecture=arch)
+    batch = random_batch(torch.Generator().manual_seed(3), {"a": [0, 0, 2], "b": [0, 1, 0]})  # no meta at all
+    out = net(batch)
+    assert out.shape == (3, 3) and torch.isfinite(out).all()
+    nothing = SetBatch(size=2)
+    assert torch.isfinite(net(nothing)).all()
+    if arch == "set":  # an item with no element pools to zeros: its output is the head's bias path
+        assert torch.allclose(net(nothing)[0], net.head(torch.zeros(1, 8))[0])
+
+
+def test_packed_pooling_equals_a_padded_reference():
+    gen = torch.Generator().manual_seed(4)
+    counts = torch.tensor([3, 0, 1, 5, 2])
+    x = torch.randn(int(counts.sum()), 7, generator=gen)
+    seg = torch.repeat_interleave(torch.arange(5), counts)
+    pad = torch.zeros(5, int(counts.max()), 7)
+    mask = torch.zeros(5, int(counts.max()), dtype=torch.bool)
+    at = 0
+    for i, c in enumerate(counts.tolist()):
+        pad[i, :c], mask[i, :c] = x[at:at + c], True
+        at += c
+    ref_max = pad.masked_fill(~mask[..., None], float("-inf")).amax(1)
+    ref_max[counts == 0] = 0
+    ref_sum = (pad * mask[..., None]).sum(1)
+    ref_mean = ref_sum / counts.clamp(min=1)[:, None]
+    assert torch.allclose(segment_pool(x, seg, 5, "max")[0], ref_max)
+    assert torch.allclose(segment_pool(x, seg, 5, "sum")[0], ref_sum, atol=1e-6)
+    assert torch.allclose(segment_pool(x, seg, 5, "mean")[0], ref_mean, atol=1e-6)
+
+
+def test_store_batches_gather_the_right_elements():
+    vec = torch.arange(12, dtype=torch.float32).view(6, 2)  # item0: rows 0-1, item1: none, item2: rows 2-5
+    store = FeatureStore(["x", "y", "z"], {"a": PackedModality(vec, torch.tensor([0, 2, 2, 6]), None)}, {})
+    b = store.batch(torch.tensor([2, 1, 0])).modalities["a"]
+    assert b.segment.tolist() == [0, 0, 0, 0, 2, 2]
+    assert b.vectors[:, 0].tolist() == [4, 6, 8, 10, 0, 2]
+    assert store.batch(torch.tensor([0]), drop={"a"}).modalities == {}
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random((60, 5)) < 0.3
+    y[:, 4] = False  # a label with no positives
+    scores = np.clip(y * 0.4 + rng.random((60, 5)) * 0.7, 0, 1)
+    pred = scores >= 0.5
+    got = metrics.f1_scores(y, pred)
+    for avg in ("micro", "macro", "weighted", "samples"):
+        assert got[f"f1_{avg}"] == pytest.approx(f1_score(y, pred, average=avg, zero_division=0), abs=1e-12)
+    ap = metrics.average_precision(y, scores)
+    for j in range(4):
+        assert ap[j] == pytest.approx(average_precision_score(y[:, j], scores[:, j]), abs=1e-12)
+    assert np.isnan(ap[4])
+
+
+# ------------------------------------------------------------------ training on generated feature sets
+
+
+def write_synthetic(root: Path, n: int = 240, seed: int = 0) -> Path:
+    """A manifest and two modalities whose label 'A' is driven by modality a, 'B' by modality b."""
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k:04d}" for k in range(n)]
+    ya, yb = rng.random(n) < 0.4, rng.random(n) < 0.4
+    labels = [[name for name, on in (("A", a), ("B", b)) if on] for a, b in zip(ya, yb)]
+    split = ["train" if k % 10 < 7 else "val" if k % 10 < 9 else "test" for k in range(n)]
+    msch = schema.with_metadata(schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel",
+                                                                         "label_names": ["A", "B"]})
+    manifest = root / "manifest.parquet"
+    rows = [{"id": i, "split": s, "source_row": k + 1, "labels": l} for k, (i, s, l) in enumerate(zip(ids, split, labels))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=msch), manifest)
+    sha = features.file_sha256(manifest)
+    for name, dim, signal in (("a", 6, ya), ("b", 4, yb)):
+        rows = []
+        for i, on in zip(ids, signal):
+            k = int(rng.integers(0, 4))  # 0..3 elements; the signal lives in one element
+            vecs = rng.normal(size=(k, dim)).astype(np.float32)
+            if k and on:
+                vecs[0, 0] += 4.0
+            rows.append({"id": i, "vectors": vecs.tolist(), "elements": [features.element(index=j) for j in range(k)],
+                         "category_ids": None})
+        meta = {"modality": name, "kind": "text", "extractor": "synthetic", "model_id": f"gen-{name}",
+                "weights_sha256": "0" * 64, "dim": dim, "manifest_sha256": sha}
+        features.write_feature_table(pa.Table.from_pylist(rows, schema=features.feature_schema(dim)), dim, meta,
+                                     root / "features" / name / "features.parquet")
+    return manifest
+
+
+def train_cfg(**over) -> TrainConfig:
+    base = {"epochs": 25, "batch_size": 32, "lr": 0.01, "patience": 25, "device": "cpu",
+            "model": {"dim": 16, "dropout": 0.0, "head_hidden": [16]}}
+    base.update(over)
+    return from_dict(TrainConfig, base, "train")
+
+
+def test_training_lowers_the_loss_and_beats_label_frequencies(tmp_path):
+    manifest = write_synthetic(tmp_path)
+    res = fit(train_cfg(), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    curve = (tmp_path / "c.csv").read_text().splitlines()
+    first, last = (float(curve[i].split(",")[1]) for i in (1, -1))
+    assert last < 0.5 * first, f"train loss {first} -> {last}"
+    assert res["test"]["f1_micro"] > 0.8 and res["test"]["f1_micro"] > res["test_label_frequency_baseline"]["f1_micro"] + 0.3
+    on_disk = json.loads((tmp_path / "m.json").read_text())
+    assert on_disk["best_epoch"] >= 1 and set(on_disk["test"]) >= {"f1_micro", "f1_macro", "f1_weighted", "f1_samples"}
+
+
+def test_bundle_round_trip_and_feature_mismatch(tmp_path):
+    manifest = write_synthetic(tmp_path)
+    fit(train_cfg(epochs=3, model={"dim": 8, "pooling": "mean", "hierarchical": True}), manifest,
+        tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    net, bundle = load_bundle(tmp_path / "model" / "model.pt")
+    assert bundle["label_names"] == ["A", "B"] and bundle["provenance"]["a"]["model_id"] == "gen-a"
+    ids = pq.read_table(manifest)["id"].to_pylist()
+    store = FeatureStore.load({m: tmp_path / "features" / m for m in ("a", "b")}, ids)
+    check_store_matches(bundle, store)
+    p1 = predict(net, store, torch.arange(len(ids)), "multilabel")
+    net2, _ = load_bundle(tmp_path / "model" / "model.pt")
+    assert torch.equal(p1, predict(net2, store, torch.arange(len(ids)), "multilabel"))
+    bundle["provenance"]["a"]["model_id"] = "other-encoder"
+    with pytest.raises(FeatureMismatchError, match=r"a\.model_id: model has 'other-encoder', features have 'gen-a'"):
+        check_store_matches(bundle, store)
+    with pytest.raises(FeatureMismatchError, match="dim: expected 99"):
+        FeatureStore.load({"a": tmp_path / "features" / "a"}, ids, expect={"a": {"dim": 99}})
+
+
+def test_train_stage_imports_without_beam_dvc_or_ocr():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in {'apache_beam', 'dvc', 'easyocr', 'facenet_pytorch', 'transformers', 'PIL', 'skimage'}:\n"
+            "            raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import pipeline.train, pipeline.model, pipeline.setdata\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.gpu
+def test_training_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    manifest = write_synthetic(tmp_path)
+    res = fit(train_cfg(device="cuda", amp=True), manifest, tmp_path / "features", tmp_path / "model",
+              tmp_path / "m.json", tmp_path / "c.csv")
+    assert res["device"].startswith("cuda") and res["test"]["f1_micro"] > 0.8
