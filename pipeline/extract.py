@@ -113,10 +113,7 @@ class PrepareFn(beam.DoFn):
         except Exception as exc:
             yield beam.pvalue.TaggedOutput("dead", dead_letter(item_id, self.modality, "prepare", error_text(exc)))
             return
-        if payload is None:
-            yield beam.pvalue.TaggedOutput("empty", item_id)
-        else:
-            yield item_id, payload
+        yield item_id, payload  # None: the item has no input for this modality (an empty set)
 
 
 def dead_letter(item_id: str, modality: str, stage: str, error: str) -> dict[str, Any]:
@@ -173,17 +170,17 @@ def build(p: beam.Pipeline, manifest: str, modality: str, kind: str, cfg: Any, m
     """Add the extraction transforms for one modality to pipeline `p`; returns (rows, dead letters)."""
     rows = p | "ReadManifest" >> beam.io.ReadFromParquet(manifest)
     prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(modality, module.__name__, cfg, root)).with_outputs(
-        "dead", "empty", main="ready")
+        "dead", main="ready")
     if kind == "meta":
         numeric, categorical = stats["columns"]
         results = prepared.ready | "EncodeMeta" >> beam.MapTuple(
             lambda i, row: (i, module.encode(row, numeric, categorical, stats["stats"])))
     else:
-        results = prepared.ready | "RunInference" >> RunInference(KeyedModelHandler(module.HANDLER_CLASS(cfg)))
-    empty = prepared.empty | "EmptySets" >> beam.Map(
-        lambda i: (i, ItemResult(__import__("numpy").zeros((0, dim), dtype="float32"), [])))
-    converted = ((results, empty) | "Merge" >> beam.Flatten()
-                 | "ToRow" >> beam.ParDo(ToRowFn(modality)).with_outputs("dead", main="rows"))
+        handler = module.HANDLER_CLASS(cfg)
+        handler.empty_dim = dim
+        results = prepared.ready | "RunInference" >> RunInference(KeyedModelHandler(handler))
+    # one fused chain from the manifest to the writer: rows stream, nothing is buffered in between
+    converted = results | "ToRow" >> beam.ParDo(ToRowFn(modality)).with_outputs("dead", main="rows")
     rows = converted.rows | "Progress" >> beam.ParDo(ProgressFn(modality, total, job.log_every_s))
     dead = (prepared.dead, converted.dead) | "MergeDead" >> beam.Flatten()
     rows | "WriteFeatures" >> beam.io.WriteToParquet(

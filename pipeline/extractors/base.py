@@ -74,6 +74,7 @@ class SetModelHandler(ModelHandler):
     def __init__(self, batch_size: int):
         super().__init__()
         self.batch_size = batch_size
+        self.empty_dim = 0  # set by the job: the dimension of an empty set's (0, D) array
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # min == max: batches do not depend on Beam's adaptive sizing, so outputs are reproducible
@@ -83,7 +84,16 @@ class SetModelHandler(ModelHandler):
         raise NotImplementedError
 
     def run_inference(self, batch: Sequence[Any], model: Any, inference_args: dict | None = None) -> Iterable[Any]:
+        """Results in input order; a None input (an item without this modality) is an empty set."""
         batch = list(batch)
+        present = [i for i, x in enumerate(batch) if x is not None]
+        out: list[Any] = [empty_result(self.empty_dim) for _ in batch]
+        if present:
+            for i, r in zip(present, self._infer_present([batch[i] for i in present], model)):
+                out[i] = r
+        return out
+
+    def _infer_present(self, batch: list[Any], model: Any) -> list[Any]:
         try:
             return self.infer_batch(batch, model)
         except Exception as exc:  # retried one by one below; nothing is dropped
