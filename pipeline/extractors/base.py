@@ -107,3 +107,13 @@ class SetModelHandler(ModelHandler):
             except Exception as exc:
                 out.append(ItemError("inference", error_text(exc)))
         return out
+
+
+def image_array(row: dict[str, Any], root: Path) -> np.ndarray | None:
+    """Per-record work shared by image-reading extractors: the decoded RGB image (EXIF applied) as
+    (H, W, 3) uint8; None when the item has no image."""
+    from pipeline import records, schema
+
+    if row.get(schema.IMAGE) is None:
+        return None
+    return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, require_file, resolve_device,
+    ItemResult, image_array, MissingModelError, SetModelHandler, require_file, resolve_device,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
 from pipeline.features import element, file_sha256
@@ -175,11 +175,7 @@ def describe(cfg: FacesConfig) -> dict[str, Any]:
 
 def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | None:
     """Per-record work: the decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
-    from pipeline import records, schema
-
-    if row.get(schema.IMAGE) is None:
-        return None
-    return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)
+    return image_array(row, root)
 
 
 CONFIG_CLASS = FacesConfig

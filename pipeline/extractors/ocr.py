@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.extractors.base import ItemResult, SetModelHandler, require_file, resolve_device
+from pipeline.extractors.base import ItemResult, SetModelHandler, image_array, require_file, resolve_device
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
 from pipeline.features import element, file_sha256
 
@@ -116,11 +116,7 @@ def describe(cfg: OcrConfig) -> dict[str, Any]:
 
 def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | None:
     """Per-record work: the decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
-    from pipeline import records, schema
-
-    if row.get(schema.IMAGE) is None:
-        return None
-    return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)
+    return image_array(row, root)
 
 
 CONFIG_CLASS = OcrConfig
