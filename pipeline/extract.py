@@ -27,7 +27,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import features, runtime, schema
-from pipeline.config import ConfigError, from_dict, section, to_dict
+from pipeline.config import ConfigError, section, to_dict
 from pipeline.extractors import module_for
 from pipeline.extractors.base import ItemError, ItemResult, MissingModelError, error_text
 from pipeline.ingest import read_manifest

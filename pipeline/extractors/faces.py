@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, image_array, MissingModelError, SetModelHandler, require_file, resolve_device,
+    ItemResult, SetModelHandler, image_array, require_file, resolve_device,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
 from pipeline.features import element, file_sha256
