@@ -116,37 +116,41 @@ def main() -> None:
     model, opt = fresh()
     dstore, dy = store.to(device), y.to(device)
     idx_all = torch.arange(args.items, device=device)
-    times = []
-    for epoch in range(args.epochs + 1):  # epoch 0 warms up kernels and caches
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step(loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def best_epoch(run_epoch) -> float:
+        """Fastest of args.epochs timed epochs, after one untimed epoch that warms up kernels and caches."""
+        times = []
+        for _ in range(args.epochs + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            run_epoch()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    def packed_epoch() -> None:
         perm = idx_all[torch.randperm(args.items, generator=gen).to(device)]
         for s in range(0, args.items, args.batch_size):
             b = perm[s:s + args.batch_size]
-            loss = crit(model(dstore.batch(b)), dy[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    packed = min(times[1:])
+            step(crit(model(dstore.batch(b)), dy[b]))
+
+    packed = best_epoch(packed_epoch)
 
     # padded DataLoader
     model, opt = fresh()
     loader = DataLoader(PerItem(store, y), batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    times = []
-    for epoch in range(args.epochs + 1):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def padded_epoch() -> None:
         for padded, yb in loader:
-            loss = crit(padded_forward(model, padded, device), yb.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    padded_s = min(times[1:])
+            step(crit(padded_forward(model, padded, device), yb.to(device)))
+
+    padded_s = best_epoch(padded_epoch)
     print(f"{'variant':<22} {'epoch s':>9} {'items/s':>10}")
     print(f"{'packed (this project)':<22} {packed:>9.3f} {args.items / packed:>10.0f}")
     print(f"{'padded DataLoader':<22} {padded_s:>9.3f} {args.items / padded_s:>10.0f}")

@@ -24,7 +24,7 @@ from torch import nn
 from pipeline import metrics as M
 from pipeline import runtime
 from pipeline.config import ConfigError, section, to_dict
-from pipeline.features import PROVENANCE_KEYS, FeatureMismatchError
+from pipeline.features import PROVENANCE_KEYS, FeatureMismatchError, file_sha256
 from pipeline.model import ModelConfig, build_model
 from pipeline.setdata import FeatureStore, label_matrix, read_manifest_labels
 
@@ -109,13 +109,19 @@ def train_one_epoch(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx:
 
 
 @torch.no_grad()
+def _logits(model: nn.Module, store: FeatureStore, idx: torch.Tensor, batch_size: int,
+            drop: frozenset[str]) -> torch.Tensor:
+    """Logits (len(idx), L) in eval mode, in chunks of `batch_size`."""
+    model.eval()
+    out = [model(store.batch(idx[s:s + batch_size], drop)).float() for s in range(0, idx.numel(), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
 def predict(model: nn.Module, store: FeatureStore, idx: torch.Tensor, task: str, batch_size: int = 1024,
             drop: frozenset[str] = frozenset()) -> torch.Tensor:
     """Probabilities (len(idx), L) in eval mode; `drop` removes modalities at inference."""
-    model.eval()
-    out = [to_probs(task, model(store.batch(idx[s:s + batch_size], drop)).float())
-           for s in range(0, idx.numel(), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    return to_probs(task, _logits(model, store, idx, batch_size, drop))
 
 
 @torch.no_grad()
@@ -124,9 +130,8 @@ def evaluate(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx: torch.
     """Loss and the field's metrics on `idx`."""
     if idx.numel() == 0:
         return {}
-    model.eval()
     crit = loss_fn(task)
-    logits = torch.cat([model(store.batch(idx[s:s + 1024])).float() for s in range(0, idx.numel(), 1024)])
+    logits = _logits(model, store, idx, 1024, frozenset())
     out = M.evaluate(task, y[idx].cpu().numpy(), to_probs(task, logits).cpu().numpy(), thresholds)
     out["loss"] = float(_loss(task, crit, logits, y[idx]))
     return out
@@ -227,7 +232,8 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
     if not task or not names:
         raise runtime.UserError(f"{manifest}: the manifest has no labels to train on")
     store = FeatureStore.load(feature_dirs(features_root, cfg.modalities), ids)
-    if any(meta["manifest_sha256"] != _sha(manifest) for meta in store.meta.values()):
+    manifest_sha = file_sha256(manifest)  # FeatureStore.load already checked that all sets share one manifest
+    if any(meta["manifest_sha256"] != manifest_sha for meta in store.meta.values()):
         raise FeatureMismatchError(f"features under {features_root} were extracted from another manifest than {manifest}")
     y_all = label_matrix(labels, names)
     split = np.array(splits)
@@ -299,12 +305,6 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
     log.info("test: %s (label-frequency baseline: %s)", {k: round(v, 4) for k, v in result["test"].items()},
              {k: round(v, 4) for k, v in result["test_label_frequency_baseline"].items()})
     return result
-
-
-def _sha(path: Path) -> str:
-    from pipeline.features import file_sha256
-
-    return file_sha256(path)
 
 
 def _rounded(obj: Any) -> Any:
