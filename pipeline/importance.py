@@ -1,10 +1,21 @@
 """Which modality, and which element, drove a prediction (torch only).
 
-With max pooling each of the D pooled dimensions is won by exactly one element (the element-wise
-argmax of the paper): the share of dimensions each modality won is its importance for the item,
-and the number of dimensions each element won says which face, text box or sentence mattered.
-Label-conditional importance weights every dimension by its contribution to one label's logit
-(gradient x input at the pooled vector), so "why Horror?" and "why Comedy?" can differ.
+Every importance here starts from one exact decomposition of the pooled vector of an item into
+per-element parts, pooled[b] = sum over the item's elements e of A[e]:
+
+- max pooling (flat or hierarchical; both take the maximum over all elements): A[e, d] = pooled[b, d]
+  when element e holds the maximum of dimension d, else 0 (the paper's element-wise argmax; an
+  exact tie splits the dimension equally between the tied elements). The unconditional importance
+  is the share of the D dimensions each modality won ("argmax"), and each element's number of won
+  dimensions says which face, text box or sentence mattered.
+- sum and mean pooling: A[e] is the element's own (scaled) vector, so no element "wins" a dimension;
+  the unconditional importance is each modality's share of the pooled vector's L1 mass
+  ("contribution").
+
+Label-conditional importance, for every label l: the gradient of l's logit at the pooled vector
+times each element's part, positive part only, summed over dimensions (sum_d relu(g[l, d] * A[e, d])),
+as a share of the item's total. So "why Horror?" and "why Comedy?" can differ for one item.
+The concat baseline has no set to decompose; prediction falls back to ablation there.
 """
 from __future__ import annotations
 
@@ -14,16 +25,21 @@ import torch
 
 from pipeline.model import SetBatch, SetModel, segment_pool
 
+METHODS = {"max": "argmax", "sum": "contribution", "mean": "contribution"}
+
 
 @dataclass
 class Importance:
-    """Importances of a batch of B items over M modalities (model.modalities order)."""
+    """Importances of a batch of B items over M modalities (model.modalities order), N elements."""
 
-    modality_share: torch.Tensor  # (B, M): share of the D dimensions won by each modality
-    element_wins: torch.Tensor  # (N,): dimensions won by each element (rows of `elements`)
+    method: str  # "argmax" (max pooling) | "contribution" (sum or mean pooling)
+    modality_share: torch.Tensor  # (B, M); an item with no elements has all zeros
+    element_share: torch.Tensor  # (N,): argmax: won dimensions / D; contribution: share of the L1 mass
+    element_wins: torch.Tensor | None  # (N,): dimensions won (ties split), argmax only
     element_segment: torch.Tensor  # (N,): the item of each element
     element_modality: torch.Tensor  # (N,): the modality index of each element
     label_modality: torch.Tensor | None = None  # (B, L, M): label-conditional modality shares
+    label_element: torch.Tensor | None = None  # (N, L): label-conditional element shares
 
 
 def max_pool_winners(x: torch.Tensor, segment: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,44 +57,84 @@ def max_pool_winners(x: torch.Tensor, segment: torch.Tensor, size: int) -> tuple
     return pooled, torch.where(winner == N, torch.full_like(winner, -1), winner)
 
 
-@torch.no_grad()
-def _argmax_importance(model: SetModel, batch: SetBatch) -> tuple[Importance, torch.Tensor, torch.Tensor]:
-    x, seg, mod = model.elements(batch)
-    pooled, winner = max_pool_winners(x, seg, batch.size)
-    M = len(model.modalities)
-    won_mod = torch.where(winner >= 0, mod[winner.clamp(min=0)], torch.full_like(winner, M))  # (B, D); M = none
-    counts = torch.zeros(batch.size, M + 1, device=x.device).scatter_add_(1, won_mod, torch.ones_like(won_mod, dtype=x.dtype))
-    share = counts[:, :M] / x.shape[1] if x.numel() else torch.zeros(batch.size, M, device=x.device)
-    flat = winner[winner >= 0]
-    wins = torch.bincount(flat, minlength=x.shape[0]).to(x.dtype)
-    return Importance(share, wins, seg, mod), pooled, won_mod
+def decompose(model: SetModel, x: torch.Tensor, seg: torch.Tensor, mod: torch.Tensor,
+              size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pooled (B, D), parts A (N, D) with pooled[b] = sum of A over b's elements, wins (N, D) or None).
+
+    `wins` is each element's (fractional, on ties) ownership of each dimension, max pooling only.
+    """
+    how, M = model.cfg.pooling, len(model.modalities)
+    B = size
+    if how == "max":
+        pooled, _ = segment_pool(x, seg, B, "max")
+        hit = (x == pooled[seg]).to(x.dtype)  # (N, D)
+        ties = torch.zeros_like(pooled).index_add_(0, seg, hit)
+        wins = hit / ties[seg].clamp(min=1)
+        return pooled, wins * pooled[seg], wins
+    if not model.cfg.hierarchical:
+        pooled, counts = segment_pool(x, seg, B, how)
+        scale = 1 / counts.clamp(min=1)[seg] if how == "mean" else torch.ones_like(seg, dtype=x.dtype)
+        return pooled, x * scale[:, None], None
+    # hierarchical: pool inside each modality, then across the modalities present
+    _, counts = segment_pool(x, seg * M + mod, B * M, how)  # counts (B*M,)
+    if how == "sum":
+        scale = torch.ones_like(seg, dtype=x.dtype)
+    else:
+        present = (counts.view(B, M) > 0).sum(1).to(x.dtype)  # (B,)
+        scale = 1 / (counts[seg * M + mod].clamp(min=1) * present[seg].clamp(min=1))
+    parts = x * scale[:, None]
+    pooled = torch.zeros(B, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, parts)
+    return pooled, parts, None
+
+
+def label_element_contributions(model: SetModel, pooled: torch.Tensor, parts: torch.Tensor,
+                                seg: torch.Tensor) -> torch.Tensor:
+    """(N, L): for each element and label, sum_d relu(dlogit_l/dpooled_d * A[e, d])."""
+    with torch.enable_grad():
+        z = pooled.detach().requires_grad_(True)
+        logits = model.head(z)  # (B, L); the head is applied per item, so grads do not mix items
+        out = []
+        for label in range(logits.shape[1]):
+            (grad,) = torch.autograd.grad(logits[:, label].sum(), z, retain_graph=True)
+            out.append((grad[seg] * parts).clamp(min=0).sum(1).detach())  # (N,)
+    return torch.stack(out, 1) if out else torch.zeros(parts.shape[0], 0, device=parts.device)
+
+
+def _per_item(values: torch.Tensor, seg: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum rows of values (N, ...) per item -> (B, ...)."""
+    return torch.zeros(size, *values.shape[1:], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+
+
+def _per_item_modality(values: torch.Tensor, seg: torch.Tensor, mod: torch.Tensor, size: int, M: int) -> torch.Tensor:
+    """Sum rows of values (N, ...) per item and modality -> (B, M, ...)."""
+    flat = _per_item(values, seg * M + mod, size * M)
+    return flat.view(size, M, *values.shape[1:])
 
 
 def explain(model: SetModel, batch: SetBatch, label_conditional: bool = True) -> Importance:
-    """Argmax importances of a set model with (flat) max pooling, and optionally per label."""
-    if not isinstance(model, SetModel) or model.cfg.pooling != "max" or model.cfg.hierarchical:
-        raise ValueError("argmax importance needs a set model with flat max pooling "
-                         "(architecture: set, pooling: max, hierarchical: false)")
+    """Element, modality and (optionally) label-conditional importances of a set model's batch."""
+    if not isinstance(model, SetModel):
+        raise ValueError("element importances need a set model (architecture: set); the concat baseline "
+                         "has no set to decompose: use ablation (predict with drop=...) instead")
     model.eval()
-    imp, pooled, won_mod = _argmax_importance(model, batch)
+    M, B = len(model.modalities), batch.size
+    with torch.no_grad():
+        x, seg, mod = model.elements(batch)
+        pooled, parts, wins = decompose(model, x, seg, mod, B)
+    D = max(model.cfg.dim, 1)
+    method = METHODS[model.cfg.pooling]
+    if wins is not None:
+        element_wins = wins.sum(1)
+        element_share = element_wins / D
+    else:
+        element_wins = None
+        mass = parts.abs().sum(1)
+        element_share = mass / _per_item(mass, seg, B).clamp(min=1e-12)[seg]
+    modality_share = _per_item_modality(element_share, seg, mod, B, M)
+    imp = Importance(method, modality_share, element_share, element_wins, seg, mod)
     if label_conditional:
-        imp.label_modality = label_modality_share(model, pooled, won_mod, len(model.modalities))
+        c = label_element_contributions(model, pooled, parts, seg)  # (N, L)
+        total = _per_item(c, seg, B).clamp(min=1e-12)  # (B, L)
+        imp.label_element = c / total[seg]
+        imp.label_modality = _per_item_modality(imp.label_element, seg, mod, B, M).transpose(1, 2)  # (B, L, M)
     return imp
-
-
-def label_modality_share(model: SetModel, pooled: torch.Tensor, won_mod: torch.Tensor, M: int) -> torch.Tensor:
-    """(B, L, M): per label, the share of positive logit contribution (gradient x input of each pooled
-    dimension) that falls on dimensions each modality won."""
-    with torch.enable_grad():
-        z = pooled.detach().requires_grad_(True)
-        logits = model.head(z)  # (B, L)
-        contrib = []
-        for label in range(logits.shape[1]):
-            (grad,) = torch.autograd.grad(logits[:, label].sum(), z, retain_graph=True)
-            contrib.append((grad * z).detach())  # (B, D)
-    c = torch.stack(contrib, 1).clamp(min=0)  # (B, L, D): only what pushes the label up
-    B, L, D = c.shape
-    out = torch.zeros(B, L, M + 1, device=c.device, dtype=c.dtype)
-    out.scatter_add_(2, won_mod[:, None, :].expand(B, L, D), c)
-    total = c.sum(2, keepdim=True).clamp(min=1e-12)
-    return out[:, :, :M] / total

@@ -116,26 +116,45 @@ class SetModel(nn.Module):
 
     def elements(self, batch: SetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All elements of the batch in the common space: (N, D), their segment (N,), modality (N,)."""
-        xs, segs, mods = [], [], []
+        x, seg, mod, _ = self._elements(batch, positions=False)
+        return x, seg, mod
+
+    def element_positions(self, batch: SetBatch) -> torch.Tensor:
+        """(N,): each element's position in its item's set of its modality, in `elements` order.
+
+        Vector elements keep the order of the feature set (0, 1, ...); the c-th categorical column
+        of a modality comes after them (position = number of vector elements of the item + c).
+        """
+        return self._elements(batch, positions=True)[3]
+
+    def _elements(self, batch: SetBatch, positions: bool):
+        xs, segs, mods, pos = [], [], [], []
         for i, m in enumerate(self.modalities):
             mb = batch.modalities.get(m)
             if mb is None:
                 continue
+            n_vec = torch.zeros(batch.size, dtype=torch.long, device=mb.segment.device)
             if m in self.encoders and mb.vectors.shape[0]:
-                xs.append(self.encoders[m](mb.vectors))  # (N_m, D)
+                xs.append(self.encoders[m](mb.vectors) if not positions else None)  # (N_m, D)
                 segs.append(mb.segment)
                 mods.append(torch.full_like(mb.segment, i))
+                if positions:  # rank inside the item: the store keeps each item's elements contiguous
+                    n_vec = n_vec.index_add(0, mb.segment, torch.ones_like(mb.segment))
+                    first = torch.cumsum(n_vec, 0) - n_vec
+                    pos.append(torch.arange(mb.segment.numel(), device=n_vec.device) - first[mb.segment])
             if m in self.embeddings and mb.category_ids is not None:
                 items = torch.arange(batch.size, device=mb.category_ids.device)
                 for c, table in enumerate(self.embeddings[m]):
-                    xs.append(table(mb.category_ids[:, c]))  # (B, D): one element per item and column
+                    xs.append(table(mb.category_ids[:, c]) if not positions else None)  # (B, D): one per column
                     segs.append(items)
                     mods.append(torch.full_like(items, i))
+                    pos.append(n_vec + c)
         device = next(self.parameters()).device
-        if not xs:
+        if not segs:
             empty = torch.zeros(0, dtype=torch.long, device=device)
-            return torch.zeros(0, self.cfg.dim, device=device), empty, empty
-        return torch.cat(xs), torch.cat(segs), torch.cat(mods)
+            return torch.zeros(0, self.cfg.dim, device=device), empty, empty, empty
+        return (None if positions else torch.cat(xs)), torch.cat(segs), torch.cat(mods), \
+            (torch.cat(pos) if positions else None)
 
     def pool(self, x: torch.Tensor, segment: torch.Tensor, modality: torch.Tensor, size: int) -> torch.Tensor:
         """(N, D) elements -> (B, D) pooled vectors (flat, or hierarchical by modality)."""
