@@ -156,7 +156,7 @@ def frequency_baseline(task: str, y: np.ndarray, train: np.ndarray, test: np.nda
     return out
 
 
-def feature_dirs(root: Path, modalities: Sequence[str] | None) -> dict[str, Path]:
+def feature_dirs(root: Path, modalities: Sequence[str] | None, what: str = "train.modalities") -> dict[str, Path]:
     """Modality -> feature folder; all folders holding a features.parquet when `modalities` is null."""
     found = {p.parent.name: p.parent for p in sorted(root.glob("*/features.parquet"))}
     if modalities is None:
@@ -165,7 +165,7 @@ def feature_dirs(root: Path, modalities: Sequence[str] | None) -> dict[str, Path
         return found
     missing = [m for m in modalities if m not in found]
     if missing:
-        raise runtime.UserError(f"train.modalities {missing} have no features under {root}; found {sorted(found)}")
+        raise runtime.UserError(f"{what} {missing} have no features under {root}; found {sorted(found)}")
     return {m: found[m] for m in modalities}
 
 
@@ -176,8 +176,9 @@ def provenance(store: FeatureStore) -> dict[str, dict[str, Any]]:
 
 
 def save_bundle(path: Path, model: nn.Module, cfg: TrainConfig, store: FeatureStore, task: str,
-                labels: list[str], thresholds: np.ndarray) -> None:
-    """Weights plus everything needed to rebuild and check the model; plain tensors and data only."""
+                labels: list[str], thresholds: np.ndarray, manifest_meta: dict[str, Any] | None = None) -> None:
+    """Weights plus everything needed to rebuild and check the model, and to score new data the same
+    way (the dataset contract and manifest fields of training); plain tensors and data only."""
     bundle = {
         "format": BUNDLE_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -189,6 +190,8 @@ def save_bundle(path: Path, model: nn.Module, cfg: TrainConfig, store: FeatureSt
         "dims": store.dims,
         "categories": store.categories,
         "provenance": provenance(store),
+        "dataset": (manifest_meta or {}).get("dataset"),
+        "fields": (manifest_meta or {}).get("fields"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(bundle, path)
@@ -294,7 +297,7 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
         "test_label_frequency_baseline": frequency_baseline(
             task, y_np, index["train"].cpu().numpy(), index["test"].cpu().numpy()) if index["test"].numel() else {},
     }
-    save_bundle(out_dir / "model.pt", model, cfg, store, task, names, thresholds)
+    save_bundle(out_dir / "model.pt", model, cfg, store, task, names, thresholds, mmeta)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(_rounded(result), indent=2) + "\n", encoding="utf-8")
     plots_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,5 @@
+"""DVC stage predict: predictions and per-modality importances of the trained bundle."""
+from pipeline import runtime, predict
+
+if __name__ == "__main__":
+    runtime.run_main(predict.main)
