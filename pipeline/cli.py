@@ -13,6 +13,9 @@ COMMANDS = {
     "ingest": ("pipeline.ingest", "validate a raw dataset and write the canonical manifest"),
     "extract": ("pipeline.extract", "extract one modality's feature sets with Apache Beam"),
     "train": ("pipeline.train", "train the set model on extracted feature sets"),
+    "predict": ("pipeline.predict", "predictions and per-modality importances of a trained model"),
+    "report": ("pipeline.report", "the static HTML report of predictions and importances"),
+    "score": ("pipeline.score", "score a new dataset folder with a trained model (ingest, extract, predict)"),
 }
 
 

@@ -202,8 +202,14 @@ def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> pa.Table:
 
 
 def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, out_dir: Path, metrics_path: Path,
-                   extra_beam_args: Sequence[str] = (), test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Extract modality `modality` for every manifest row; writes features, dead letters and counts."""
+                   extra_beam_args: Sequence[str] = (), test_pipeline: beam.Pipeline | None = None,
+                   expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Extract modality `modality` for every manifest row; writes features, dead letters and counts.
+
+    `expect` is a model bundle's provenance of this modality (scoring new data): the extractor,
+    model, weights and dimension must match it before any item is processed, and a meta modality
+    reuses the bundle's training statistics instead of fitting new ones.
+    """
     _quiet()
     t0 = time.perf_counter()
     job = section(params, "extract.job", JobConfig)
@@ -216,9 +222,14 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
                           f"manifest; it has {mmeta['fields']}")
     stats = None
     try:
-        if kind == "meta":
+        if kind == "meta" and expect is not None:
+            fitted = expect["stats"]
+            numeric, categorical = list(fitted["numeric"]), list(fitted["categorical"])
+            module.columns(module.CONFIG_CLASS(numeric=tuple(numeric), categorical=tuple(categorical)), mmeta["fields"])
+        elif kind == "meta":
             numeric, categorical = module.columns(cfg, mmeta["fields"])
             fitted = module.fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories)
+        if kind == "meta":
             stats = {"columns": (numeric, categorical), "stats": fitted}
             described = module.describe(cfg, numeric, fitted)
             described["categorical"] = {c: fitted["categorical"][c] for c in categorical}
@@ -227,6 +238,13 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
     except (MissingModelError, ValueError) as exc:
         raise ExtractionError(f"extract.modalities.{modality}: {exc}") from None
     dim = described["dim"]
+    if expect is not None:
+        diffs = [f"{k}: model has {expect.get(k)!r}, this installation has {described.get(k)!r}"
+                 for k in ("extractor", "model_id", "weights_sha256", "dim") if described.get(k) != expect.get(k)]
+        if diffs:
+            raise features.FeatureMismatchError(
+                f"{modality}: the extractor here is not the one the model was trained with ({'; '.join(diffs)}). "
+                "Install the same extractor weights, or retrain the model on features from this installation.")
 
     tmp = out_dir / "_shards"
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
+from pipeline.runtime import UserError
 
 VECTORS = "vectors"
 ELEMENTS = "elements"
@@ -44,7 +45,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
 PROVENANCE_KEYS = ("modality", "kind", "extractor", "model_id", "weights_sha256", "dim", "manifest_sha256")
 
 
-class FeatureMismatchError(ValueError):
+class FeatureMismatchError(UserError, ValueError):
     """Feature files whose provenance does not match what the caller expects."""
 
 

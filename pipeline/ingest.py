@@ -178,8 +178,10 @@ def required_columns(cfg: DatasetConfig) -> list[str]:
     return cols
 
 
-def read_rows(cfg: DatasetConfig, root: Path) -> list[RawRow]:
-    """Every row of the dataset at `root`, in source order."""
+def read_rows(cfg: DatasetConfig, root: Path, optional: frozenset[str] = frozenset()) -> list[RawRow]:
+    """Every row of the dataset at `root`, in source order; mapped columns in `optional` may be absent
+    from the source (their values read as empty)."""
+    required = [c for c in required_columns(cfg) if c not in optional]
     if not root.is_dir():
         raise IngestError(f"dataset folder not found: {root}")
     if cfg.format == "mmimdb":
@@ -188,10 +190,10 @@ def read_rows(cfg: DatasetConfig, root: Path) -> list[RawRow]:
         path = root / cfg.manifest
         if not path.is_file():
             raise IngestError(f"manifest not found: {path} (params: dataset.dir / dataset.manifest)")
-        rows = list(_read_csv(path, required_columns(cfg), cfg.id) if cfg.format == "csv" else _read_jsonl(path))
+        rows = list(_read_csv(path, required, cfg.id) if cfg.format == "csv" else _read_jsonl(path))
     if cfg.format != "csv":  # schemaless sources: a mapped column seen in no row is a mapping error
         seen = set().union(*(r.data.keys() for r in rows if r.data is not None))
-        absent = [c for c in required_columns(cfg) if c not in seen]
+        absent = [c for c in required if c not in seen]
         if seen and absent:
             raise IngestError(f"{root}: column(s) {absent} named in params.yaml 'dataset' appear in no row; found {sorted(seen)}")
     return rows
@@ -224,13 +226,15 @@ def precheck(row: RawRow, cfg: DatasetConfig, seen_ids: set[str]) -> str:
 
 
 def validate_row(
-    item_id: str, row: RawRow, cfg: DatasetConfig, root: Path, ingest: IngestConfig
+    item_id: str, row: RawRow, cfg: DatasetConfig, root: Path, ingest: IngestConfig, fixed_split: str | None = None
 ) -> dict[str, Any]:
     """Turn one pre-checked row into a canonical manifest record, or raise RejectError."""
     data = row.data or {}
     out: dict[str, Any] = {schema.ID: item_id, schema.SOURCE_ROW: row.source_row}
 
-    if cfg.split.column:
+    if fixed_split:
+        out[schema.SPLIT] = fixed_split
+    elif cfg.split.column:
         out[schema.SPLIT] = records.normalise_split(data.get(cfg.split.column))
     else:
         out[schema.SPLIT] = records.assign_split(item_id, cfg.split.fractions, cfg.split.salt)
@@ -275,7 +279,12 @@ def validate_row(
 # --------------------------------------------------------------------------------------------
 
 
-def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_count: int) -> tuple[list[str], Counter]:
+def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_count: int,
+                      fixed: list[str] | None = None) -> tuple[list[str], Counter]:
+    if fixed is not None:  # scoring: the model's labels, whatever this dataset holds
+        vocab = list(fixed)
+        everywhere = Counter(lab for r in accepted if r[schema.LABELS] for lab in r[schema.LABELS])
+        return vocab, Counter({lab: n for lab, n in everywhere.items() if lab not in vocab})
     if cfg.labels.kind == "binary":
         return [cfg.labels.positive_name], Counter()
     train = Counter(
@@ -287,11 +296,17 @@ def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_co
     return vocab, dropped
 
 
-def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
-    """Validate the dataset and write manifest.parquet, rejects.parquet and the metrics JSON."""
+def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path,
+               optional: frozenset[str] = frozenset(), fixed_split: str | None = None,
+               vocabulary: list[str] | None = None) -> dict[str, Any]:
+    """Validate the dataset and write manifest.parquet, rejects.parquet and the metrics JSON.
+
+    Scoring a new dataset with a trained model passes `optional` (mapped columns the source may
+    lack), `fixed_split` (every row gets this split) and `vocabulary` (the model's label names).
+    """
     t0 = time.perf_counter()
     root = Path(dataset.dir)
-    rows = read_rows(dataset, root)
+    rows = read_rows(dataset, root, optional)
     log.info("read %d rows from %s (%s)", len(rows), root, dataset.format)
 
     rejects: list[dict[str, Any]] = []
@@ -313,7 +328,7 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
 
     def check(pair: tuple[str, RawRow]) -> dict[str, Any] | RejectError:
         try:
-            return validate_row(pair[0], pair[1], dataset, root, ingest)
+            return validate_row(pair[0], pair[1], dataset, root, ingest, fixed_split)
         except RejectError as err:
             return err
 
@@ -330,7 +345,7 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
                 log.info("validated %d/%d rows (%.0f rows/s, ETA %.0f s)", i, len(candidates), rate, (len(candidates) - i) / rate)
                 last_log = time.perf_counter()
 
-    vocab, dropped = _label_vocabulary(accepted, dataset, ingest.min_label_count)
+    vocab, dropped = _label_vocabulary(accepted, dataset, ingest.min_label_count, vocabulary)
     if dataset.labels.column and dataset.labels.kind != "binary":
         kept = []
         row_by_id = dict(candidates)
@@ -338,7 +353,7 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
             labels = rec[schema.LABELS]
             if labels is not None:
                 rec[schema.LABELS] = [lab for lab in labels if lab in vocab]
-                if dataset.labels.kind == "multiclass" and not rec[schema.LABELS]:
+                if dataset.labels.kind == "multiclass" and not rec[schema.LABELS] and vocabulary is None:
                     reject(row_by_id[rec[schema.ID]], rec[schema.ID], RejectError(
                         "bad_label", f"class {labels[0]!r} has fewer than {ingest.min_label_count} train rows"))
                     continue
@@ -369,11 +384,12 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
         "rejected": len(rejects),
         "reject_fraction": round(len(rejects) / len(rows), 6) if rows else 0.0,
         "rejected_by_reason": {reason: by_reason.get(reason, 0) for reason in schema.REJECT_REASONS},
-        "splits": {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in schema.SPLITS},
+        "splits": {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in (fixed_split,) if s}
+        or {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in schema.SPLITS},
         "labels": {
             s: dict(sorted(Counter(lab for r in accepted if r[schema.SPLIT] == s and r[schema.LABELS]
                                    for lab in r[schema.LABELS]).items()))
-            for s in schema.SPLITS
+            for s in ((fixed_split,) if fixed_split else schema.SPLITS)
         },
         "label_names": meta["label_names"],
         "labels_dropped": dict(sorted(dropped.items())),

@@ -1,0 +1,5 @@
+"""DVC stage report: the static HTML report of predictions and importances."""
+from pipeline import runtime, report
+
+if __name__ == "__main__":
+    runtime.run_main(report.main)
