@@ -245,8 +245,12 @@ class DemoConfig:
     label_noise: float = 0.05
     missing_description: float = 0.05
     jpeg_quality: int = 90
+    unlabelled: int = 0  # extra items written without labels: a new batch for `dmms score`
+    unlabelled_broken: int = 0  # of those, items whose image file is cut short (they must be dead-lettered)
 
     def validate(self, where: str) -> None:
+        if self.unlabelled < 0 or not 0 <= self.unlabelled_broken <= self.unlabelled:
+            raise ConfigError(f"{where}: unlabelled must be >= 0 and unlabelled_broken in [0, unlabelled]")
         if self.size < 1:
             raise ConfigError(f"{where}.size: expected >= 1, found {self.size}")
         if self.width < 128 or self.height < 128:

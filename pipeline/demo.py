@@ -15,6 +15,10 @@ Each label is driven by exactly one modality (PLANTED), with some label noise:
 
 The output folder follows the dataset contract (manifest.csv + images/), with planted_labels.json
 (the label -> modality map) and planted_items.csv (what was planted in each item) beside it.
+
+Optionally a second folder holds a new batch for scoring: more items from the same generator
+(drawn after the labelled ones, so the labelled set does not change), written without a labels
+column, some with a cut-short image file; their labels are kept aside in truth.csv.
 """
 from __future__ import annotations
 
@@ -216,29 +220,39 @@ PLANTED_COLUMNS = ("id", "faces", "face_boxes", "word", "word_box", "background"
                    "romance_sentence", "funny_tag", "year", "noisy_labels")
 
 
-def generate(cfg: DemoConfig, out_dir: Path) -> dict[str, Any]:
-    """Write the demo dataset to `out_dir` (rewritten completely); returns a summary."""
-    rng = np.random.default_rng(cfg.seed)
-    material = load_material()
+def _fresh_folder(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = out_dir / "images"
     images.mkdir(exist_ok=True)
     for old in images.glob("*.jpg"):
         old.unlink()
+    return images
+
+
+def _next_item(rng, material: dict[str, Any], cfg: DemoConfig):
+    while True:  # every item carries at least one label: a blank label cell means "missing"
+        row, img, info = _make_item(rng, material, cfg)
+        noisy = {name: (not v) if rng.random() < cfg.label_noise else v for name, v in info["truth"].items()}
+        if any(noisy.values()):
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+            return row, buf.getvalue(), info, noisy
+
+
+def generate(cfg: DemoConfig, out_dir: Path, unlabelled_dir: Path | None = None) -> dict[str, Any]:
+    """Write the demo dataset to `out_dir` (rewritten completely), and the unlabelled batch to
+    `unlabelled_dir` when given; returns a summary."""
+    rng = np.random.default_rng(cfg.seed)
+    material = load_material()
+    images = _fresh_folder(out_dir)
 
     rows, planted_rows = [], []
     positives = {name: 0 for name in PLANTED}
     width = len(str(cfg.size))
     for i in range(cfg.size):
-        while True:  # every item carries at least one label: a blank label cell means "missing"
-            row, img, info = _make_item(rng, material, cfg)
-            noisy = {name: (not v) if rng.random() < cfg.label_noise else v for name, v in info["truth"].items()}
-            if any(noisy.values()):
-                break
+        row, jpeg, info, noisy = _next_item(rng, material, cfg)
         item_id = f"demo-{i:0{width}d}"
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=cfg.jpeg_quality)
-        (images / f"{item_id}.jpg").write_bytes(buf.getvalue())
+        (images / f"{item_id}.jpg").write_bytes(jpeg)
         labels = [name for name in PLANTED if noisy[name]]
         for name in labels:
             positives[name] += 1
@@ -260,7 +274,29 @@ def generate(cfg: DemoConfig, out_dir: Path) -> dict[str, Any]:
     }
     (out_dir / "planted_labels.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info("wrote %d demo items to %s; positives per label: %s", cfg.size, out_dir, positives)
+    if unlabelled_dir is not None:
+        summary["unlabelled"] = _unlabelled(rng, material, cfg, unlabelled_dir)
     return summary
+
+
+def _unlabelled(rng, material: dict[str, Any], cfg: DemoConfig, out_dir: Path) -> dict[str, Any]:
+    """The new batch: manifest.csv without labels, images (some cut short), truth.csv aside."""
+    images = _fresh_folder(out_dir)
+    rows, truth = [], []
+    width = len(str(max(cfg.unlabelled, 1)))
+    broken = set(int(i) for i in rng.choice(cfg.unlabelled, size=cfg.unlabelled_broken, replace=False)) \
+        if cfg.unlabelled_broken else set()
+    for i in range(cfg.unlabelled):
+        row, jpeg, info, noisy = _next_item(rng, material, cfg)
+        item_id = f"new-{i:0{width}d}"
+        (images / f"{item_id}.jpg").write_bytes(jpeg[: len(jpeg) // 3] if i in broken else jpeg)
+        rows.append({"id": item_id, "image": f"images/{item_id}.jpg", **row})
+        truth.append({"id": item_id, "labels": "|".join(name for name in PLANTED if noisy[name]),
+                      "broken_image": int(i in broken)})
+    _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS[:-1], rows)
+    _write_csv(out_dir / "truth.csv", ("id", "labels", "broken_image"), truth)
+    log.info("wrote %d unlabelled demo items (%d with a cut-short image) to %s", cfg.unlabelled, len(broken), out_dir)
+    return {"items": cfg.unlabelled, "broken": sorted(f"new-{i:0{width}d}" for i in broken)}
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -274,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the make_demo stage (and of `dmms demo`)."""
     p = runtime.parser("Generate the embedded demo dataset.")
     p.add_argument("--out", required=True, help="dataset folder to (re)write")
+    p.add_argument("--unlabelled-out", help="folder for the unlabelled batch (params demo.unlabelled items)")
     args = p.parse_args(argv)
     params, _ = runtime.setup(args.params)
-    generate(section(params, "demo", DemoConfig), Path(args.out))
+    generate(section(params, "demo", DemoConfig), Path(args.out),
+             Path(args.unlabelled_out) if args.unlabelled_out else None)

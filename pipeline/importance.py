@@ -111,15 +111,17 @@ def _per_item_modality(values: torch.Tensor, seg: torch.Tensor, mod: torch.Tenso
     return flat.view(size, M, *values.shape[1:])
 
 
-def explain(model: SetModel, batch: SetBatch, label_conditional: bool = True) -> Importance:
-    """Element, modality and (optionally) label-conditional importances of a set model's batch."""
+def explain(model: SetModel, batch: SetBatch, label_conditional: bool = True,
+            elements: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Importance:
+    """Element, modality and (optionally) label-conditional importances of a set model's batch;
+    `elements` passes model.elements(batch) when the caller has computed it already."""
     if not isinstance(model, SetModel):
         raise ValueError("element importances need a set model (architecture: set); the concat baseline "
                          "has no set to decompose: use ablation (predict with drop=...) instead")
     model.eval()
     M, B = len(model.modalities), batch.size
     with torch.no_grad():
-        x, seg, mod = model.elements(batch)
+        x, seg, mod = elements if elements is not None else model.elements(batch)
         pooled, parts, wins = decompose(model, x, seg, mod, B)
     D = max(model.cfg.dim, 1)
     method = METHODS[model.cfg.pooling]

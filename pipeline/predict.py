@@ -106,14 +106,22 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
     for start in range(0, idx_all.numel(), cfg.batch_size):
         idx = idx_all[start:start + cfg.batch_size]
         batch = store.batch(idx)
-        p = to_probs(task, model(batch).float())
+        if not is_set:
+            p = to_probs(task, model(batch).float())
+            probs.append(p.cpu())
+            if cfg.ablation:
+                drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
+                                          for m in mods], 2).cpu())
+            continue
+        # the set model's elements are encoded once; removing a modality only re-pools the others
+        x, seg, mod = model.elements(batch)
+        p = to_probs(task, model.head(model.pool(x, seg, mod, batch.size)).float())
         probs.append(p.cpu())
         if cfg.ablation:
-            drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
-                                      for m in mods], 2).cpu())
-        if not is_set:
-            continue
-        imp = explain(model, batch, label_conditional=cfg.label_conditional)
+            keep = [mod != k for k in range(len(mods))]
+            drops.append(torch.stack([p - to_probs(task, model.head(model.pool(
+                x[kp], seg[kp], mod[kp], batch.size)).float()) for kp in keep], 2).cpu())
+        imp = explain(model, batch, label_conditional=cfg.label_conditional, elements=(x, seg, mod))
         shares.append(imp.modality_share.cpu())
         top = p.argmax(1)  # the item's top label
         el["item"].append((imp.element_segment + start).cpu())

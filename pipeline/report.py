@@ -81,6 +81,16 @@ def _bar_rows(values: dict[str, float], colours: dict[str, str], fmt: str = "{:.
     return "\n".join(rows)
 
 
+def _element_text(e: dict[str, Any]) -> str:
+    """What an element is, for people: its text, or which face, or the whole image."""
+    if e.get("text"):
+        return e["text"]
+    if e["modality"] == "faces":
+        score = f", detector score {e['score']:.2f}" if e.get("score") is not None else ""
+        return f"face {e['position'] + 1}{score}"
+    return "the whole image" if e["modality"] == "image" else f"element {e['position'] + 1}"
+
+
 def _poster(img_src: str, size: tuple[int, int], thumb: tuple[int, int], elements: list[dict[str, Any]],
             top_element: dict[str, Any] | None, alt: str) -> str:
     W, H = size
@@ -192,7 +202,7 @@ def write_report(cfg: ReportConfig, pred_dir: Path, manifest_path: Path, out_dir
             best = sorted(els, key=lambda e: -(e.get(key) or 0.0))[: cfg.top_elements]
             lis = "".join(
                 f'<li><b style="color:{colours.get(e["modality"], "#333")}">{escape(e["modality"])}</b> '
-                f'{(e.get(key) or 0.0):.0%}: {escape((e.get("text") or "(image)")[:90])}'
+                f'{(e.get(key) or 0.0):.0%}: {escape(_element_text(e)[:90])}'
                 f'{" <b>(outlined)</b>" if e is top_el else ""}</li>' for e in best)
             blocks.append(f"<h4>Elements that mattered most{' for ' + escape(top_label) if key == 'top_label_share' else ''}"
                           f"</h4><ul class=\"el\">{lis}</ul>")

@@ -88,6 +88,8 @@ def check_columns(contract: DatasetConfig, allow_missing: bool) -> tuple[Dataset
     dropped); another missing column is an error unless `allow_missing` (then its values are empty)."""
     if contract.format == "mmimdb":
         return contract, frozenset()
+    if not Path(contract.dir).is_dir():
+        raise IngestError(f"dataset folder not found: {contract.dir}")
     if not (Path(contract.dir) / contract.manifest).is_file():
         raise IngestError(f"{contract.dir}: no {contract.manifest!r}, the manifest file the model's dataset contract "
                           "names; name yours with score.dataset in a --params overlay, e.g. "

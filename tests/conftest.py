@@ -73,3 +73,34 @@ def good_dataset(tmp_path: Path) -> Path:
         rows.append([f"item{i}", f"img/{i}.jpg", f"Title {i}", "a|b" if i % 2 else "", 1990 + i, "US", "x|y" if i % 3 else "x"])
     write_csv(root / "manifest.csv", HEADER, rows)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The whole pipeline, with the shipped params.yaml, on the embedded demo dataset (300 items and
+    an unlabelled batch of 12 with one cut-short image): generate, ingest, extract every modality
+    with Beam, train, predict. Shared by the faithfulness, scoring and report tests (a few minutes)."""
+    from types import SimpleNamespace
+
+    from pipeline import demo
+    from pipeline.config import DemoConfig, load_params, section
+    from pipeline.extract import run_extraction
+    from pipeline.ingest import run_ingest
+    from pipeline.predict import PredictConfig, run_predict
+    from pipeline.train import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("demo_run")
+    params = load_params(REPO / "params.yaml")
+    params["demo"].update(unlabelled=12, unlabelled_broken=1)
+    demo.generate(section(params, "demo", DemoConfig), root / "raw", root / "unlabelled")
+    dataset = section({"dataset": {**params["dataset"], "dir": str(root / "raw")}}, "dataset", DatasetConfig)
+    run_ingest(dataset, section(params, "ingest", IngestConfig), root / "ingest", root / "metrics" / "ingest.json")
+    manifest = root / "ingest" / "manifest.parquet"
+    for modality in params["extract"]["modalities"]:
+        run_extraction(modality, params, manifest, root / "features" / modality, root / "metrics" / f"{modality}.json")
+    train = fit(section(params, "train", TrainConfig), manifest, root / "features", root / "model",
+                root / "metrics" / "train.json", root / "metrics" / "curve.csv")
+    summary = run_predict(section(params, "predict", PredictConfig), root / "model" / "model.pt", manifest,
+                          root / "features", root / "predictions")
+    return SimpleNamespace(root=root, params=params, manifest=manifest, model=root / "model" / "model.pt",
+                           train=train, summary=summary)

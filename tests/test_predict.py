@@ -14,7 +14,8 @@ from pipeline import schema
 from pipeline.features import FeatureMismatchError
 from pipeline.predict import PredictConfig, run_predict
 from pipeline.report import choose
-from pipeline.train import fit
+from pipeline.setdata import FeatureStore
+from pipeline.train import fit, load_bundle, predict
 from test_model import train_cfg, write_synthetic
 
 
@@ -63,6 +64,15 @@ def test_argmax_outputs_reconcile_and_point_at_the_driving_modality(trained, tmp
     # generated so that A is carried by modality a and B by b: both views must say so
     assert summary["by_label"]["A"]["top_modality"] == "a" and summary["by_label"]["B"]["top_modality"] == "b"
     assert summary["by_label"]["A"]["top_ablation"] == "a" and summary["by_label"]["B"]["top_ablation"] == "b"
+    # ablation re-pools the encoded elements without a modality: the same as predicting without it
+    net, bundle = load_bundle(bundles["max"][0])
+    ids = pq.read_table(manifest)["id"].to_pylist()
+    store = FeatureStore.load({m: root / "features" / m for m in ("a", "b")}, ids)
+    full = predict(net, store, torch.arange(n), "multilabel")
+    li = t["label_importance"].to_pandas()
+    for m in ("a", "b"):
+        without = predict(net, store, torch.arange(n), "multilabel", drop=frozenset({m}))
+        assert np.allclose(li[f"drop_{m}"].to_numpy().reshape(n, 2), (full - without).numpy(), atol=1e-5)
     assert json.loads((tmp_path / "summary.json").read_text())["items"] == n
     assert (tmp_path / "importance_by_label.svg").read_text().startswith("<svg")
     assert (tmp_path / "plot.csv").read_text().splitlines()[0] == "label,modality,share,ablation_drop"

@@ -1,0 +1,91 @@
+"""Batch scoring of a new, unlabelled folder with a bundle trained on the demo: the CLI end to end,
+dead letters with reasons, counts that reconcile, and refusals of what does not match the bundle."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline import cli
+from pipeline.config import IngestConfig, from_dict, to_dict
+from pipeline.extract import JobConfig
+from pipeline.features import FeatureMismatchError
+from pipeline.ingest import IngestError
+from pipeline.score import ScoreConfig, run_score
+
+pytestmark = pytest.mark.slow
+
+
+def score(demo_run, input_dir, out, model=None, **cfg):
+    cfg = from_dict(ScoreConfig, {"device": "cpu", "report": {"items": 4}, **cfg}, "score")
+    return run_score(cfg, model or demo_run.model, input_dir, out, to_dict(JobConfig()),
+                     from_dict(IngestConfig, {"max_reject_fraction": 0.5}, "ingest"))
+
+
+def test_score_cli_on_an_unlabelled_folder(demo_run, tmp_path):
+    out = tmp_path / "scored"
+    overlay = tmp_path / "overlay.yaml"  # 1 broken image in 12 is over the shipped 5% reject limit
+    overlay.write_text("ingest: {max_reject_fraction: 0.5}\n")
+    cli.main(["score", "--params", str(REPO / "params.yaml"), "--params", str(overlay), "--model", str(demo_run.model),
+              "--input", str(demo_run.root / "unlabelled"), "--output", str(out), "--metrics", str(tmp_path / "score.json")])
+    summary = json.loads((tmp_path / "score.json").read_text())
+    counts = summary["counts"]
+    truth = {r["id"]: r for r in csv.DictReader(open(demo_run.root / "unlabelled" / "truth.csv"))}
+    broken = {i for i, r in truth.items() if r["broken_image"] == "1"}
+    assert counts["read"] == 12 and counts["scored"] == 11 and counts["dead_lettered"] == 1
+    assert counts["read"] == counts["scored"] + counts["dead_lettered"]
+    dead = pq.read_table(out / "dead_letters.parquet").to_pylist()
+    assert {d["id"] for d in dead} == broken and dead[0]["stage"] == "ingest" and dead[0]["reason"]
+    pred = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert {p["id"] for p in pred} == set(truth) - broken
+    assert all(p["labels"] is None and p["split"] == "score" for p in pred), "no labels column: no truth"
+    # the demo's planted signals carry over to new items
+    hits = sum(len(set(p["predicted"]) & set(truth[p["id"]]["labels"].split("|"))) for p in pred)
+    total = sum(len(set(p["predicted"]) | set(truth[p["id"]]["labels"].split("|"))) for p in pred)
+    assert hits / total > 0.6, f"Jaccard over the batch {hits}/{total}"
+    assert pq.read_table(out / "label_importance.parquet").num_rows == 11 * 6
+    assert (out / "report" / "index.html").is_file() and len(list((out / "report" / "img").glob("*.jpg"))) == 11
+    for m in ("faces", "ocr", "meta"):
+        assert json.loads((out / "features" / m / "counts.json").read_text())["items_in"] == 11
+
+
+def without_column(src, dst, column):
+    shutil.copytree(src, dst)
+    rows = list(csv.DictReader(open(src / "manifest.csv")))
+    with open(dst / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, [c for c in rows[0] if c != column], lineterminator="\n")
+        w.writeheader()
+        w.writerows([{k: v for k, v in r.items() if k != column} for r in rows])
+    return dst
+
+
+def test_a_missing_column_is_refused_unless_allowed(demo_run, tmp_path):
+    folder = without_column(demo_run.root / "unlabelled", tmp_path / "no-desc", "description")
+    with pytest.raises(IngestError, match=r"\['description'\] of the model's dataset contract are not in the dataset"):
+        score(demo_run, folder, tmp_path / "a")
+    summary = score(demo_run, folder, tmp_path / "b", allow_missing_columns=True, write_report=False)
+    assert summary["counts"]["missing_columns"] == ["description"] and summary["counts"]["scored"] == 11
+    desc = pq.read_table(tmp_path / "b" / "features" / "description" / "features.parquet")
+    assert all(len(v) == 0 for v in desc["vectors"].to_pylist()), "no description: empty sets"
+
+
+def test_an_extractor_that_differs_from_the_bundle_is_refused_before_any_work(demo_run, tmp_path):
+    bundle = torch.load(demo_run.model, weights_only=True)
+    bundle["provenance"]["ocr"]["weights_sha256"] = "0" * 64
+    other = tmp_path / "other.pt"
+    torch.save(bundle, other)
+    with pytest.raises(FeatureMismatchError, match="ocr: the extractor here is not the one the model was trained with"):
+        score(demo_run, demo_run.root / "unlabelled", tmp_path / "out", model=other)
+    assert not (tmp_path / "out" / "features" / "ocr" / "features.parquet").exists()
+
+
+def test_cli_prints_one_clear_line_for_a_refusal(demo_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["score", "--params", str(REPO / "params.yaml"), "--model", str(demo_run.model), "--input", str(tmp_path / "nowhere"),
+                  "--output", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "dataset folder not found" in capsys.readouterr().err
