@@ -40,7 +40,7 @@ from pipeline.features import CATEGORY_IDS, ELEMENTS, FeatureMismatchError, file
 from pipeline.importance import explain
 from pipeline.model import SetModel
 from pipeline.setdata import FeatureStore, label_matrix, read_manifest_labels
-from pipeline.train import check_store_matches, feature_dirs, load_bundle, resolve_device, to_probs
+from pipeline.train import check_store_matches, feature_dirs, load_bundle, resolve_device, rounded, to_probs
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def write_outputs(scored: Scored, truth: list[list[str] | None] | None, meta: di
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables(scored, truth, meta).items():
         pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
-    (out_dir / "summary.json").write_text(json.dumps(_rounded(summary), indent=2) + "\n", encoding="utf-8")
+    (out_dir / "summary.json").write_text(json.dumps(rounded(summary), indent=2) + "\n", encoding="utf-8")
     for name, svg in summary_plots(summary).items():
         (out_dir / name).write_text(svg, encoding="utf-8")
 
@@ -336,16 +336,6 @@ def write_plot_csv(summary: dict[str, Any], path: Path) -> None:
             for m in summary["modalities"]:
                 s, d = e.get("share", {}).get(m), e.get("ablation_drop", {}).get(m)
                 w.writerow([lab, m, "" if s is None else round(s, 6), "" if d is None else round(d, 6)])
-
-
-def _rounded(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return round(obj, 6) if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +374,7 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
     write_outputs(scored, truth, element_metadata(dirs, bundle, scored.ids), summary, out_dir)
     if metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(_rounded(summary), indent=2) + "\n", encoding="utf-8")
+        metrics_path.write_text(json.dumps(rounded(summary), indent=2) + "\n", encoding="utf-8")
     if plot_csv is not None:
         write_plot_csv(summary, plot_csv)
     log.info("wrote predictions and %s importances of %d items to %s in %.1f s", scored.method, len(positions),

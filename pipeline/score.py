@@ -28,11 +28,11 @@ from pipeline import runtime, schema
 from pipeline.config import ConfigError, DatasetConfig, IngestConfig, from_dict, section, to_dict
 from pipeline.extract import JobConfig, run_extraction
 from pipeline.ingest import IngestError, read_rows, required_columns, run_ingest
-from pipeline.predict import (PredictConfig, _rounded, element_metadata, load_scoring_inputs, score_store,
-                              summarise, write_outputs)
+from pipeline.predict import (PredictConfig, element_metadata, load_scoring_inputs, score_store, summarise,
+                              write_outputs)
 from pipeline.report import ReportConfig, write_report
 from pipeline.runtime import UserError
-from pipeline.train import load_bundle
+from pipeline.train import load_bundle, rounded
 
 log = logging.getLogger(__name__)
 
@@ -198,4 +198,4 @@ def main(argv: Sequence[str] | None = None) -> None:
                         section(params, "ingest", IngestConfig), beam_args)
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text(json.dumps(_rounded(summary), indent=2) + "\n", encoding="utf-8")
+        Path(args.metrics).write_text(json.dumps(rounded(summary), indent=2) + "\n", encoding="utf-8")

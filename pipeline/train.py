@@ -299,7 +299,7 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
     }
     save_bundle(out_dir / "model.pt", model, cfg, store, task, names, thresholds, mmeta)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(_rounded(result), indent=2) + "\n", encoding="utf-8")
+    metrics_path.write_text(json.dumps(rounded(result), indent=2) + "\n", encoding="utf-8")
     plots_path.parent.mkdir(parents=True, exist_ok=True)
     with plots_path.open("w", encoding="utf-8", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(curve[0]), lineterminator="\n")
@@ -310,13 +310,14 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
     return result
 
 
-def _rounded(obj: Any) -> Any:
+def rounded(obj: Any) -> Any:
+    """Floats rounded to 6 digits (non-finite -> null) through dicts and lists, for metrics JSON."""
     if isinstance(obj, float):
         return round(obj, 6) if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
+        return {k: rounded(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_rounded(v) for v in obj]
+        return [rounded(v) for v in obj]
     return obj
 
 
