@@ -89,3 +89,24 @@ def test_cli_prints_one_clear_line_for_a_refusal(demo_run, tmp_path, capsys):
         cli.main(["score", "--params", str(REPO / "params.yaml"), "--model", str(demo_run.model), "--input", str(tmp_path / "nowhere"),
                   "--output", str(tmp_path / "out")])
     assert exc.value.code == 2 and "dataset folder not found" in capsys.readouterr().err
+
+
+def test_dead_letters_join_ingest_rejects_and_extraction_failures(tmp_path):
+    import pyarrow as pa
+
+    from pipeline import schema
+    from pipeline.score import dead_letters
+
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({schema.ID: ["a", "b"], schema.SOURCE_ROW: [1, 3]}), manifest)
+    rejects = tmp_path / "rejects.parquet"
+    pq.write_table(pa.Table.from_pylist([{schema.SOURCE_ROW: 2, schema.ID: None, "reason": "missing_id",
+                                          "detail": "column 'id' is empty", "row": "{}"}],
+                                        schema=schema.REJECTS_SCHEMA), rejects)
+    failed = {"b": [{schema.ID: "b", "modality": "ocr", "stage": "prepare", "error": "OSError: truncated"},
+                    {schema.ID: "b", "modality": "faces", "stage": "prepare", "error": "OSError: truncated"}]}
+    dead = dead_letters(manifest, rejects, failed)
+    assert [(d[schema.SOURCE_ROW], d["stage"], d["modality"], d["reason"]) for d in dead] == [
+        (2, "ingest", None, "missing_id"), (3, "extract:prepare", "faces", "extraction_failed"),
+        (3, "extract:prepare", "ocr", "extraction_failed")]
+    assert len({d[schema.SOURCE_ROW] for d in dead}) == 2, "an item failing twice is one dead-lettered row"
