@@ -74,7 +74,7 @@ def main() -> None:
         ("ablation, naive (model per modality)", chunks(lambda b: [predict(model, store, b, "multilabel", bs, frozenset({m}))
                                                for m in model.modalities])),
         ("predict stage score_store (all)", lambda: score_store(model, bundle, store, np.arange(args.items),
-                                                                 PredictConfig(batch_size=bs))),
+                                                                 ["test"] * args.items, PredictConfig(batch_size=bs))),
     ]
     print(f"{args.items} items, {args.labels} labels, {len(LAYOUT)} modalities, batch {bs}, on {device}"
           f" ({torch.get_num_threads()} CPU threads)")

@@ -222,14 +222,15 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
                           f"manifest; it has {mmeta['fields']}")
     stats = None
     try:
-        if kind == "meta" and expect is not None:
-            fitted = expect["stats"]
-            numeric, categorical = list(fitted["numeric"]), list(fitted["categorical"])
-            module.columns(module.CONFIG_CLASS(numeric=tuple(numeric), categorical=tuple(categorical)), mmeta["fields"])
-        elif kind == "meta":
-            numeric, categorical = module.columns(cfg, mmeta["fields"])
-            fitted = module.fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories)
         if kind == "meta":
+            if expect is not None:  # scoring: the training statistics, on the columns they were fitted on
+                fitted = expect["stats"]
+                numeric, categorical = list(fitted["numeric"]), list(fitted["categorical"])
+                module.columns(module.CONFIG_CLASS(numeric=tuple(numeric), categorical=tuple(categorical)),
+                               mmeta["fields"])
+            else:
+                numeric, categorical = module.columns(cfg, mmeta["fields"])
+                fitted = module.fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories)
             stats = {"columns": (numeric, categorical), "stats": fitted}
             described = module.describe(cfg, numeric, fitted)
             described["categorical"] = {c: fitted["categorical"][c] for c in categorical}
@@ -239,8 +240,8 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
         raise ExtractionError(f"extract.modalities.{modality}: {exc}") from None
     dim = described["dim"]
     if expect is not None:
-        diffs = [f"{k}: model has {expect.get(k)!r}, this installation has {described.get(k)!r}"
-                 for k in ("extractor", "model_id", "weights_sha256", "dim") if described.get(k) != expect.get(k)]
+        diffs = features.provenance_diffs(expect, described, ("extractor", "model_id", "weights_sha256", "dim"),
+                                          "model has", "this installation has")
         if diffs:
             raise features.FeatureMismatchError(
                 f"{modality}: the extractor here is not the one the model was trained with ({'; '.join(diffs)}). "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,13 +97,16 @@ def read_features(path: str | Path, expect: Mapping[str, Any] | None = None) -> 
     return table, meta
 
 
+def provenance_diffs(expect: Mapping[str, Any], found: Mapping[str, Any], keys: Iterable[str],
+                     expect_as: str = "expected", found_as: str = "found") -> list[str]:
+    """One line per key whose value in `found` differs from `expect`."""
+    return [f"{key}: {expect_as} {expect.get(key)!r}, {found_as} {found.get(key)!r}"
+            for key in keys if found.get(key) != expect.get(key)]
+
+
 def check_provenance(meta: Mapping[str, Any], expect: Mapping[str, Any], where: str) -> None:
     """Raise FeatureMismatchError listing every key whose value differs from `expect`."""
-    diffs = [
-        f"{key}: expected {expect[key]!r}, found {meta.get(key)!r}"
-        for key in expect
-        if meta.get(key) != expect[key]
-    ]
+    diffs = provenance_diffs(expect, meta, expect)
     if diffs:
         raise FeatureMismatchError(
             f"{where}: features do not match ({'; '.join(diffs)}). Re-run extraction with the same "

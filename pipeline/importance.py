@@ -42,21 +42,6 @@ class Importance:
     label_element: torch.Tensor | None = None  # (N, L): label-conditional element shares
 
 
-def max_pool_winners(x: torch.Tensor, segment: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max-pool (N, D) rows into `size` items; returns (pooled (B, D), winner row (B, D), -1 when empty).
-
-    Ties go to the lowest row index, so the winner is deterministic.
-    """
-    N, D = x.shape
-    pooled, _ = segment_pool(x, segment, size, "max")
-    rows = torch.arange(N, device=x.device)[:, None].expand(N, D)
-    is_win = x == pooled[segment]
-    cand = torch.where(is_win, rows, torch.full_like(rows, N))
-    winner = torch.full((size, D), N, dtype=torch.long, device=x.device)
-    winner = winner.scatter_reduce(0, segment[:, None].expand(-1, D), cand, reduce="amin", include_self=True)
-    return pooled, torch.where(winner == N, torch.full_like(winner, -1), winner)
-
-
 def decompose(model: SetModel, x: torch.Tensor, seg: torch.Tensor, mod: torch.Tensor,
               size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pooled (B, D), parts A (N, D) with pooled[b] = sum of A over b's elements, wins (N, D) or None).

@@ -297,16 +297,16 @@ def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_co
 
 
 def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path,
-               optional: frozenset[str] = frozenset(), fixed_split: str | None = None,
-               vocabulary: list[str] | None = None) -> dict[str, Any]:
+               fixed_split: str | None = None, vocabulary: list[str] | None = None,
+               rows: list[RawRow] | None = None) -> dict[str, Any]:
     """Validate the dataset and write manifest.parquet, rejects.parquet and the metrics JSON.
 
-    Scoring a new dataset with a trained model passes `optional` (mapped columns the source may
-    lack), `fixed_split` (every row gets this split) and `vocabulary` (the model's label names).
+    Scoring a new dataset with a trained model passes `fixed_split` (every row gets this split),
+    `vocabulary` (the model's label names) and the `rows` it has read already (read_rows).
     """
     t0 = time.perf_counter()
     root = Path(dataset.dir)
-    rows = read_rows(dataset, root, optional)
+    rows = read_rows(dataset, root) if rows is None else rows
     log.info("read %d rows from %s (%s)", len(rows), root, dataset.format)
 
     rejects: list[dict[str, Any]] = []
@@ -378,18 +378,18 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
     pq.write_table(pa.Table.from_pylist(rejects, schema=schema.REJECTS_SCHEMA), out_dir / "rejects.parquet", compression="zstd")
 
     by_reason = Counter(r["reason"] for r in rejects)
+    split_names = (fixed_split,) if fixed_split else schema.SPLITS
     metrics = {
         "read": len(rows),
         "accepted": len(accepted),
         "rejected": len(rejects),
         "reject_fraction": round(len(rejects) / len(rows), 6) if rows else 0.0,
         "rejected_by_reason": {reason: by_reason.get(reason, 0) for reason in schema.REJECT_REASONS},
-        "splits": {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in (fixed_split,) if s}
-        or {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in schema.SPLITS},
+        "splits": {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in split_names},
         "labels": {
             s: dict(sorted(Counter(lab for r in accepted if r[schema.SPLIT] == s and r[schema.LABELS]
                                    for lab in r[schema.LABELS]).items()))
-            for s in ((fixed_split,) if fixed_split else schema.SPLITS)
+            for s in split_names
         },
         "label_names": meta["label_names"],
         "labels_dropped": dict(sorted(dropped.items())),

@@ -37,7 +37,7 @@ from pipeline import metrics as M
 from pipeline import plots, runtime, schema
 from pipeline.config import ConfigError, section
 from pipeline.features import CATEGORY_IDS, ELEMENTS, FeatureMismatchError, file_sha256
-from pipeline.importance import explain
+from pipeline.importance import METHODS, explain
 from pipeline.model import SetModel
 from pipeline.setdata import FeatureStore, label_matrix, read_manifest_labels
 from pipeline.train import check_store_matches, feature_dirs, load_bundle, resolve_device, rounded, to_probs
@@ -92,8 +92,9 @@ def decide(task: str, probs: np.ndarray, thresholds: Sequence[float]) -> np.ndar
 
 @torch.no_grad()
 def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureStore, positions: np.ndarray,
-                cfg: PredictConfig) -> Scored:
-    """Probabilities, decisions and importances for items `positions` of `store` (on the model's device)."""
+                splits: list[str], cfg: PredictConfig) -> Scored:
+    """Probabilities, decisions and importances for items `positions` of `store` (on the model's device);
+    `splits` are those items' splits."""
     task, labels = bundle["task"], bundle["label_names"]
     mods = list(getattr(model, "modalities", sorted(store.dims)))
     is_set = isinstance(model, SetModel)
@@ -138,7 +139,7 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
     cat = lambda parts, shape: torch.cat(parts).numpy() if parts else np.zeros(shape, dtype=np.float32)  # noqa: E731
     P = cat(probs, (n, L))
     return Scored(
-        ids=[store.ids[i] for i in positions], splits=[], labels=list(labels), modalities=mods, method=method,
+        ids=[store.ids[i] for i in positions], splits=list(splits), labels=list(labels), modalities=mods, method=method,
         probs=P, predicted=decide(task, P, bundle["thresholds"]),
         modality_share=cat(shares, (n, Mn)) if is_set else None,
         label_modality=cat(label_mod, (n, L, Mn)) if is_set and cfg.label_conditional else None,
@@ -148,9 +149,7 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
 
 
 def explain_method(model: torch.nn.Module) -> str:
-    if not isinstance(model, SetModel):
-        return "ablation"
-    return "argmax" if model.cfg.pooling == "max" else "contribution"
+    return METHODS[model.cfg.pooling] if isinstance(model, SetModel) else "ablation"
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,8 +365,7 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
     log.info("predicting %d of %d items (%s) with %s pooling on %s", len(positions), len(ids),
              "all splits" if cfg.splits is None else ", ".join(cfg.splits),
              bundle["model_config"]["pooling"], next(model.parameters()).device)
-    scored = score_store(model, bundle, store, positions, cfg)
-    scored.splits = [splits[i] for i in positions]
+    scored = score_store(model, bundle, store, positions, [splits[i] for i in positions], cfg)
     truth = [labels[i] for i in positions]
     summary = summarise(scored, truth, bundle["task"], bundle["thresholds"])
     summary["seconds"] = time.perf_counter() - t0

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline import runtime, schema
 from pipeline.config import ConfigError, DatasetConfig, IngestConfig, from_dict, section, to_dict
 from pipeline.extract import JobConfig, run_extraction
-from pipeline.ingest import IngestError, read_rows, required_columns, run_ingest
+from pipeline.ingest import IngestError, RawRow, read_rows, required_columns, run_ingest
 from pipeline.predict import (PredictConfig, element_metadata, load_scoring_inputs, score_store, summarise,
                               write_outputs)
 from pipeline.report import ReportConfig, write_report
@@ -83,24 +83,23 @@ def scoring_contract(bundle: dict[str, Any], input_dir: Path, overrides: dict[st
     return from_dict(DatasetConfig, raw, "score.dataset")
 
 
-def check_columns(contract: DatasetConfig, allow_missing: bool) -> tuple[DatasetConfig, frozenset[str]]:
-    """Compare the source's columns with the contract: a missing labels column is normal (it is
-    dropped); another missing column is an error unless `allow_missing` (then its values are empty)."""
+def read_source(contract: DatasetConfig, allow_missing: bool) -> tuple[DatasetConfig, frozenset[str], list[RawRow]]:
+    """Read the folder's rows once and compare its columns with the contract: a missing labels
+    column is normal (it is dropped); another missing column is an error unless `allow_missing`
+    (then its values are empty). Returns the contract to ingest with, the missing columns, the rows."""
+    root = Path(contract.dir)
     if contract.format == "mmimdb":
-        return contract, frozenset()
-    if not Path(contract.dir).is_dir():
-        raise IngestError(f"dataset folder not found: {contract.dir}")
-    if not (Path(contract.dir) / contract.manifest).is_file():
+        return contract, frozenset(), read_rows(contract, root)
+    if root.is_dir() and not (root / contract.manifest).is_file():
         raise IngestError(f"{contract.dir}: no {contract.manifest!r}, the manifest file the model's dataset contract "
                           "names; name yours with score.dataset in a --params overlay, e.g. "
                           "'score: {dataset: {manifest: new.csv, format: csv}}'")
-    rows = read_rows(contract, Path(contract.dir), optional=frozenset(required_columns(contract)))
+    rows = read_rows(contract, root, optional=frozenset(required_columns(contract)))  # checks the folder
     present = set().union(*(r.data.keys() for r in rows if r.data is not None)) if rows else set()
     missing = [c for c in required_columns(contract) if c not in present]
     if contract.labels.column in missing:
         missing.remove(contract.labels.column)
-        contract = from_dict(DatasetConfig, {**to_dict(contract), "labels": {
-            **to_dict(contract)["labels"], "column": None}}, "score.dataset")
+        contract = dataclasses.replace(contract, labels=dataclasses.replace(contract.labels, column=None))
     if contract.id in missing or (contract.image in missing and contract.image_required):
         raise IngestError(f"{contract.dir}: the dataset has no {contract.id if contract.id in missing else contract.image!r} "
                           f"column, which the model's dataset contract needs; found {sorted(present)}")
@@ -111,7 +110,7 @@ def check_columns(contract: DatasetConfig, allow_missing: bool) -> tuple[Dataset
             "score.allow_missing_columns: true (--allow-missing-columns) to score with those modalities empty.")
     if missing:
         log.warning("scoring without column(s) %s: the modalities that read them are empty for every item", missing)
-    return contract, frozenset(missing)
+    return contract, frozenset(missing), rows
 
 
 def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path, job_params: dict[str, Any],
@@ -119,10 +118,10 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
     """Score every row of the dataset at `input_dir`; returns the summary (with reconciled counts)."""
     t0 = time.perf_counter()
     _, bundle = load_bundle(model_path)
-    contract, missing = check_columns(scoring_contract(bundle, input_dir, cfg.dataset), cfg.allow_missing_columns)
+    contract, missing, rows = read_source(scoring_contract(bundle, input_dir, cfg.dataset), cfg.allow_missing_columns)
     manifest = out_dir / "ingest" / "manifest.parquet"
     counts = run_ingest(contract, ingest_cfg, out_dir / "ingest", out_dir / "ingest" / "counts.json",
-                        optional=missing, fixed_split=SCORE_SPLIT, vocabulary=bundle["label_names"])
+                        fixed_split=SCORE_SPLIT, vocabulary=bundle["label_names"], rows=rows)
     log.info("scoring %d items of %s with %s", counts["accepted"], input_dir, model_path)
 
     failed: dict[str, list[dict[str, Any]]] = {}
@@ -136,8 +135,7 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
     model, bundle, store, dirs, (ids, _, labels) = load_scoring_inputs(model_path, manifest, out_dir / "features",
                                                                       cfg.device)
     positions = np.array([i for i, item in enumerate(ids) if item not in failed], dtype=np.int64)
-    scored = score_store(model, bundle, store, positions, cfg.predict_config())
-    scored.splits = [SCORE_SPLIT] * len(positions)
+    scored = score_store(model, bundle, store, positions, [SCORE_SPLIT] * len(positions), cfg.predict_config())
     truth = [labels[i] for i in positions]
     summary = summarise(scored, truth, bundle["task"], bundle["thresholds"])
 

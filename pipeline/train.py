@@ -24,7 +24,7 @@ from torch import nn
 from pipeline import metrics as M
 from pipeline import runtime
 from pipeline.config import ConfigError, section, to_dict
-from pipeline.features import PROVENANCE_KEYS, FeatureMismatchError, file_sha256
+from pipeline.features import PROVENANCE_KEYS, FeatureMismatchError, file_sha256, provenance_diffs
 from pipeline.model import ModelConfig, build_model
 from pipeline.setdata import FeatureStore, label_matrix, read_manifest_labels
 
@@ -218,9 +218,9 @@ def check_store_matches(bundle: dict[str, Any], store: FeatureStore) -> None:
         if meta is None:
             problems.append(f"{m}: missing")
             continue
-        for k in ("extractor", "model_id", "weights_sha256", "dim", "categorical", "stats"):
-            if rec.get(k) != meta.get(k):
-                problems.append(f"{m}.{k}: model has {rec.get(k)!r}, features have {meta.get(k)!r}")
+        problems += [f"{m}.{d}" for d in provenance_diffs(
+            rec, meta, ("extractor", "model_id", "weights_sha256", "dim", "categorical", "stats"),
+            "model has", "features have")]
     if problems:
         raise FeatureMismatchError("features do not match the model bundle: " + "; ".join(problems))
 

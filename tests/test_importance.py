@@ -6,16 +6,18 @@ import pytest
 import torch
 
 from pipeline.config import from_dict
-from pipeline.importance import decompose, explain, max_pool_winners
+from pipeline.importance import decompose, explain
 from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model
 
 
-def test_winners_hold_the_maximum_and_ties_go_to_the_first_row():
+def test_winners_hold_the_maximum_and_ties_are_split():
     x = torch.tensor([[1.0, 5.0], [3.0, 5.0], [2.0, 0.0], [-1.0, -2.0]])
     seg = torch.tensor([0, 0, 1, 1])
-    pooled, winner = max_pool_winners(x, seg, 3)
+    model = build_model(from_dict(ModelConfig, {"dim": 2}, "m"), {"a": 1}, {}, 1)
+    pooled, parts, wins = decompose(model, x, seg, torch.zeros_like(seg), 3)
     assert pooled.tolist() == [[3.0, 5.0], [2.0, 0.0], [0.0, 0.0]]
-    assert winner.tolist() == [[1, 0], [2, 2], [-1, -1]]
+    assert wins.tolist() == [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 0.0]], "row 1 wins dim 0; rows 0 and 1 tie on dim 1"
+    assert parts.tolist() == [[0.0, 2.5], [3.0, 2.5], [2.0, 0.0], [0.0, 0.0]]
 
 
 def random_model(**over):
