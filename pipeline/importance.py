@@ -4,8 +4,8 @@ Every importance here starts from one exact decomposition of the pooled vector o
 per-element parts, pooled[b] = sum over the item's elements e of A[e]:
 
 - max pooling (flat or hierarchical; both take the maximum over all elements): A[e, d] = pooled[b, d]
-  when element e holds the maximum of dimension d, else 0 (the paper's element-wise argmax; an
-  exact tie splits the dimension equally between the tied elements). The unconditional importance
+  when element e holds the maximum of dimension d, else 0 (the paper's element-wise argmax; a tie,
+  within TIE_RTOL/TIE_ATOL of the maximum, splits the dimension equally between the tied elements). The unconditional importance
   is the share of the D dimensions each modality won ("argmax"), and each element's number of won
   dimensions says which face, text box or sentence mattered.
 - sum and mean pooling: A[e] is the element's own (scaled) vector, so no element "wins" a dimension;
@@ -26,6 +26,11 @@ import torch
 from pipeline.model import SetBatch, SetModel, segment_pool
 
 METHODS = {"max": "argmax", "sum": "contribution", "mean": "contribution"}
+# Max-pooling ties: elements within this distance of a dimension's maximum share it equally. Float noise
+# between kernels is ~1e-7 relative, so equal inputs always tie; values 1e-4 apart never do. The parts
+# still add up exactly to the pooled vector (each tied element gets its share of the maximum itself).
+TIE_RTOL = 1e-5
+TIE_ATOL = 1e-6
 
 
 @dataclass
@@ -52,7 +57,10 @@ def decompose(model: SetModel, x: torch.Tensor, seg: torch.Tensor, mod: torch.Te
     B = size
     if how == "max":
         pooled, _ = segment_pool(x, seg, B, "max")
-        hit = (x == pooled[seg]).to(x.dtype)  # (N, D)
+        top = pooled[seg]
+        # a tie is a value within float noise of the maximum, not exact equality: the same input in two rows
+        # of one matmul can come out a few ulps apart, depending on the CPU's kernel (seen: 6e-8)
+        hit = (x >= top - (TIE_ATOL + TIE_RTOL * top.abs())).to(x.dtype)  # (N, D)
         ties = torch.zeros_like(pooled).index_add_(0, seg, hit)
         wins = hit / ties[seg].clamp(min=1)
         return pooled, wins * pooled[seg], wins

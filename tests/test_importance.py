@@ -20,6 +20,17 @@ def test_winners_hold_the_maximum_and_ties_are_split():
     assert parts.tolist() == [[0.0, 2.5], [3.0, 2.5], [2.0, 0.0], [0.0, 0.0]]
 
 
+def test_ties_are_decided_within_float_noise_not_by_exact_equality():
+    """Two rows of one matmul holding the same input can differ by a few ulps on some CPUs: such values
+    tie (and split the dimension) on every CPU, while a real difference (1e-4 here) still decides."""
+    x = torch.tensor([[1.0, 2.0], [1.0 + 1.2e-7, 2.0 - 1e-4], [0.0, 0.0]])
+    seg = torch.tensor([0, 0, 0])
+    model = build_model(from_dict(ModelConfig, {"dim": 2}, "m"), {"a": 1}, {}, 1)
+    pooled, parts, wins = decompose(model, x, seg, torch.zeros_like(seg), 1)
+    assert wins.tolist() == [[0.5, 1.0], [0.5, 0.0], [0.0, 0.0]]
+    assert torch.allclose(parts.sum(0), pooled[0], rtol=0, atol=1e-7), "the parts still add up to the pooled vector"
+
+
 def random_model(**over):
     torch.manual_seed(0)
     cfg = from_dict(ModelConfig, {"dim": 16, "dropout": 0.0, **over}, "m")
