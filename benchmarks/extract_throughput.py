@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import runtime  # noqa: E402
+from pipeline import extract, runtime  # noqa: E402
 from pipeline.config import DatasetConfig, IngestConfig, section  # noqa: E402
-from pipeline.extract import modality_config, run_extraction  # noqa: E402
-from pipeline.ingest import read_manifest, run_ingest  # noqa: E402
+from pipeline.ingest import run_ingest  # noqa: E402
+from pipeline.schema import read_manifest  # noqa: E402
 
 
 def subset(posters: Path, n: int, out: Path) -> Path:
@@ -76,8 +76,9 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="dmms-bench-"))
-    params, _ = runtime.setup([str(REPO / "params.yaml"), str(REPO / "examples" / "movie-posters.yaml")])
-    params["base"]["log_level"] = "WARNING"
+    params = runtime.load_overlaid([REPO / "params.yaml", REPO / "examples" / "movie-posters.yaml"])
+    runtime.configure_logging("WARNING")
+    job = section(params, "extract.job", extract.JobConfig)
     raw = subset(Path(args.posters), args.n, work)
     params["dataset"]["dir"] = str(raw)
     manifest = work / "ingest" / "manifest.parquet"
@@ -95,11 +96,12 @@ def main() -> None:
 
     pq.write_table(pq.read_table(manifest).slice(0, 8), warm)
     for modality in args.modalities.split(","):
-        kind, cfg, module = modality_config(params, modality)
-        run_extraction(modality, params, warm, work / "warm" / modality, work / f"warm-{modality}.json")
-        if kind == "meta":
+        spec = extract.modality(modality, params["extract"]["modalities"][modality])
+        module, cfg = spec.module, spec.cfg
+        extract.run_extraction(spec, job, warm, work / "warm" / modality, work / f"warm-{modality}.json")
+        if spec.kind == "meta":
             t0 = time.perf_counter()
-            run_extraction(modality, params, manifest, work / "features" / modality, work / f"{modality}.json")
+            extract.run_extraction(spec, job, manifest, work / "features" / modality, work / f"{modality}.json")
             beam_s = time.perf_counter() - t0
             print(f"{modality:<10} {len(rows):>5} {len(rows) / beam_s:>10.1f} {'(no model)':>10} {'':>11} {'':>15}")
             continue
@@ -107,7 +109,7 @@ def main() -> None:
         naive_s = naive_loop(module, cfg, rows, raw)
         bare_s = bare_loop(module, cfg, rows, raw, cfg.batch_size)
         t0 = time.perf_counter()
-        run_extraction(modality, params, manifest, work / "features" / modality, work / f"{modality}.json")
+        extract.run_extraction(spec, job, manifest, work / "features" / modality, work / f"{modality}.json")
         beam_s = time.perf_counter() - t0
         print(f"{modality:<10} {len(rows):>5} {len(rows) / beam_s:>10.1f} {len(rows) / bare_s:>10.1f} "
               f"{len(rows) / naive_s:>11.1f} {beam_s / bare_s:>14.2f}x", flush=True)

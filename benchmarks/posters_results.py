@@ -37,15 +37,16 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the table as markdown here too")
     args = ap.parse_args()
     run = Path(args.run)
-    runtime.setup([str(REPO / "params.yaml")])
-    base = load_params(REPO / "params.yaml")["train"]
+    runtime.configure_logging("INFO")
+    params = load_params(REPO / "params.yaml")
+    base, seed = params["train"], params["base"]["seed"]
     rows = []
     for name, over in VARIANTS:
         raw = runtime.merge(base, {"modalities": MODALITIES, "device": "auto", **over})
         cfg = from_dict(TrainConfig, raw, "train")
         tag = name.split(" (")[0].replace(", ", "-").replace(" ", "-")
         res = fit(cfg, run / "ingest" / "manifest.parquet", run / "features", run / "models" / tag,
-                  run / "metrics" / f"train-{tag}.json", run / "plots" / f"train-{tag}.csv")
+                  run / "metrics" / f"train-{tag}.json", run / "plots" / f"train-{tag}.csv", seed=seed)
         rows.append((name, res))
         print(json.dumps({"variant": name, **{k: round(v, 4) for k, v in res["test"].items()}}), flush=True)
     base_f = rows[0][1]["test_label_frequency_baseline"]

@@ -42,12 +42,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     args = ap.parse_args()
     run = Path(args.run)
-    runtime.setup([str(REPO / "params.yaml")])
+    runtime.configure_logging("INFO")
+    params = load_params(REPO / "params.yaml")
     manifest = run / "ingest" / "manifest.parquet"
     bundle = run / "models" / "score-bundle" / "model.pt"
     if not bundle.is_file():
-        fit(section(load_params(REPO / "params.yaml"), "train", TrainConfig), manifest, run / "features",
-            bundle.parent, run / "metrics" / "train-score-bundle.json", run / "plots" / "train-score-bundle.csv")
+        fit(section(params, "train", TrainConfig), manifest, run / "features", bundle.parent,
+            run / "metrics" / "train-score-bundle.json", run / "plots" / "train-score-bundle.csv",
+            seed=params["base"]["seed"])
 
     ids = [r["id"] for r in pq.read_table(manifest, columns=["id", "split"]).to_pylist() if r["split"] == "test"][:args.n]
     rows = {r["id"]: r for r in csv.DictReader(open(DATA / "movies.csv", encoding="utf-8"))}

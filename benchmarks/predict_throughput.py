@@ -5,10 +5,10 @@
 Generated features of MM-IMDb scale (the layout of train_throughput.py: ~21 elements per item of
 1280-d and 384-d vectors) and a set model with max pooling, D=256. Variants, each over all items:
 
-- probabilities only (the baseline: pipeline.train.predict)
+- probabilities only (the baseline: pipeline.bundle.predict)
 - + argmax importances (modality shares and element wins)
 - + label-conditional shares (one backward pass through the head per label and batch)
-- ablation, naive: the whole model run again once per removed modality (pipeline.train.predict(drop=...))
+- ablation, naive: the whole model run again once per removed modality (pipeline.bundle.predict(drop=...))
 - the predict stage's score_store: probabilities, argmax and label-conditional shares, element
   positions, and ablation by re-pooling the already encoded elements without each modality
 """
@@ -29,7 +29,8 @@ from pipeline.config import from_dict  # noqa: E402
 from pipeline.importance import explain  # noqa: E402
 from pipeline.model import ModelConfig, SetModel  # noqa: E402
 from pipeline.predict import PredictConfig, score_store  # noqa: E402
-from pipeline.train import predict, resolve_device  # noqa: E402
+from pipeline.bundle import predict  # noqa: E402
+from pipeline.runtime import resolve_device  # noqa: E402
 from train_throughput import LAYOUT, synthetic_store  # noqa: E402
 
 

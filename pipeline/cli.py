@@ -7,15 +7,15 @@ from typing import Sequence
 
 from pipeline import runtime
 
-# subcommand -> (module with a main(argv), one-line help)
+# subcommand -> (stage module with a main(argv), one-line help), in the order data flows
 COMMANDS = {
-    "demo": ("pipeline.demo", "generate the embedded demo dataset"),
-    "ingest": ("pipeline.ingest", "validate a raw dataset and write the canonical manifest"),
-    "extract": ("pipeline.extract", "extract one modality's feature sets with Apache Beam"),
-    "train": ("pipeline.train", "train the set model on extracted feature sets"),
-    "predict": ("pipeline.predict", "predictions and per-modality importances of a trained model"),
-    "report": ("pipeline.report", "the static HTML report of predictions and importances"),
-    "score": ("pipeline.score", "score a new dataset folder with a trained model (ingest, extract, predict)"),
+    "demo": ("pipeline.stages.make_demo", "generate the embedded demo dataset"),
+    "ingest": ("pipeline.stages.ingest", "validate a raw dataset and write the canonical manifest"),
+    "extract": ("pipeline.stages.extract", "extract one modality's feature sets with Apache Beam"),
+    "train": ("pipeline.stages.train", "train the set model on extracted feature sets"),
+    "predict": ("pipeline.stages.predict", "predictions and per-modality importances of a trained model"),
+    "report": ("pipeline.stages.report", "the static HTML report of predictions and importances"),
+    "score": ("pipeline.stages.score", "score a new dataset folder with a trained model (ingest, extract, predict)"),
 }
 
 

@@ -111,8 +111,12 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
-def section(params: Mapping[str, Any], name: str, cls: type) -> Any:
-    """Build the config of section `name` (dotted for nested sections, e.g. extract.job)."""
+def section(params: Mapping[str, Any], name: str, cls: Any) -> Any:
+    """Build the config of section `name` (dotted for nested sections, e.g. extract.job).
+
+    `cls` is a config dataclass, or a function `(mapping, name) -> config` for a section whose type
+    depends on its content (an extraction modality's config depends on its `kind`).
+    """
     node: Any = params
     for depth, key in enumerate(name.split(".")):
         if not isinstance(node, Mapping) or key not in node:
@@ -120,7 +124,9 @@ def section(params: Mapping[str, Any], name: str, cls: type) -> Any:
             found = sorted(node) if isinstance(node, Mapping) else node
             raise ConfigError(f"{where}: section '{key}' is missing; found {found}")
         node = node[key]
-    return from_dict(cls, node, name)
+    if dataclasses.is_dataclass(cls):
+        return from_dict(cls, node, name)
+    return cls(node, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,10 +136,11 @@ def section(params: Mapping[str, Any], name: str, cls: type) -> Any:
 
 @dataclass(frozen=True)
 class BaseConfig:
-    """Settings shared by every stage."""
+    """Settings shared by the stages: `seed` governs every random choice of processing (training's
+    initialisation, shuffling and dropout). The demo's own `demo.seed` picks which demo dataset is
+    generated: it is part of the data, like `demo.size`."""
 
     seed: int = 0
-    log_level: str = "INFO"
 
 
 @dataclass(frozen=True)

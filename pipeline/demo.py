@@ -27,13 +27,12 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import runtime
-from pipeline.config import DemoConfig, section
+from pipeline.config import DemoConfig
 
 log = logging.getLogger(__name__)
 
@@ -305,13 +304,3 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         writer.writeheader()
         writer.writerows(rows)
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the make_demo stage (and of `dmms demo`)."""
-    p = runtime.parser("Generate the embedded demo dataset.")
-    p.add_argument("--out", required=True, help="dataset folder to (re)write")
-    p.add_argument("--unlabelled-out", help="folder for the unlabelled batch (params demo.unlabelled items)")
-    args = p.parse_args(argv)
-    params, _ = runtime.setup(args.params)
-    generate(section(params, "demo", DemoConfig), Path(args.out),
-             Path(args.unlabelled_out) if args.unlabelled_out else None)

@@ -9,8 +9,8 @@ are reconciled: every manifest id ends up in the features or in the dead letters
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import json
 import logging
 import shutil
 import time
@@ -27,10 +27,9 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import features, runtime, schema
-from pipeline.config import ConfigError, section, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.extractors import module_for
 from pipeline.extractors.base import ItemError, ItemResult, MissingModelError, error_text
-from pipeline.ingest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +63,34 @@ def beam_options(job: JobConfig, extra: Sequence[str] = ()) -> PipelineOptions:
     return PipelineOptions([*flags, *extra])
 
 
-def modality_config(params: dict[str, Any], name: str) -> tuple[str, Any, Any]:
-    """(kind, typed config, extractor module) of modality `name` in params extract.modalities."""
-    raw = params.get("extract", {}).get("modalities", {}).get(name)
-    if raw is None:
-        known = sorted(params.get("extract", {}).get("modalities", {}))
-        raise ConfigError(f"extract.modalities: no modality {name!r}; configured: {known}")
+@dataclass(frozen=True)
+class Modality:
+    """One configured extraction modality: its name, its extractor kind and that kind's typed config."""
+
+    name: str
+    kind: str
+    cfg: Any  # the kind's CONFIG_CLASS (ImageConfig, FacesConfig, ...)
+
+    @property
+    def module(self) -> Any:
+        """The extractor module of this kind (prepare, describe, HANDLER_CLASS, ...)."""
+        return importlib.import_module(module_for(self.kind))
+
+
+def modality(name: str, raw: Any, where: str | None = None) -> Modality:
+    """The typed config of modality `name` from its params mapping (`where` names it in errors).
+
+    The stage builds it from params extract.modalities.<name>; scoring from a model bundle's record.
+    """
+    where = where or f"extract.modalities.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'kind', found {raw!r}")
     kind = raw.get("kind")
     try:
         module = importlib.import_module(module_for(kind))
     except ValueError as exc:
-        raise ConfigError(f"extract.modalities.{name}.kind: {exc}") from None
-    return kind, section(params, f"extract.modalities.{name}", module.CONFIG_CLASS), module
+        raise ConfigError(f"{where}.kind: {exc}") from None
+    return Modality(name, kind, from_dict(module.CONFIG_CLASS, raw, where))
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +132,8 @@ class PrepareFn(beam.DoFn):
 
 
 def dead_letter(item_id: str, modality: str, stage: str, error: str) -> dict[str, Any]:
-    return {schema.ID: item_id, "modality": modality, "stage": stage, "error": error}
+    """A record of schema.EXTRACT_DEAD_LETTER_SCHEMA."""
+    return {schema.ID: item_id, schema.MODALITY: modality, schema.STAGE: stage, schema.ERROR: error}
 
 
 def to_row(item_id: str, result: ItemResult) -> dict[str, Any]:
@@ -165,34 +181,84 @@ class ProgressFn(beam.DoFn):
         yield row
 
 
-def build(p: beam.Pipeline, manifest: str, modality: str, kind: str, cfg: Any, module: Any, root: str,
-          dim: int, tmp: str, job: JobConfig, total: int, stats: dict[str, Any] | None = None) -> tuple[Any, Any]:
+def build(p: beam.Pipeline, manifest: str, spec: Modality, root: str, dim: int, tmp: str, job: JobConfig,
+          total: int, stats: MetaStats | None = None) -> tuple[Any, Any]:
     """Add the extraction transforms for one modality to pipeline `p`; returns (rows, dead letters)."""
+    module = spec.module
     rows = p | "ReadManifest" >> beam.io.ReadFromParquet(manifest)
-    prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(modality, module.__name__, cfg, root)).with_outputs(
+    prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(spec.name, module.__name__, spec.cfg, root)).with_outputs(
         "dead", main="ready")
-    if kind == "meta":
-        numeric, categorical = stats["columns"]
+    if spec.kind == "meta":
+        numeric, categorical, fitted = stats.numeric, stats.categorical, stats.fitted
         results = prepared.ready | "EncodeMeta" >> beam.MapTuple(
-            lambda i, row: (i, module.encode(row, numeric, categorical, stats["stats"])))
+            lambda i, row: (i, module.encode(row, numeric, categorical, fitted)))
     else:
-        handler = module.HANDLER_CLASS(cfg)
+        handler = module.HANDLER_CLASS(spec.cfg)
         handler.empty_dim = dim
         results = prepared.ready | "RunInference" >> RunInference(KeyedModelHandler(handler))
     # one fused chain from the manifest to the writer: rows stream, nothing is buffered in between
-    converted = results | "ToRow" >> beam.ParDo(ToRowFn(modality)).with_outputs("dead", main="rows")
-    rows = converted.rows | "Progress" >> beam.ParDo(ProgressFn(modality, total, job.log_every_s))
+    converted = results | "ToRow" >> beam.ParDo(ToRowFn(spec.name)).with_outputs("dead", main="rows")
+    rows = converted.rows | "Progress" >> beam.ParDo(ProgressFn(spec.name, total, job.log_every_s))
     dead = (prepared.dead, converted.dead) | "MergeDead" >> beam.Flatten()
     rows | "WriteFeatures" >> beam.io.WriteToParquet(
         f"{tmp}/features", features.feature_schema(dim), num_shards=job.num_shards, file_name_suffix=".parquet")
     dead | "WriteDeadLetters" >> beam.io.WriteToParquet(
-        f"{tmp}/dead", features.DEAD_LETTER_SCHEMA, num_shards=job.num_shards, file_name_suffix=".parquet")
+        f"{tmp}/dead", schema.EXTRACT_DEAD_LETTER_SCHEMA, num_shards=job.num_shards, file_name_suffix=".parquet")
     return rows, dead
 
 
 # --------------------------------------------------------------------------------------------
-# The stage
+# One extraction run: describe the extractor, run the job, merge its shards, reconcile the counts
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetaStats:
+    """The columns a meta modality encodes and the train statistics it encodes them with."""
+
+    numeric: list[str]
+    categorical: list[str]
+    fitted: dict[str, Any]
+
+
+def describe(spec: Modality, manifest: pa.Table, mmeta: dict[str, Any],
+             expect: dict[str, Any] | None = None) -> tuple[dict[str, Any], MetaStats | None]:
+    """Provenance of this extractor's output without running it (and, for meta, its statistics:
+    fitted on the train split, or the `expect`ed bundle's when scoring). Refuses a text or list column
+    the manifest lacks, a missing model, and an extractor that differs from `expect`."""
+    cfg, module, fields = spec.cfg, spec.module, mmeta["fields"]
+    where = f"extract.modalities.{spec.name}"
+    if spec.kind in ("text", "list") and cfg.column not in fields["text" if spec.kind == "text" else "lists"]:
+        raise ConfigError(f"{where}.column: {cfg.column!r} is not a {spec.kind} column of the manifest; "
+                          f"it has {fields}")
+    stats = None
+    try:
+        if spec.kind == "meta":
+            if expect is not None:  # scoring: the training statistics, on the columns they were fitted on
+                fitted = expect["stats"]
+                cfg = dataclasses.replace(cfg, numeric=tuple(fitted["numeric"]), categorical=tuple(fitted["categorical"]))
+            numeric, categorical = module.columns(cfg, fields)
+            if expect is None:
+                fitted = module.fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories)
+            stats = MetaStats(numeric, categorical, fitted)
+            described = module.describe(cfg, numeric, fitted)
+            described["categorical"] = {c: fitted["categorical"][c] for c in categorical}
+        else:
+            described = module.describe(cfg)
+    except (MissingModelError, ValueError) as exc:
+        raise ExtractionError(f"{where}: {exc}") from None
+    if expect is not None:
+        check_extractor(spec.name, expect, described)
+    return described, stats
+
+
+def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]) -> None:
+    """Refuse an extractor whose model, weights or dimension differ from a bundle's record of it."""
+    diffs = features.provenance_diffs(expect, described, features.EXTRACTOR_KEYS, "model has", "this installation has")
+    if diffs:
+        raise features.FeatureMismatchError(
+            f"{name}: the extractor here is not the one the model was trained with ({'; '.join(diffs)}). "
+            "Install the same extractor weights, or retrain the model on features from this installation.")
 
 
 def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> pa.Table:
@@ -201,10 +267,38 @@ def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else sch.empty_table()
 
 
-def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, out_dir: Path, metrics_path: Path,
+def _counts(spec: Modality, ids: list[str], feats: pa.Table, dead: pa.Table, seconds: float) -> dict[str, Any]:
+    """The extraction metrics: items_in = written + failed, set sizes, failures per stage."""
+    n_vectors = pc.list_value_length(feats[features.VECTORS]).to_pylist()
+    failed_stages = dead[schema.STAGE].to_pylist()
+    return {
+        "modality": spec.name, "kind": spec.kind, "items_in": len(ids), "written": feats.num_rows,
+        "empty_sets": sum(1 for n in n_vectors if n == 0), "failed": dead.num_rows,
+        "elements": sum(n_vectors), "max_elements": max(n_vectors, default=0),
+        "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))},
+        "seconds": round(seconds, 1), "items_per_s": round(len(ids) / seconds, 2) if seconds else None,
+    }
+
+
+def _reconcile(spec: Modality, ids: list[str], feats: pa.Table, dead: pa.Table, job: JobConfig, out_dir: Path) -> None:
+    """Every manifest id in exactly one of features and dead letters, and failures under the limit."""
+    got, failed = feats[schema.ID].to_pylist(), dead[schema.ID].to_pylist()
+    lost = set(ids) - set(got) - set(failed)
+    twice = set(got) & set(failed)
+    if lost or twice or len(got) + len(failed) != len(ids):
+        raise ExtractionError(f"{spec.name}: counts do not reconcile: {len(lost)} ids lost {sorted(lost)[:5]}, "
+                              f"{len(twice)} both written and failed {sorted(twice)[:5]}")
+    if ids and len(failed) / len(ids) > job.max_failure_fraction:
+        first = dead.slice(0, 3).to_pylist()
+        raise ExtractionError(f"{spec.name}: {len(failed)} of {len(ids)} items failed, more than "
+                              f"extract.job.max_failure_fraction={job.max_failure_fraction}; first: {first}; "
+                              f"see {out_dir / 'dead_letters.parquet'}")
+
+
+def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, metrics_path: Path,
                    extra_beam_args: Sequence[str] = (), test_pipeline: beam.Pipeline | None = None,
                    expect: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Extract modality `modality` for every manifest row; writes features, dead letters and counts.
+    """Extract modality `spec` for every manifest row; writes features, dead letters and counts.
 
     `expect` is a model bundle's provenance of this modality (scoring new data): the extractor,
     model, weights and dimension must match it before any item is processed, and a meta modality
@@ -212,100 +306,35 @@ def run_extraction(modality: str, params: dict[str, Any], manifest_path: Path, o
     """
     _quiet()
     t0 = time.perf_counter()
-    job = section(params, "extract.job", JobConfig)
-    kind, cfg, module = modality_config(params, modality)
-    manifest, mmeta = read_manifest(manifest_path)
+    manifest, mmeta = schema.read_manifest(manifest_path)
     ids = manifest[schema.ID].to_pylist()
-    root = mmeta["dataset"]["dir"]
-    if kind in ("text", "list") and cfg.column not in mmeta["fields"]["text" if kind == "text" else "lists"]:
-        raise ConfigError(f"extract.modalities.{modality}.column: {cfg.column!r} is not a {kind} column of the "
-                          f"manifest; it has {mmeta['fields']}")
-    stats = None
-    try:
-        if kind == "meta":
-            if expect is not None:  # scoring: the training statistics, on the columns they were fitted on
-                fitted = expect["stats"]
-                numeric, categorical = list(fitted["numeric"]), list(fitted["categorical"])
-                module.columns(module.CONFIG_CLASS(numeric=tuple(numeric), categorical=tuple(categorical)),
-                               mmeta["fields"])
-            else:
-                numeric, categorical = module.columns(cfg, mmeta["fields"])
-                fitted = module.fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories)
-            stats = {"columns": (numeric, categorical), "stats": fitted}
-            described = module.describe(cfg, numeric, fitted)
-            described["categorical"] = {c: fitted["categorical"][c] for c in categorical}
-        else:
-            described = module.describe(cfg)
-    except (MissingModelError, ValueError) as exc:
-        raise ExtractionError(f"extract.modalities.{modality}: {exc}") from None
+    described, stats = describe(spec, manifest, mmeta, expect)
     dim = described["dim"]
-    if expect is not None:
-        diffs = features.provenance_diffs(expect, described, ("extractor", "model_id", "weights_sha256", "dim"),
-                                          "model has", "this installation has")
-        if diffs:
-            raise features.FeatureMismatchError(
-                f"{modality}: the extractor here is not the one the model was trained with ({'; '.join(diffs)}). "
-                "Install the same extractor weights, or retrain the model on features from this installation.")
 
     tmp = out_dir / "_shards"
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.mkdir(parents=True)
-    log.info("%s: extracting %d items with %s (%s, dim %d) on %s", modality, len(ids), described["model_id"],
-             kind, dim, job.runner)
+    log.info("%s: extracting %d items with %s (%s, dim %d) on %s", spec.name, len(ids), described["model_id"],
+             spec.kind, dim, job.runner)
     p = test_pipeline or beam.Pipeline(options=beam_options(job, extra_beam_args))
-    build(p, str(manifest_path), modality, kind, cfg, module, root, dim, str(tmp), job, len(ids), stats)
-    result = p.run()
-    result.wait_until_finish()
+    build(p, str(manifest_path), spec, mmeta["dataset"]["dir"], dim, str(tmp), job, len(ids), stats)
+    p.run().wait_until_finish()
 
     feats = _read_shards(tmp, "features", features.feature_schema(dim))
-    dead = _read_shards(tmp, "dead", features.DEAD_LETTER_SCHEMA)
-    meta = {
-        "modality": modality, "kind": kind, **{k: v for k, v in described.items() if k != "stats"},
-        "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(cfg),
-        "items": feats.num_rows,
-    }
+    dead = _read_shards(tmp, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA).sort_by(schema.ID)
+    meta = {"modality": spec.name, "kind": spec.kind, **{k: v for k, v in described.items() if k != "stats"},
+            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg),
+            "items": feats.num_rows}
     if stats is not None:
-        meta["stats"] = stats["stats"]
+        meta["stats"] = stats.fitted
     features.write_feature_table(feats, dim, meta, out_dir / "features.parquet")
-    dead = dead.sort_by(schema.ID)
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
     shutil.rmtree(tmp)
 
-    got, failed = feats[schema.ID].to_pylist(), dead[schema.ID].to_pylist()
-    lost = set(ids) - set(got) - set(failed)
-    twice = set(got) & set(failed)
-    n_vectors = pc.list_value_length(feats[features.VECTORS]).to_pylist()
-    elapsed = time.perf_counter() - t0
-    metrics = {
-        "modality": modality, "kind": kind, "items_in": len(ids), "written": len(got),
-        "empty_sets": sum(1 for n in n_vectors if n == 0), "failed": len(failed),
-        "elements": sum(n_vectors), "max_elements": max(n_vectors, default=0),
-        "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))}
-        if (failed_stages := dead["stage"].to_pylist()) else {},
-        "seconds": round(elapsed, 1), "items_per_s": round(len(ids) / elapsed, 2) if elapsed else None,
-    }
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    log.info("%s: %d in, %d written (%d empty sets, %d elements), %d failed in %.1f s (%.1f items/s)", modality,
-             len(ids), len(got), metrics["empty_sets"], metrics["elements"], len(failed), elapsed, metrics["items_per_s"])
-    if lost or twice or len(got) + len(failed) != len(ids):
-        raise ExtractionError(f"{modality}: counts do not reconcile: {len(lost)} ids lost {sorted(lost)[:5]}, "
-                              f"{len(twice)} both written and failed {sorted(twice)[:5]}")
-    if ids and len(failed) / len(ids) > job.max_failure_fraction:
-        first = dead.slice(0, 3).to_pylist()
-        raise ExtractionError(f"{modality}: {len(failed)} of {len(ids)} items failed, more than "
-                              f"extract.job.max_failure_fraction={job.max_failure_fraction}; first: {first}; "
-                              f"see {out_dir / 'dead_letters.parquet'}")
+    metrics = _counts(spec, ids, feats, dead, time.perf_counter() - t0)
+    runtime.write_json(metrics_path, metrics)
+    log.info("%s: %d in, %d written (%d empty sets, %d elements), %d failed in %.1f s (%.1f items/s)", spec.name,
+             len(ids), metrics["written"], metrics["empty_sets"], metrics["elements"], metrics["failed"],
+             metrics["seconds"], metrics["items_per_s"] or 0.0)
+    _reconcile(spec, ids, feats, dead, job, out_dir)
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the extract@<modality> stages (and of `dmms extract`)."""
-    p = runtime.parser("Extract one modality's feature sets with Apache Beam.")
-    p.add_argument("--modality", required=True, help="a key of params extract.modalities")
-    p.add_argument("--manifest", required=True, help="canonical manifest written by ingest")
-    p.add_argument("--out", required=True, help="folder for features.parquet and dead_letters.parquet")
-    p.add_argument("--metrics", required=True, help="metrics JSON")
-    args, beam_args = p.parse_known_args(argv)  # unknown flags go to Beam
-    params, _ = runtime.setup(args.params)
-    run_extraction(args.modality, params, Path(args.manifest), Path(args.out), Path(args.metrics), beam_args)

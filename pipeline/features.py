@@ -32,17 +32,13 @@ ELEMENT_TYPE = pa.struct(
 )
 ELEMENT_KEYS = tuple(f.name for f in ELEMENT_TYPE)
 
-DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        pa.field(schema.ID, pa.string(), nullable=False),
-        pa.field("modality", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),  # prepare | inference | write
-        pa.field("error", pa.string(), nullable=False),
-    ]
-)
-
-# Provenance keys that must agree between feature files used together (and with a model bundle).
-PROVENANCE_KEYS = ("modality", "kind", "extractor", "model_id", "weights_sha256", "dim", "manifest_sha256")
+# Provenance: the one list of what a feature file records about how it was made. Its subsets:
+# what makes two extractions interchangeable (checked before scoring extracts anything), what meta fits
+# on the train split, and what a model bundle keeps of each modality (checked again at prediction).
+EXTRACTOR_KEYS = ("extractor", "model_id", "weights_sha256", "dim")
+FITTED_KEYS = ("categorical", "stats")  # meta: train vocabulary and standardisation statistics
+MATCH_KEYS = (*EXTRACTOR_KEYS, *FITTED_KEYS)  # features used with a model must agree with it on these
+PROVENANCE_KEYS = ("modality", "kind", *EXTRACTOR_KEYS, "manifest_sha256", "params", "embedder", *FITTED_KEYS)
 
 
 class FeatureMismatchError(UserError, ValueError):

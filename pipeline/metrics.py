@@ -5,6 +5,8 @@ predicted positives has F1 0 (and counts in macro averages); F1 samples averages
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -48,13 +50,19 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def decide(task: str, probs: np.ndarray, thresholds: np.ndarray | Sequence[float] | float = 0.5) -> np.ndarray:
+    """Predicted labels (n, L) bool: the arg-max class (multiclass) or every label at or over its threshold."""
+    if task == "multiclass":
+        out = np.zeros_like(probs, dtype=bool)
+        if probs.size:
+            out[np.arange(len(probs)), probs.argmax(1)] = True
+        return out
+    return probs >= np.asarray(thresholds, dtype=probs.dtype)
+
+
 def evaluate(task: str, y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | float = 0.5) -> dict[str, float]:
     """Metrics for a task (multilabel | multiclass | binary) from true multi-hot labels and probabilities."""
-    if task == "multiclass":
-        pred = np.zeros_like(probs, dtype=bool)
-        pred[np.arange(len(probs)), probs.argmax(1)] = True
-    else:
-        pred = probs >= thresholds
+    pred = decide(task, probs, thresholds)
     out = f1_scores(y_true, pred)
     out["accuracy"] = float((pred == y_true.astype(bool)).all(1).mean()) if len(y_true) else 0.0  # exact match
     ap = average_precision(y_true, probs)

@@ -21,7 +21,6 @@ Importable with torch, pyarrow, numpy and pyyaml only (like training).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ import torch
 
 from pipeline import metrics as M
 from pipeline import plots, runtime, schema
-from pipeline.config import ConfigError, section
-from pipeline.features import CATEGORY_IDS, ELEMENTS, FeatureMismatchError, file_sha256
+from pipeline.bundle import ScoringInputs, load_scoring_inputs, to_probs
+from pipeline.config import ConfigError
+from pipeline.features import CATEGORY_IDS, ELEMENTS
 from pipeline.importance import METHODS, explain
 from pipeline.model import SetModel
-from pipeline.setdata import FeatureStore, label_matrix, read_manifest_labels
-from pipeline.train import check_store_matches, feature_dirs, load_bundle, resolve_device, rounded, to_probs
+from pipeline.setdata import FeatureStore, label_matrix
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class PredictConfig:
     def validate(self, where: str) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: expected >= 1, found {self.batch_size}")
-        bad = [s for s in self.splits or () if s not in (*schema.SPLITS, "score")]
+        bad = [s for s in self.splits or () if s not in (*schema.SPLITS, schema.SCORE_SPLIT)]
         if bad:
             raise ConfigError(f"{where}.splits: unknown split(s) {bad}; expected some of {schema.SPLITS}")
 
@@ -80,14 +79,54 @@ class Scored:
     elements: dict[str, np.ndarray] = field(default_factory=dict)  # item, modality, position, share, wins, top_share
 
 
-def decide(task: str, probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Predicted labels: the arg-max class (multiclass) or every label over its threshold."""
-    if task == "multiclass":
-        out = np.zeros_like(probs, dtype=bool)
-        if probs.size:
-            out[np.arange(len(probs)), probs.argmax(1)] = True
-        return out
-    return probs >= np.asarray(thresholds, dtype=probs.dtype)[None, :]
+class _Collected:
+    """Per-batch results of score_store, concatenated at the end (on the CPU)."""
+
+    def __init__(self) -> None:
+        self.probs: list[torch.Tensor] = []
+        self.shares: list[torch.Tensor] = []
+        self.label_modality: list[torch.Tensor] = []
+        self.drops: list[torch.Tensor] = []
+        self.elements: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("item", "modality", "position", "share", "wins", "top_share")}
+
+
+def _concat_batch(model: torch.nn.Module, store: FeatureStore, idx: torch.Tensor, task: str, mods: list[str],
+                  cfg: PredictConfig, out: _Collected) -> None:
+    """The concat baseline: probabilities, and ablation by running the model without each modality."""
+    p = to_probs(task, model(store.batch(idx)).float())
+    out.probs.append(p.cpu())
+    if cfg.ablation:
+        out.drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
+                                      for m in mods], 2).cpu())
+
+
+def _set_batch(model: SetModel, store: FeatureStore, idx: torch.Tensor, start: int, task: str, cfg: PredictConfig,
+               out: _Collected) -> None:
+    """The set model: probabilities, ablation drops, and element, modality and label importances."""
+    batch = store.batch(idx)
+    # the elements are encoded once; removing a modality only re-pools the others
+    x, seg, mod = model.elements(batch)
+    p = to_probs(task, model.head(model.pool(x, seg, mod, batch.size)).float())
+    out.probs.append(p.cpu())
+    if cfg.ablation:
+        keep = [mod != k for k in range(len(model.modalities))]
+        out.drops.append(torch.stack([p - to_probs(task, model.head(model.pool(
+            x[kp], seg[kp], mod[kp], batch.size)).float()) for kp in keep], 2).cpu())
+    imp = explain(model, batch, label_conditional=cfg.label_conditional, elements=(x, seg, mod))
+    out.shares.append(imp.modality_share.cpu())
+    el = out.elements
+    el["item"].append((imp.element_segment + start).cpu())
+    el["modality"].append(imp.element_modality.cpu())
+    el["position"].append(model.element_positions(batch).cpu())
+    el["share"].append(imp.element_share.cpu())
+    if imp.element_wins is not None:
+        el["wins"].append(imp.element_wins.cpu())
+    if imp.label_modality is not None:
+        out.label_modality.append(imp.label_modality.cpu())
+        top = p.argmax(1)  # the item's top label
+        rows = torch.arange(imp.element_segment.numel(), device=top.device)
+        el["top_share"].append(imp.label_element[rows, top[imp.element_segment]].cpu())
 
 
 @torch.no_grad()
@@ -98,57 +137,34 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
     task, labels = bundle["task"], bundle["label_names"]
     mods = list(getattr(model, "modalities", sorted(store.dims)))
     is_set = isinstance(model, SetModel)
-    method = explain_method(model)
     device = next(model.parameters()).device
     idx_all = torch.as_tensor(positions, dtype=torch.long, device=device)
-    probs, shares, label_mod, drops = [], [], [], []
-    el = {k: [] for k in ("item", "modality", "position", "share", "wins", "top_share")}
+    out = _Collected()
     model.eval()
     for start in range(0, idx_all.numel(), cfg.batch_size):
         idx = idx_all[start:start + cfg.batch_size]
-        batch = store.batch(idx)
-        if not is_set:
-            p = to_probs(task, model(batch).float())
-            probs.append(p.cpu())
-            if cfg.ablation:
-                drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
-                                          for m in mods], 2).cpu())
-            continue
-        # the set model's elements are encoded once; removing a modality only re-pools the others
-        x, seg, mod = model.elements(batch)
-        p = to_probs(task, model.head(model.pool(x, seg, mod, batch.size)).float())
-        probs.append(p.cpu())
-        if cfg.ablation:
-            keep = [mod != k for k in range(len(mods))]
-            drops.append(torch.stack([p - to_probs(task, model.head(model.pool(
-                x[kp], seg[kp], mod[kp], batch.size)).float()) for kp in keep], 2).cpu())
-        imp = explain(model, batch, label_conditional=cfg.label_conditional, elements=(x, seg, mod))
-        shares.append(imp.modality_share.cpu())
-        top = p.argmax(1)  # the item's top label
-        el["item"].append((imp.element_segment + start).cpu())
-        el["modality"].append(imp.element_modality.cpu())
-        el["position"].append(model.element_positions(batch).cpu())
-        el["share"].append(imp.element_share.cpu())
-        if imp.element_wins is not None:
-            el["wins"].append(imp.element_wins.cpu())
-        if imp.label_modality is not None:
-            label_mod.append(imp.label_modality.cpu())
-            el["top_share"].append(imp.label_element[torch.arange(imp.element_segment.numel(), device=device),
-                                                     top[imp.element_segment]].cpu())
+        if is_set:
+            _set_batch(model, store, idx, start, task, cfg, out)
+        else:
+            _concat_batch(model, store, idx, task, mods, cfg, out)
     n, L, Mn = idx_all.numel(), len(labels), len(mods)
-    cat = lambda parts, shape: torch.cat(parts).numpy() if parts else np.zeros(shape, dtype=np.float32)  # noqa: E731
-    P = cat(probs, (n, L))
+
+    def cat(parts: list[torch.Tensor], shape: tuple[int, ...]) -> np.ndarray:
+        return torch.cat(parts).numpy() if parts else np.zeros(shape, dtype=np.float32)
+
+    P = cat(out.probs, (n, L))
     return Scored(
-        ids=[store.ids[i] for i in positions], splits=list(splits), labels=list(labels), modalities=mods, method=method,
-        probs=P, predicted=decide(task, P, bundle["thresholds"]),
-        modality_share=cat(shares, (n, Mn)) if is_set else None,
-        label_modality=cat(label_mod, (n, L, Mn)) if is_set and cfg.label_conditional else None,
-        drop=cat(drops, (n, L, Mn)) if cfg.ablation else None,
-        elements={k: torch.cat(v).numpy() for k, v in el.items() if v},
+        ids=[store.ids[i] for i in positions], splits=list(splits), labels=list(labels), modalities=mods,
+        method=explain_method(model), probs=P, predicted=M.decide(task, P, bundle["thresholds"]),
+        modality_share=cat(out.shares, (n, Mn)) if is_set else None,
+        label_modality=cat(out.label_modality, (n, L, Mn)) if is_set and cfg.label_conditional else None,
+        drop=cat(out.drops, (n, L, Mn)) if cfg.ablation else None,
+        elements={k: torch.cat(v).numpy() for k, v in out.elements.items() if v},
     )
 
 
 def explain_method(model: torch.nn.Module) -> str:
+    """What the importances of `model` are: argmax, contribution (set models) or ablation (concat)."""
     return METHODS[model.cfg.pooling] if isinstance(model, SetModel) else "ablation"
 
 
@@ -179,109 +195,113 @@ def element_metadata(dirs: dict[str, Path], bundle: dict[str, Any], ids: list[st
     return out
 
 
-def tables(scored: Scored, truth: list[list[str] | None] | None,
-           meta: dict[str, dict[str, list]]) -> dict[str, pa.Table]:
-    """The four output tables of `scored`."""
-    L, mods = scored.labels, scored.modalities
-    n = len(scored.ids)
-    f32 = lambda a: pa.array(np.asarray(a, dtype=np.float32))  # noqa: E731
-    has_truth = truth is not None and any(t is not None for t in truth)
-    pred_cols: dict[str, Any] = {
-        schema.ID: pa.array(scored.ids, pa.string()),
-        schema.SPLIT: pa.array(scored.splits, pa.string()),
-        "predicted": pa.array([[L[j] for j in np.nonzero(row)[0]] for row in scored.predicted], pa.list_(pa.string())),
-        "labels": pa.array(truth if has_truth else [None] * n, pa.list_(pa.string())),
-    }
-    for j, lab in enumerate(L):
-        pred_cols[f"prob_{lab}"] = f32(scored.probs[:, j])
-    imp_cols: dict[str, Any] = {schema.ID: pred_cols[schema.ID], schema.SPLIT: pred_cols[schema.SPLIT],
-                                "method": pa.array([scored.method] * n, pa.string())}
+def _f32(values: Any) -> pa.Array:
+    return pa.array(np.asarray(values, dtype=np.float32))
+
+
+def _has_truth(truth: list[list[str] | None] | None) -> bool:
+    return truth is not None and any(t is not None for t in truth)
+
+
+def _top_label(scored: Scored) -> np.ndarray:
+    """(n,) index of each item's most probable label."""
+    n, L = len(scored.ids), len(scored.labels)
+    return scored.probs.argmax(1) if n and L else np.zeros(n, dtype=int)
+
+
+def predictions_table(scored: Scored, truth: list[list[str] | None] | None) -> pa.Table:
+    """predictions.parquet: per item its predicted labels, true labels (when known), probabilities."""
+    L, n = scored.labels, len(scored.ids)
+    cols: list[Any] = [
+        pa.array(scored.ids, pa.string()), pa.array(scored.splits, pa.string()),
+        pa.array([[L[j] for j in np.nonzero(row)[0]] for row in scored.predicted], pa.list_(pa.string())),
+        pa.array(truth if _has_truth(truth) else [None] * n, pa.list_(pa.string())),
+        *(_f32(scored.probs[:, j]) for j in range(len(L))),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema.predictions_schema(L))
+
+
+def importance_table(scored: Scored) -> pa.Table:
+    """importance.parquet: per item the method, the top modality and each modality's share."""
+    mods, n = scored.modalities, len(scored.ids)
     if scored.modality_share is not None:
         top = [mods[int(np.argmax(r))] if r.sum() > 0 else None for r in scored.modality_share]
-        imp_cols["top_modality"] = pa.array(top, pa.string())
-        for j, m in enumerate(mods):
-            imp_cols[f"share_{m}"] = f32(scored.modality_share[:, j])
+        shares = [_f32(scored.modality_share[:, j]) for j in range(len(mods))]
     else:  # ablation: the modality whose removal lowers the top label most
-        top_label = scored.probs.argmax(1) if n and L else np.zeros(n, dtype=int)
-        d = scored.drop[np.arange(n), top_label] if scored.drop is not None and n and L else None
-        imp_cols["top_modality"] = pa.array([mods[int(np.argmax(r))] for r in d] if d is not None else [None] * n,
-                                            pa.string())
-        for m in mods:
-            imp_cols[f"share_{m}"] = pa.nulls(n, pa.float32())
+        d = scored.drop[np.arange(n), _top_label(scored)] if scored.drop is not None and n and scored.labels else None
+        top = [mods[int(np.argmax(r))] for r in d] if d is not None else [None] * n
+        shares = [pa.nulls(n, pa.float32()) for _ in mods]
+    cols = [pa.array(scored.ids, pa.string()), pa.array(scored.splits, pa.string()),
+            pa.array([scored.method] * n, pa.string()), pa.array(top, pa.string()), *shares]
+    return pa.Table.from_arrays(cols, schema=schema.importance_schema(mods))
 
-    # label_importance: item-major, label-minor
+
+def label_importance_table(scored: Scored, truth: list[list[str] | None] | None) -> pa.Table:
+    """label_importance.parquet: item-major, label-minor; label-conditional shares and ablation drops."""
+    L, mods, n = scored.labels, scored.modalities, len(scored.ids)
     rep = np.repeat(np.arange(n), len(L))
-    lab_idx = np.tile(np.arange(len(L)), n)
-    y = label_matrix(truth, L).numpy().astype(bool) if has_truth else None
-    li: dict[str, Any] = {
-        schema.ID: pa.array([scored.ids[i] for i in rep], pa.string()),
-        schema.SPLIT: pa.array([scored.splits[i] for i in rep], pa.string()),
-        "label": pa.array([L[j] for j in lab_idx], pa.string()),
-        "probability": f32(scored.probs.reshape(-1)),
-        "predicted": pa.array(scored.predicted.reshape(-1), pa.bool_()),
-        "true": pa.array(y.reshape(-1) if y is not None else [None] * len(rep), pa.bool_()),
-    }
-    for j, m in enumerate(mods):
-        li[f"share_{m}"] = f32(scored.label_modality[:, :, j].reshape(-1)) if scored.label_modality is not None \
-            else pa.nulls(len(rep), pa.float32())
-    for j, m in enumerate(mods):
-        li[f"drop_{m}"] = f32(scored.drop[:, :, j].reshape(-1)) if scored.drop is not None \
-            else pa.nulls(len(rep), pa.float32())
+    y = label_matrix(truth, L).numpy().astype(bool) if _has_truth(truth) else None
 
-    el = scored.elements
-    k = len(el.get("item", []))
+    def per_modality(values: np.ndarray | None) -> list[pa.Array]:
+        return [_f32(values[:, :, j].reshape(-1)) if values is not None else pa.nulls(len(rep), pa.float32())
+                for j in range(len(mods))]
+
+    cols = [
+        pa.array([scored.ids[i] for i in rep], pa.string()),
+        pa.array([scored.splits[i] for i in rep], pa.string()),
+        pa.array([L[j] for j in np.tile(np.arange(len(L)), n)], pa.string()),
+        _f32(scored.probs.reshape(-1)),
+        pa.array(scored.predicted.reshape(-1), pa.bool_()),
+        pa.array(y.reshape(-1) if y is not None else [None] * len(rep), pa.bool_()),
+        *per_modality(scored.label_modality), *per_modality(scored.drop),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema.label_importance_schema(mods))
+
+
+def elements_table(scored: Scored, meta: dict[str, dict[str, list]]) -> pa.Table:
+    """elements.parquet: per element its share, won dimensions, share for the top label, and the
+    text, box and score extraction recorded for it."""
+    L, mods, el = scored.labels, scored.modalities, scored.elements
+    items = [int(i) for i in el.get("item", [])]
+    k = len(items)
     recs = []
-    for e in range(k):
-        item, m, pos = int(el["item"][e]), mods[int(el["modality"][e])], int(el["position"][e])
+    for e, item in enumerate(items):
+        m, pos = mods[int(el["modality"][e])], int(el["position"][e])
         found = meta.get(m, {}).get(scored.ids[item], [])
         recs.append(found[pos] if pos < len(found) else {})
-    top_label = scored.probs.argmax(1) if n and L else np.zeros(n, dtype=int)
-    elements = {
-        schema.ID: pa.array([scored.ids[int(i)] for i in el.get("item", [])], pa.string()),
-        "modality": pa.array([mods[int(i)] for i in el.get("modality", [])], pa.string()),
-        "position": pa.array(np.asarray(el.get("position", []), dtype=np.int32)),
-        "share": f32(el.get("share", [])),
-        "wins": f32(el["wins"]) if "wins" in el else pa.nulls(k, pa.float32()),
-        "top_label": pa.array([L[int(top_label[int(i)])] for i in el.get("item", [])] if L else [None] * k, pa.string()),
-        "top_label_share": f32(el["top_share"]) if "top_share" in el else pa.nulls(k, pa.float32()),
-        "text": pa.array([r.get("text") for r in recs], pa.string()),
-        "box": pa.array([r.get("box") for r in recs], pa.list_(pa.float32())),
-        "score": pa.array([r.get("score") for r in recs], pa.float32()),
-    }
-    return {"predictions": pa.table(pred_cols), "importance": pa.table(imp_cols),
-            "label_importance": pa.table(li),
-            "elements": pa.table(elements).sort_by([(schema.ID, "ascending"), ("modality", "ascending"),
-                                                    ("position", "ascending")])}
+    top_label = _top_label(scored)
+    cols = [
+        pa.array([scored.ids[i] for i in items], pa.string()),
+        pa.array([mods[int(i)] for i in el.get("modality", [])], pa.string()),
+        pa.array(np.asarray(el.get("position", []), dtype=np.int32)),
+        _f32(el.get("share", [])),
+        _f32(el["wins"]) if "wins" in el else pa.nulls(k, pa.float32()),
+        pa.array([L[int(top_label[i])] for i in items] if L else [None] * k, pa.string()),
+        _f32(el["top_share"]) if "top_share" in el else pa.nulls(k, pa.float32()),
+        pa.array([r.get(schema.TEXT) for r in recs], pa.string()),
+        pa.array([r.get(schema.BOX) for r in recs], pa.list_(pa.float32())),
+        pa.array([r.get(schema.SCORE) for r in recs], pa.float32()),
+    ]
+    table = pa.Table.from_arrays(cols, schema=schema.ELEMENTS_TABLE_SCHEMA)
+    return table.sort_by([(schema.ID, "ascending"), (schema.MODALITY, "ascending"), (schema.POSITION, "ascending")])
 
 
-def summarise(scored: Scored, truth: list[list[str] | None] | None, task: str,
-              thresholds: Sequence[float]) -> dict[str, Any]:
-    """Dataset-level numbers: items per split, metrics where labels are known, mean modality
-    shares, and per label the mean label-conditional share and ablation drop over its positives
-    (the true positives where labels are known, else the predicted ones)."""
+def tables(scored: Scored, truth: list[list[str] | None] | None,
+           meta: dict[str, dict[str, list]]) -> dict[str, pa.Table]:
+    """The four output tables of `scored` (schema.PREDICTION_TABLES)."""
+    return {"predictions": predictions_table(scored, truth), "importance": importance_table(scored),
+            "label_importance": label_importance_table(scored, truth), "elements": elements_table(scored, meta)}
+
+
+def _by_label(scored: Scored, y: np.ndarray | None, known: np.ndarray) -> dict[str, Any]:
+    """Per label, over its positives (true positives where labels are known, else predicted ones):
+    the mean label-conditional share and ablation drop per modality, and the top modality of each."""
     L, mods = scored.labels, scored.modalities
-    splits = np.array(scored.splits)
-    has_truth = truth is not None and any(t is not None for t in truth)
-    known = np.array([t is not None for t in truth]) if has_truth else np.zeros(len(scored.ids), bool)
-    y = label_matrix(truth, L).numpy() if has_truth else None
-    out: dict[str, Any] = {
-        "items": len(scored.ids), "method": scored.method, "labels": L, "modalities": mods,
-        "splits": {s: int((splits == s).sum()) for s in sorted(set(scored.splits))},
-        "metrics": {},
-        "predicted_per_label": {lab: int(scored.predicted[:, j].sum()) for j, lab in enumerate(L)},
-    }
-    if has_truth:
-        for s in sorted(set(scored.splits)):
-            rows = (splits == s) & known
-            if rows.any():
-                out["metrics"][s] = M.evaluate(task, y[rows], scored.probs[rows], np.asarray(thresholds))
-    if scored.modality_share is not None:
-        out["modality_share"] = {m: float(scored.modality_share[:, j].mean()) if len(scored.ids) else 0.0
-                                 for j, m in enumerate(mods)}
     by_label = {}
     for j, lab in enumerate(L):
-        pos = (y[:, j] > 0) & known if has_truth else scored.predicted[:, j]
-        entry: dict[str, Any] = {"positives": int(pos.sum()), "positives_from": "labels" if has_truth else "predictions"}
+        pos = (y[:, j] > 0) & known if y is not None else scored.predicted[:, j]
+        entry: dict[str, Any] = {"positives": int(pos.sum()),
+                                 "positives_from": "labels" if y is not None else "predictions"}
         if scored.label_modality is not None:
             share = scored.label_modality[pos, j].mean(0) if pos.any() else np.zeros(len(mods))
             entry["share"] = {m: float(share[k]) for k, m in enumerate(mods)}
@@ -291,18 +311,62 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, task: str,
             entry["ablation_drop"] = {m: float(drop[k]) for k, m in enumerate(mods)}
             entry["top_ablation"] = mods[int(np.argmax(drop))] if pos.any() else None
         by_label[lab] = entry
-    out["by_label"] = by_label
+    return by_label
+
+
+def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: dict[str, Any]) -> dict[str, Any]:
+    """Dataset-level numbers: items per split, metrics where labels are known, mean modality shares,
+    each modality's extractor kind, and per label its mean importances (see _by_label)."""
+    L, mods = scored.labels, scored.modalities
+    splits = np.array(scored.splits)
+    has_truth = _has_truth(truth)
+    known = np.array([t is not None for t in truth]) if has_truth else np.zeros(len(scored.ids), bool)
+    y = label_matrix(truth, L).numpy() if has_truth else None
+    out: dict[str, Any] = {
+        "items": len(scored.ids), "method": scored.method, "labels": L, "modalities": mods,
+        "modality_kinds": {m: bundle["provenance"].get(m, {}).get("kind") for m in mods},
+        "splits": {s: int((splits == s).sum()) for s in sorted(set(scored.splits))},
+        "metrics": {},
+        "predicted_per_label": {lab: int(scored.predicted[:, j].sum()) for j, lab in enumerate(L)},
+    }
+    if has_truth:
+        for s in sorted(set(scored.splits)):
+            rows = (splits == s) & known
+            if rows.any():
+                out["metrics"][s] = M.evaluate(bundle["task"], y[rows], scored.probs[rows],
+                                               np.asarray(bundle["thresholds"]))
+    if scored.modality_share is not None:
+        out["modality_share"] = {m: float(scored.modality_share[:, j].mean()) if len(scored.ids) else 0.0
+                                 for j, m in enumerate(mods)}
+    out["by_label"] = _by_label(scored, y, known)
     return out
 
 
-def write_outputs(scored: Scored, truth: list[list[str] | None] | None, meta: dict[str, dict[str, list]],
-                  summary: dict[str, Any], out_dir: Path) -> None:
-    """The tables, summary.json and the two SVG plots under `out_dir`."""
+@dataclass
+class Prediction:
+    """What predicting a set of items gives: the scores, their true labels (None when unknown), the summary."""
+
+    scored: Scored
+    truth: list[list[str] | None]
+    summary: dict[str, Any]
+
+
+def predict_items(inputs: ScoringInputs, positions: np.ndarray, cfg: PredictConfig) -> Prediction:
+    """Probabilities, decisions, importances and the summary of the items at `positions`."""
+    scored = score_store(inputs.model, inputs.bundle, inputs.store, positions,
+                         [inputs.splits[i] for i in positions], cfg)
+    truth = [inputs.labels[i] for i in positions]
+    return Prediction(scored, truth, summarise(scored, truth, inputs.bundle))
+
+
+def write_outputs(prediction: Prediction, inputs: ScoringInputs, out_dir: Path) -> None:
+    """The four tables, summary.json and the two SVG plots under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tables(scored, truth, meta).items():
+    meta = element_metadata(inputs.dirs, inputs.bundle, prediction.scored.ids)
+    for name, table in tables(prediction.scored, prediction.truth, meta).items():
         pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
-    (out_dir / "summary.json").write_text(json.dumps(rounded(summary), indent=2) + "\n", encoding="utf-8")
-    for name, svg in summary_plots(summary).items():
+    runtime.write_json(out_dir / "summary.json", prediction.summary)
+    for name, svg in summary_plots(prediction.summary).items():
         (out_dir / name).write_text(svg, encoding="utf-8")
 
 
@@ -338,59 +402,28 @@ def write_plot_csv(summary: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The stage
+# The predict run
 # --------------------------------------------------------------------------------------------
-
-
-def load_scoring_inputs(model_path: Path, manifest: Path, features_root: Path, device: str):
-    """The bundle's model, the manifest's items and the matching feature store (mismatches refused)."""
-    model, bundle = load_bundle(model_path, resolve_device(device))
-    ids, splits, labels, _ = read_manifest_labels(manifest)
-    dirs = feature_dirs(features_root, list(bundle["provenance"]), f"the model's modalities {sorted(bundle['provenance'])}:")
-    store = FeatureStore.load(dirs, ids)
-    check_store_matches(bundle, store)
-    sha = file_sha256(manifest)
-    if any(meta["manifest_sha256"] != sha for meta in store.meta.values()):
-        raise FeatureMismatchError(f"features under {features_root} were extracted from another manifest than {manifest}")
-    return model, bundle, store.to(next(model.parameters()).device), dirs, (ids, splits, labels)
 
 
 def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_root: Path, out_dir: Path,
                 metrics_path: Path | None = None, plot_csv: Path | None = None) -> dict[str, Any]:
     """Predict every item of the chosen splits and write the outputs; returns the summary."""
     t0 = time.perf_counter()
-    model, bundle, store, dirs, (ids, splits, labels) = load_scoring_inputs(model_path, manifest, features_root,
-                                                                           cfg.device)
-    positions = np.array([i for i, s in enumerate(splits) if cfg.splits is None or s in cfg.splits], dtype=np.int64)
-    log.info("predicting %d of %d items (%s) with %s pooling on %s", len(positions), len(ids),
+    inputs = load_scoring_inputs(model_path, manifest, features_root, cfg.device)
+    positions = np.array([i for i, s in enumerate(inputs.splits) if cfg.splits is None or s in cfg.splits],
+                         dtype=np.int64)
+    log.info("predicting %d of %d items (%s) with %s pooling on %s", len(positions), len(inputs.ids),
              "all splits" if cfg.splits is None else ", ".join(cfg.splits),
-             bundle["model_config"]["pooling"], next(model.parameters()).device)
-    scored = score_store(model, bundle, store, positions, [splits[i] for i in positions], cfg)
-    truth = [labels[i] for i in positions]
-    summary = summarise(scored, truth, bundle["task"], bundle["thresholds"])
+             inputs.bundle["model_config"]["pooling"], next(inputs.model.parameters()).device)
+    prediction = predict_items(inputs, positions, cfg)
+    summary = prediction.summary
     summary["seconds"] = time.perf_counter() - t0
-    write_outputs(scored, truth, element_metadata(dirs, bundle, scored.ids), summary, out_dir)
+    write_outputs(prediction, inputs, out_dir)
     if metrics_path is not None:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(rounded(summary), indent=2) + "\n", encoding="utf-8")
+        runtime.write_json(metrics_path, summary)
     if plot_csv is not None:
         write_plot_csv(summary, plot_csv)
-    log.info("wrote predictions and %s importances of %d items to %s in %.1f s", scored.method, len(positions),
-             out_dir, summary["seconds"])
+    log.info("wrote predictions and %s importances of %d items to %s in %.1f s", prediction.scored.method,
+             len(positions), out_dir, summary["seconds"])
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the predict stage (and of `dmms predict`)."""
-    p = runtime.parser("Predict labels and per-modality importances with a trained model bundle.")
-    p.add_argument("--model", required=True, help="model bundle (model.pt) written by train")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--features", required=True, help="folder holding <modality>/features.parquet")
-    p.add_argument("--out", required=True, help="folder for the prediction and importance tables")
-    p.add_argument("--metrics", help="summary JSON (dataset-level metrics and importances)")
-    p.add_argument("--plot-csv", help="per label and modality importances as CSV, for `dvc plots`")
-    args = p.parse_args(argv)
-    params, _ = runtime.setup(args.params)
-    cfg = section(params, "predict", PredictConfig)
-    run_predict(cfg, Path(args.model), Path(args.manifest), Path(args.features), Path(args.out),
-                Path(args.metrics) if args.metrics else None, Path(args.plot_csv) if args.plot_csv else None)

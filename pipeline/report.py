@@ -14,18 +14,19 @@ import shutil
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import plots, records, runtime, schema
-from pipeline.config import ConfigError, section
-from pipeline.ingest import read_manifest
+from pipeline import plots, records, schema
+from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-BOXED = {"faces": "face", "ocr": "ocr"}  # modalities whose elements carry image boxes -> css class
+# Extractor kinds whose elements carry image boxes -> css class. The kind comes from the features'
+# provenance (summary.json modality_kinds), so a modality keeps its boxes under any name.
+BOXED_KINDS = {"faces": "face", "ocr": "ocr"}
 METHOD_TEXT = {
     "argmax": "max pooling: a modality's share is the fraction of the D pooled dimensions whose maximum "
               "came from one of its elements (element-wise argmax)",
@@ -56,8 +57,8 @@ def choose(pred: list[dict[str, Any]], labels: list[str], n: int) -> list[int]:
     predicted label appears), then the rest in a stable hash order of ids."""
     chosen: list[int] = []
     seen = set()
-    by_label = {lab: sorted((i for i, r in enumerate(pred) if lab in (r["predicted"] or [])),
-                            key=lambda i: -pred[i][f"prob_{lab}"]) for lab in labels}
+    by_label = {lab: sorted((i for i, r in enumerate(pred) if lab in (r[schema.PREDICTED] or [])),
+                            key=lambda i: -pred[i][schema.prob_column(lab)]) for lab in labels}
     while len(chosen) < n and any(by_label.values()):
         for lab in labels:
             while by_label[lab] and by_label[lab][0] in seen:
@@ -81,29 +82,28 @@ def _bar_rows(values: dict[str, float], colours: dict[str, str], fmt: str = "{:.
     return "\n".join(rows)
 
 
-def _element_text(e: dict[str, Any]) -> str:
+def _element_text(e: dict[str, Any], kind: str | None) -> str:
     """What an element is, for people: its text, or which face, or the whole image."""
-    if e.get("text"):
-        return e["text"]
-    if e["modality"] == "faces":
-        score = f", detector score {e['score']:.2f}" if e.get("score") is not None else ""
-        return f"face {e['position'] + 1}{score}"
-    return "the whole image" if e["modality"] == "image" else f"element {e['position'] + 1}"
+    if e.get(schema.TEXT):
+        return e[schema.TEXT]
+    if kind == "faces":
+        score = f", detector score {e[schema.SCORE]:.2f}" if e.get(schema.SCORE) is not None else ""
+        return f"face {e[schema.POSITION] + 1}{score}"
+    return "the whole image" if kind == "image" else f"element {e[schema.POSITION] + 1}"
 
 
-def _poster(img_src: str, size: tuple[int, int], thumb: tuple[int, int], elements: list[dict[str, Any]],
+def _poster(img_src: str, size: tuple[int, int], thumb: tuple[int, int], boxed: list[tuple[dict[str, Any], str]],
             top_element: dict[str, Any] | None, alt: str) -> str:
+    """The thumbnail with an SVG overlay of the boxed elements ((element, kind) pairs) in image pixels."""
     W, H = size
     rects = []
-    for e in elements:
-        if e["modality"] not in BOXED or not e.get("box"):
-            continue
-        x0, y0, x1, y1 = e["box"][:4]
-        cls = BOXED[e["modality"]] + (" top" if e is top_element else "")
-        what = "face" if e["modality"] == "faces" else f"text \u201c{e.get('text') or ''}\u201d"
-        tip = f"{what}: {e['share']:.1%} of the item"
-        if e.get("top_label_share") is not None:
-            tip += f", {e['top_label_share']:.1%} of {e['top_label']}"
+    for e, kind in boxed:
+        x0, y0, x1, y1 = e[schema.BOX][:4]
+        cls = BOXED_KINDS[kind] + (" top" if e is top_element else "")
+        what = "face" if kind == "faces" else f"text \u201c{e.get(schema.TEXT) or ''}\u201d"
+        tip = f"{what}: {e[schema.SHARE]:.1%} of the item"
+        if e.get(schema.TOP_LABEL_SHARE) is not None:
+            tip += f", {e[schema.TOP_LABEL_SHARE]:.1%} of {e[schema.TOP_LABEL]}"
         rects.append(f'<rect class="box {cls}" x="{x0:.1f}" y="{y0:.1f}" width="{max(x1 - x0, 1):.1f}" '
                      f'height="{max(y1 - y0, 1):.1f}"><title>{escape(tip)}</title></rect>')
     return (f'<div class="poster" style="width:{thumb[0]}px;height:{thumb[1]}px">'
@@ -135,85 +135,112 @@ ul.el{margin:2px 0;padding-left:16px} ul.el li{margin:1px 0;overflow-wrap:anywhe
 """
 
 
-def write_report(cfg: ReportConfig, pred_dir: Path, manifest_path: Path, out_dir: Path,
-                 title: str = "Deep Multi-Modal Sets: predictions and importances") -> Path:
-    """Write <out_dir>/index.html (and img/) from the predict outputs in `pred_dir`; returns the page."""
+@dataclass
+class _Inputs:
+    """What the report reads: the summary, the predictions of the shown items and their importances."""
+
+    summary: dict[str, Any]
+    kinds: dict[str, str | None]  # modality -> extractor kind
+    colours: dict[str, str]
+    root: Path  # the dataset folder the images are in
+    names: dict[str, dict[str, Any]]  # id -> manifest row (id, image, first text column)
+    text_column: str | None
+    pool: list[dict[str, Any]]  # prediction rows of the split shown
+    picked: list[dict[str, Any]]
+    importance: dict[str, dict[str, Any]]  # id -> importance row
+    label_importance: dict[tuple[str, str], dict[str, Any]]  # (id, label) -> row
+    elements: dict[str, list[dict[str, Any]]]  # id -> element rows
+
+
+def _read_inputs(cfg: ReportConfig, pred_dir: Path, manifest_path: Path) -> _Inputs:
     summary = json.loads((pred_dir / "summary.json").read_text(encoding="utf-8"))
-    labels, mods, method = summary["labels"], summary["modalities"], summary["method"]
-    colours = {m: plots.colour(i) for i, m in enumerate(mods)}
+    mods = summary["modalities"]
+    kinds = summary.get("modality_kinds") or {}
     pred = pq.read_table(pred_dir / "predictions.parquet").to_pylist()
-    imp = {r[schema.ID]: r for r in pq.read_table(pred_dir / "importance.parquet").to_pylist()}
-    manifest, mmeta = read_manifest(manifest_path)
-    root = Path(mmeta["dataset"]["dir"])
+    manifest, mmeta = schema.read_manifest(manifest_path)
     text_cols = mmeta["fields"]["text"]
-    rows_by_id = {r[schema.ID]: r for r in manifest.select(
-        [schema.ID, schema.IMAGE, *text_cols[:1]]).to_pylist()}
+    names = {r[schema.ID]: r for r in manifest.select([schema.ID, schema.IMAGE, *text_cols[:1]]).to_pylist()}
     pool = [r for r in pred if cfg.split is None or r[schema.SPLIT] == cfg.split] or pred
-    picked = [pool[i] for i in choose(pool, labels, cfg.items)]
+    picked = [pool[i] for i in choose(pool, summary["labels"], cfg.items)]
     wanted = {r[schema.ID] for r in picked}
-    li = {}
-    for r in pq.read_table(pred_dir / "label_importance.parquet").to_pylist():
-        if r[schema.ID] in wanted:
-            li[(r[schema.ID], r["label"])] = r
+    label_importance = {(r[schema.ID], r[schema.LABEL]): r
+                        for r in pq.read_table(pred_dir / "label_importance.parquet").to_pylist() if r[schema.ID] in wanted}
     elements: dict[str, list[dict[str, Any]]] = {}
     for r in pq.read_table(pred_dir / "elements.parquet").to_pylist():
         if r[schema.ID] in wanted:
             elements.setdefault(r[schema.ID], []).append(r)
+    return _Inputs(summary, {m: kinds.get(m) for m in mods}, {m: plots.colour(i) for i, m in enumerate(mods)},
+                   Path(mmeta["dataset"]["dir"]), names, text_cols[0] if text_cols else None, pool, picked,
+                   {r[schema.ID]: r for r in pq.read_table(pred_dir / "importance.parquet").to_pylist()},
+                   label_importance, elements)
 
+
+def _importance_blocks(inp: _Inputs, item: str, top_label: str | None) -> list[str]:
+    """Modality bars of the item and of its top label (or the ablation drops of the concat baseline)."""
+    mods, method, colours = inp.summary["modalities"], inp.summary["method"], inp.colours
+    lr = inp.label_importance.get((item, top_label))
+    if method == "ablation":
+        return [f"<h4>Why {escape(str(top_label))}? (drop without each modality)</h4>" +
+                _bar_rows({m: lr[schema.drop_column(m)] or 0.0 for m in mods}, colours, "{:+.2f}")]
+    unit = "dimensions won" if method == "argmax" else "pooled mass"
+    blocks = [f"<h4>All of the item ({unit})</h4>" +
+              _bar_rows({m: inp.importance[item][schema.share_column(m)] or 0.0 for m in mods}, colours)]
+    if lr is not None and lr[schema.share_column(mods[0])] is not None:
+        blocks.append(f"<h4>Why {escape(top_label)}?</h4>" +
+                      _bar_rows({m: lr[schema.share_column(m)] for m in mods}, colours))
+    return blocks
+
+
+def _card(cfg: ReportConfig, inp: _Inputs, k: int, r: dict[str, Any], img_dir: Path) -> str:
+    """One item: the poster with its boxes, top labels, modality bars and the elements that mattered most."""
+    item = r[schema.ID]
+    mrow = inp.names.get(item, {})
+    name = (mrow.get(inp.text_column) if inp.text_column else None) or item
+    labels = inp.summary["labels"]
+    probs = sorted(((lab, r[schema.prob_column(lab)]) for lab in labels), key=lambda t: -t[1])[: cfg.top_labels]
+    top_label = probs[0][0] if probs else None
+    els = inp.elements.get(item, [])
+    boxed = [(e, inp.kinds[e[schema.MODALITY]]) for e in els
+             if inp.kinds.get(e[schema.MODALITY]) in BOXED_KINDS and e.get(schema.BOX)]
+    key = schema.TOP_LABEL_SHARE if any(e.get(schema.TOP_LABEL_SHARE) is not None for e in els) else schema.SHARE
+    top_el = max((e for e, _ in boxed), key=lambda e: (e.get(key) or 0.0), default=None)
+    poster = '<div class="poster"></div>'
+    if mrow.get(schema.IMAGE):
+        img = records.load_rgb(inp.root / mrow[schema.IMAGE])
+        th = min(cfg.thumb_height, img.size[1])
+        tw = max(1, round(img.size[0] * th / img.size[1]))
+        img.resize((tw, th), Image.BICUBIC).save(img_dir / f"{k}.jpg", quality=85)
+        poster = _poster(f"img/{k}.jpg", img.size, (tw, th), boxed, top_el, f"poster of {name}")
+    pred_rows = "\n".join(
+        f'<div class="row{"" if lab in (r[schema.PREDICTED] or []) else " no"}"><span class="name">{escape(lab)}</span>'
+        f'<span class="bar"><i style="width:{100 * p:.1f}%;background:#555"></i></span>'
+        f'<span class="val">{p:.2f}</span></div>' for lab, p in probs)
+    blocks = [f'<h4>Top labels</h4><div class="pred">{pred_rows}</div>', *_importance_blocks(inp, item, top_label)]
+    if cfg.top_elements and els:
+        best = sorted(els, key=lambda e: -(e.get(key) or 0.0))[: cfg.top_elements]
+        lis = "".join(
+            f'<li><b style="color:{inp.colours.get(e[schema.MODALITY], "#333")}">{escape(e[schema.MODALITY])}</b> '
+            f'{(e.get(key) or 0.0):.0%}: {escape(_element_text(e, inp.kinds.get(e[schema.MODALITY]))[:90])}'
+            f'{" <b>(outlined)</b>" if e is top_el else ""}</li>' for e in best)
+        blocks.append(f"<h4>Elements that mattered most"
+                      f"{' for ' + escape(top_label) if key == schema.TOP_LABEL_SHARE else ''}"
+                      f"</h4><ul class=\"el\">{lis}</ul>")
+    if r.get(schema.LABELS) is not None:
+        blocks.append(f'<p class="muted">true labels: {escape(", ".join(r[schema.LABELS]) or "none")}</p>')
+    return (f'<article class="card" id="item-{k}">{poster}<div class="info">'
+            f'<h3>{escape(str(name))} <small>{escape(item)} \u00b7 {escape(r[schema.SPLIT])}</small></h3>'
+            f'{"".join(blocks)}</div></article>')
+
+
+def write_report(cfg: ReportConfig, pred_dir: Path, manifest_path: Path, out_dir: Path,
+                 title: str = "Deep Multi-Modal Sets: predictions and importances") -> Path:
+    """Write <out_dir>/index.html (and img/) from the predict outputs in `pred_dir`; returns the page."""
+    inp = _read_inputs(cfg, pred_dir, manifest_path)
     shutil.rmtree(out_dir, ignore_errors=True)
     (out_dir / "img").mkdir(parents=True)
-    cards = []
-    for k, r in enumerate(picked):
-        item = r[schema.ID]
-        mrow = rows_by_id.get(item, {})
-        name = (mrow.get(text_cols[0]) if text_cols else None) or item
-        probs = sorted(((lab, r[f"prob_{lab}"]) for lab in labels), key=lambda t: -t[1])[: cfg.top_labels]
-        top_label = probs[0][0] if probs else None
-        poster = '<div class="poster"></div>'
-        els = elements.get(item, [])
-        boxed = [e for e in els if e["modality"] in BOXED and e.get("box")]
-        key = "top_label_share" if any(e.get("top_label_share") is not None for e in els) else "share"
-        top_el = max(boxed, key=lambda e: (e.get(key) or 0.0), default=None)
-        if mrow.get(schema.IMAGE):
-            img = records.load_rgb(root / mrow[schema.IMAGE])
-            size = img.size
-            th = min(cfg.thumb_height, size[1])
-            tw = max(1, round(size[0] * th / size[1]))
-            img.resize((tw, th), Image.BICUBIC).save(out_dir / "img" / f"{k}.jpg", quality=85)
-            poster = _poster(f"img/{k}.jpg", size, (tw, th), els, top_el, f"poster of {name}")
-        pred_rows = "\n".join(
-            f'<div class="row{"" if lab in (r["predicted"] or []) else " no"}"><span class="name">{escape(lab)}</span>'
-            f'<span class="bar"><i style="width:{100 * p:.1f}%;background:#555"></i></span>'
-            f'<span class="val">{p:.2f}</span></div>' for lab, p in probs)
-        blocks = [f'<h4>Top labels</h4><div class="pred">{pred_rows}</div>']
-        if method != "ablation":
-            unit = "dimensions won" if method == "argmax" else "pooled mass"
-            blocks.append(f"<h4>All of the item ({unit})</h4>" +
-                          _bar_rows({m: imp[item][f"share_{m}"] or 0.0 for m in mods}, colours))
-            lr = li.get((item, top_label))
-            if lr is not None and lr[f"share_{mods[0]}"] is not None:
-                blocks.append(f"<h4>Why {escape(top_label)}?</h4>" +
-                              _bar_rows({m: lr[f"share_{m}"] for m in mods}, colours))
-        else:
-            lr = li.get((item, top_label))
-            blocks.append(f"<h4>Why {escape(str(top_label))}? (drop without each modality)</h4>" +
-                          _bar_rows({m: lr[f"drop_{m}"] or 0.0 for m in mods}, colours, "{:+.2f}"))
-        if cfg.top_elements and els:
-            best = sorted(els, key=lambda e: -(e.get(key) or 0.0))[: cfg.top_elements]
-            lis = "".join(
-                f'<li><b style="color:{colours.get(e["modality"], "#333")}">{escape(e["modality"])}</b> '
-                f'{(e.get(key) or 0.0):.0%}: {escape(_element_text(e)[:90])}'
-                f'{" <b>(outlined)</b>" if e is top_el else ""}</li>' for e in best)
-            blocks.append(f"<h4>Elements that mattered most{' for ' + escape(top_label) if key == 'top_label_share' else ''}"
-                          f"</h4><ul class=\"el\">{lis}</ul>")
-        if r.get("labels") is not None:
-            blocks.append(f'<p class="muted">true labels: {escape(", ".join(r["labels"]) or "none")}</p>')
-        cards.append(f'<article class="card" id="item-{k}">{poster}<div class="info">'
-                     f'<h3>{escape(str(name))} <small>{escape(item)} \u00b7 {escape(r[schema.SPLIT])}</small></h3>'
-                     f'{"".join(blocks)}</div></article>')
-
+    cards = [_card(cfg, inp, k, r, out_dir / "img") for k, r in enumerate(inp.picked)]
     page = out_dir / "index.html"
-    page.write_text(_page(title, summary, pred_dir, cards, len(pool), cfg), encoding="utf-8")
+    page.write_text(_page(title, inp.summary, pred_dir, cards, len(inp.pool), cfg), encoding="utf-8")
     log.info("wrote the report of %d items to %s", len(cards), page)
     return page
 
@@ -257,13 +284,3 @@ Importance method: {escape(METHOD_TEXT.get(summary['method'], summary['method'])
 </body></html>
 """
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the report stage (and of `dmms report`)."""
-    p = runtime.parser("Write the static HTML report of predictions and importances.")
-    p.add_argument("--predictions", required=True, help="folder written by the predict stage")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--out", required=True, help="report folder (index.html, img/)")
-    args = p.parse_args(argv)
-    params, _ = runtime.setup(args.params)
-    write_report(section(params, "report", ReportConfig), Path(args.predictions), Path(args.manifest), Path(args.out))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,46 +23,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import runtime, schema
-from pipeline.config import ConfigError, DatasetConfig, IngestConfig, from_dict, section, to_dict
+from pipeline import extract, runtime, schema
+from pipeline.bundle import load_bundle, load_scoring_inputs
+from pipeline.config import ConfigError, DatasetConfig, IngestConfig, from_dict
 from pipeline.extract import JobConfig, run_extraction
-from pipeline.ingest import IngestError, RawRow, read_rows, required_columns, run_ingest
-from pipeline.predict import (PredictConfig, element_metadata, load_scoring_inputs, score_store, summarise,
-                              write_outputs)
+from pipeline.ingest import run_ingest
+from pipeline.predict import PredictConfig, predict_items, write_outputs
+from pipeline.readers import IngestError, RawRow, read_rows, required_columns
 from pipeline.report import ReportConfig, write_report
 from pipeline.runtime import UserError
-from pipeline.train import load_bundle, rounded
 
 log = logging.getLogger(__name__)
 
-SCORE_SPLIT = "score"
-DEAD_LETTERS_SCHEMA = pa.schema([
-    (schema.SOURCE_ROW, pa.int64()), (schema.ID, pa.string()), ("stage", pa.string()),
-    ("modality", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-])
-
 
 @dataclass(frozen=True)
-class ScoreConfig:
-    """Settings of batch scoring (params score)."""
+class ScoreConfig(PredictConfig):
+    """Settings of batch scoring (params score): the prediction settings (batch_size, device,
+    label_conditional, ablation; every row is scored, so `splits` stays null) plus these."""
 
     input: str = "data/demo/unlabelled"  # the dataset folder the score stage scores (the CLI takes --input)
     dataset: dict[str, Any] = field(default_factory=dict)  # overrides of the bundle's dataset contract
     allow_missing_columns: bool = False  # score with a modality empty when the source lacks its column
-    batch_size: int = 256
-    device: str = "auto"
-    label_conditional: bool = True
-    ablation: bool = True
     report: ReportConfig = field(default_factory=ReportConfig)
     write_report: bool = True
 
     def validate(self, where: str) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size: expected >= 1, found {self.batch_size}")
-
-    def predict_config(self) -> PredictConfig:
-        return PredictConfig(splits=None, batch_size=self.batch_size, device=self.device,
-                             label_conditional=self.label_conditional, ablation=self.ablation)
+        super().validate(where)
+        if self.splits is not None:
+            raise ConfigError(f"{where}.splits: scoring scores every row of the folder; remove the key")
 
 
 def scoring_contract(bundle: dict[str, Any], input_dir: Path, overrides: dict[str, Any]) -> DatasetConfig:
@@ -71,12 +58,7 @@ def scoring_contract(bundle: dict[str, Any], input_dir: Path, overrides: dict[st
     if not bundle.get("dataset"):
         raise UserError("the model bundle records no dataset contract (it was written by an older version); "
                         "retrain it to score new datasets")
-    raw = copy.deepcopy(bundle["dataset"])
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
+    raw = runtime.merge(copy.deepcopy(bundle["dataset"]), overrides)
     raw["dir"] = str(input_dir)
     raw.setdefault("labels", {})["required_in"] = []
     raw.setdefault("split", {})["column"] = None
@@ -113,7 +95,26 @@ def read_source(contract: DatasetConfig, allow_missing: bool) -> tuple[DatasetCo
     return contract, frozenset(missing), rows
 
 
-def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path, job_params: dict[str, Any],
+def extract_all(bundle: dict[str, Any], job: JobConfig, manifest: Path, features_root: Path,
+                extra_beam_args: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Run each of the bundle's extractors on the manifest, as its extract stage would; returns the
+    extraction dead letters by item id. Every extractor is checked against the bundle first."""
+    specs = {m: extract.modality(m, prov["params"], f"bundle.provenance.{m}.params")
+             for m, prov in bundle["provenance"].items()}
+    table, mmeta = schema.read_manifest(manifest)
+    for name, spec in specs.items():  # all refusals before any extraction starts
+        extract.describe(spec, table, mmeta, expect=bundle["provenance"][name])
+    failed: dict[str, list[dict[str, Any]]] = {}
+    for name, spec in specs.items():
+        folder = features_root / name
+        run_extraction(spec, job, manifest, folder, folder / "counts.json", extra_beam_args,
+                       expect=bundle["provenance"][name])
+        for row in pq.read_table(folder / "dead_letters.parquet").to_pylist():
+            failed.setdefault(row[schema.ID], []).append(row)
+    return failed
+
+
+def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path, job: JobConfig,
               ingest_cfg: IngestConfig, extra_beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Score every row of the dataset at `input_dir`; returns the summary (with reconciled counts)."""
     t0 = time.perf_counter()
@@ -121,26 +122,17 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
     contract, missing, rows = read_source(scoring_contract(bundle, input_dir, cfg.dataset), cfg.allow_missing_columns)
     manifest = out_dir / "ingest" / "manifest.parquet"
     counts = run_ingest(contract, ingest_cfg, out_dir / "ingest", out_dir / "ingest" / "counts.json",
-                        fixed_split=SCORE_SPLIT, vocabulary=bundle["label_names"], rows=rows)
+                        fixed_split=schema.SCORE_SPLIT, vocabulary=bundle["label_names"], rows=rows)
     log.info("scoring %d items of %s with %s", counts["accepted"], input_dir, model_path)
+    failed = extract_all(bundle, job, manifest, out_dir / "features", extra_beam_args)
 
-    failed: dict[str, list[dict[str, Any]]] = {}
-    for modality, prov in bundle["provenance"].items():
-        params = {"extract": {"job": job_params, "modalities": {modality: prov["params"]}}}
-        folder = out_dir / "features" / modality
-        run_extraction(modality, params, manifest, folder, folder / "counts.json", extra_beam_args, expect=prov)
-        for row in pq.read_table(folder / "dead_letters.parquet").to_pylist():
-            failed.setdefault(row[schema.ID], []).append(row)
-
-    model, bundle, store, dirs, (ids, _, labels) = load_scoring_inputs(model_path, manifest, out_dir / "features",
-                                                                      cfg.device)
-    positions = np.array([i for i, item in enumerate(ids) if item not in failed], dtype=np.int64)
-    scored = score_store(model, bundle, store, positions, [SCORE_SPLIT] * len(positions), cfg.predict_config())
-    truth = [labels[i] for i in positions]
-    summary = summarise(scored, truth, bundle["task"], bundle["thresholds"])
+    inputs = load_scoring_inputs(model_path, manifest, out_dir / "features", cfg.device)
+    positions = np.array([i for i, item in enumerate(inputs.ids) if item not in failed], dtype=np.int64)
+    prediction = predict_items(inputs, positions, cfg)
+    summary = prediction.summary
 
     dead = dead_letters(manifest, out_dir / "ingest" / "rejects.parquet", failed)
-    pq.write_table(pa.Table.from_pylist(dead, schema=DEAD_LETTERS_SCHEMA), out_dir / "dead_letters.parquet",
+    pq.write_table(pa.Table.from_pylist(dead, schema=schema.SCORE_DEAD_LETTER_SCHEMA), out_dir / "dead_letters.parquet",
                    compression="zstd")
     n_dead = len({d[schema.SOURCE_ROW] for d in dead})
     summary["counts"] = {
@@ -155,7 +147,7 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
     if counts["read"] != len(positions) + n_dead:
         raise UserError(f"scoring counts do not reconcile: read {counts['read']}, scored {len(positions)}, "
                         f"dead-lettered {n_dead}")
-    write_outputs(scored, truth, element_metadata(dirs, bundle, scored.ids), summary, out_dir)
+    write_outputs(prediction, inputs, out_dir)
     if cfg.write_report:
         write_report(cfg.report, out_dir, manifest, out_dir / "report", title=f"Scores of {input_dir.name}")
     log.info("read %d rows: %d scored, %d dead-lettered (%d rejected at ingest, %d failed extraction) in %.1f s; "
@@ -166,34 +158,14 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
 
 def dead_letters(manifest: Path, rejects: Path, failed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One record per ingest reject and per failed extraction (an item may fail in several modalities)."""
-    out = [{schema.SOURCE_ROW: r[schema.SOURCE_ROW], schema.ID: r[schema.ID], "stage": "ingest", "modality": None,
-            "reason": r["reason"], "detail": r["detail"]} for r in pq.read_table(rejects).to_pylist()]
+    out = [{schema.SOURCE_ROW: r[schema.SOURCE_ROW], schema.ID: r[schema.ID], schema.STAGE: "ingest",
+            schema.MODALITY: None, schema.REASON: r[schema.REASON], schema.DETAIL: r[schema.DETAIL]}
+           for r in pq.read_table(rejects).to_pylist()]
     table = pq.read_table(manifest, columns=[schema.ID, schema.SOURCE_ROW])
     source = dict(zip(table[schema.ID].to_pylist(), table[schema.SOURCE_ROW].to_pylist()))
     for item, rows in sorted(failed.items()):
         for r in rows:
-            out.append({schema.SOURCE_ROW: source[item], schema.ID: item, "stage": f"extract:{r['stage']}",
-                        "modality": r["modality"], "reason": "extraction_failed", "detail": r["error"]})
-    return sorted(out, key=lambda d: (d[schema.SOURCE_ROW], d["modality"] or ""))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the score stage and of `dmms score`."""
-    p = runtime.parser("Score a new dataset folder with a trained model bundle: ingest, extract, predict, report.")
-    p.add_argument("--model", required=True, help="model bundle (model.pt) written by train")
-    p.add_argument("--input", help="dataset folder to score (default: params score.input)")
-    p.add_argument("--output", required=True, help="folder for everything scoring writes")
-    p.add_argument("--metrics", help="also write the summary JSON here")
-    p.add_argument("--allow-missing-columns", action="store_true",
-                   help="score with a modality empty when the dataset lacks its column")
-    args, beam_args = p.parse_known_args(argv)  # unknown flags go to Beam
-    params, _ = runtime.setup(args.params)
-    cfg = section(params, "score", ScoreConfig)
-    if args.allow_missing_columns:
-        cfg = dataclasses.replace(cfg, allow_missing_columns=True)
-    job = to_dict(section(params, "extract.job", JobConfig))
-    summary = run_score(cfg, Path(args.model), Path(args.input or cfg.input), Path(args.output), job,
-                        section(params, "ingest", IngestConfig), beam_args)
-    if args.metrics:
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text(json.dumps(rounded(summary), indent=2) + "\n", encoding="utf-8")
+            out.append({schema.SOURCE_ROW: source[item], schema.ID: item, schema.STAGE: f"extract:{r[schema.STAGE]}",
+                        schema.MODALITY: r[schema.MODALITY], schema.REASON: "extraction_failed",
+                        schema.DETAIL: r[schema.ERROR]})
+    return sorted(out, key=lambda d: (d[schema.SOURCE_ROW], d[schema.MODALITY] or ""))

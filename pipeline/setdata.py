@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import schema
@@ -124,6 +123,5 @@ def label_matrix(labels: list[list[str] | None], names: list[str]) -> torch.Tens
 
 def read_manifest_labels(path: Path) -> tuple[list[str], list[str], list[list[str] | None], dict[str, Any]]:
     """(ids, splits, labels, manifest metadata) from a canonical manifest."""
-    table = pq.read_table(path)
-    meta = schema.read_metadata(table.schema)
+    table, meta = schema.read_manifest(path)
     return (table[schema.ID].to_pylist(), table[schema.SPLIT].to_pylist(), table[schema.LABELS].to_pylist(), meta)

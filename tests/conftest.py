@@ -60,6 +60,15 @@ def ingest_config(**over: Any) -> IngestConfig:
     return from_dict(IngestConfig, {"max_reject_fraction": 1.0, "workers": 2, **over}, "ingest")
 
 
+def extract_modality(params: dict[str, Any], name: str, manifest: Path, out_dir: Path, metrics: Path) -> dict[str, Any]:
+    """Run the extraction of modality `name` as its stage does, with the typed sections of `params`."""
+    from pipeline import extract
+    from pipeline.config import section
+
+    spec = section(params, f"extract.modalities.{name}", lambda raw, where: extract.modality(name, raw, where))
+    return extract.run_extraction(spec, section(params, "extract.job", extract.JobConfig), manifest, out_dir, metrics)
+
+
 HEADER = ["id", "image", "title", "tags", "year", "country", "labels"]
 
 
@@ -83,8 +92,7 @@ def demo_run(tmp_path_factory):
     from types import SimpleNamespace
 
     from pipeline import demo
-    from pipeline.config import DemoConfig, load_params, section
-    from pipeline.extract import run_extraction
+    from pipeline.config import BaseConfig, DemoConfig, load_params, section
     from pipeline.ingest import run_ingest
     from pipeline.predict import PredictConfig, run_predict
     from pipeline.train import TrainConfig, fit
@@ -97,9 +105,9 @@ def demo_run(tmp_path_factory):
     run_ingest(dataset, section(params, "ingest", IngestConfig), root / "ingest", root / "metrics" / "ingest.json")
     manifest = root / "ingest" / "manifest.parquet"
     for modality in params["extract"]["modalities"]:
-        run_extraction(modality, params, manifest, root / "features" / modality, root / "metrics" / f"{modality}.json")
+        extract_modality(params, modality, manifest, root / "features" / modality, root / "metrics" / f"{modality}.json")
     train = fit(section(params, "train", TrainConfig), manifest, root / "features", root / "model",
-                root / "metrics" / "train.json", root / "metrics" / "curve.csv")
+                root / "metrics" / "train.json", root / "metrics" / "curve.csv", seed=section(params, "base", BaseConfig).seed)
     summary = run_predict(section(params, "predict", PredictConfig), root / "model" / "model.pt", manifest,
                           root / "features", root / "predictions")
     return SimpleNamespace(root=root, params=params, manifest=manifest, model=root / "model" / "model.pt",

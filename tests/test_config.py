@@ -39,7 +39,9 @@ def test_wrong_types_and_values_are_errors():
 
 def test_overlay_merges_key_by_key(tmp_path):
     (tmp_path / "over.yaml").write_text("dataset:\n  dir: elsewhere\n  labels: {column: genres}\n")
-    params, _ = runtime.setup([str(REPO / "params.yaml"), str(tmp_path / "over.yaml")])
+    args = runtime.parser("dmms test", None).parse_args(["--params", str(REPO / "params.yaml"), "--params",
+                                                        str(tmp_path / "over.yaml")])
+    params = runtime.setup(args)
     ds = section(params, "dataset", DatasetConfig)
     assert ds.dir == "elsewhere" and ds.labels.column == "genres" and ds.labels.separator == "|"
     assert ds.text == ("title", "description"), "keys the overlay does not name are kept"

@@ -1,13 +1,13 @@
-"""DVC wiring: each stage depends on exactly the code it imports and reruns only when its inputs change.
+"""DVC wiring: each stage reruns exactly when its inputs change (tests/test_layout.py checks statically
+that its deps list exactly the code it imports and the params it reads).
 
 The pipeline is copied into a temporary DVC project with a tiny demo dataset and reproduced for
-real; then every params section (and every subsection) is changed in turn and `dvc status` must
-report exactly the stages that list it, and a real `dvc repro` after a change must run those
-stages and their descendants only.
+real; then every params section (and every subsection) and every module (library, extractors and
+stage modules) is changed in turn and `dvc status` must report exactly the stages that list it, and
+a real `dvc repro` after a change must run those stages and their descendants only.
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -21,136 +21,16 @@ import pytest
 import yaml
 
 from conftest import REPO
+from test_layout import stages
 
 pytestmark = pytest.mark.slow
 
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def stages() -> dict[str, dict[str, Any]]:
-    """dvc.yaml's stages with ${params.key} templates filled in from params.yaml, as DVC does."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-
-    def lookup(m: re.Match) -> str:
-        return str(_lookup_value(params, m.group(1)))
-
-    raw = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    out: dict[str, dict[str, Any]] = {}
-    for name, body in raw.items():
-        if "foreach" not in body:
-            out[name] = yaml.safe_load(re.sub(r"\$\{([^}]+)\}", lookup, yaml.safe_dump(body)))
-            continue
-        m = re.fullmatch(r"\$\{([^}]+)\}", body["foreach"])
-        items = _lookup_value(params, m.group(1))
-        for key, item in items.items():
-            local = {**params, "key": key, "item": item}
-            text = re.sub(r"\$\{([^}]+)\}", lambda mm: str(_lookup_value(local, mm.group(1))), yaml.safe_dump(body["do"]))
-            out[f"{name}@{key}"] = {**yaml.safe_load(text), "foreach_key": key, "kind": item.get("kind")}
-    return out
-
-
-def _lookup_value(params: dict[str, Any], dotted: str) -> Any:
-    node: Any = params
-    for k in dotted.split("."):
-        node = node[k]
-    return node
-
-
-def script_of(stage: dict[str, Any]) -> str:
-    m = re.search(r"python (stages/\S+\.py)", stage["cmd"])
-    assert m, f"stage command does not run a stages/ script: {stage['cmd']}"
-    return m.group(1)
-
-
-def pipeline_imports(path: Path, seen: set[str] | None = None) -> set[str]:
-    """pipeline/ modules imported by `path`, transitively (any import statement, at any depth)."""
-    seen = set() if seen is None else seen
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            if not name.startswith("pipeline."):
-                continue
-            parts = name.split(".")
-            # importing pipeline.a.b runs pipeline/a/__init__.py too (pipeline/__init__.py is empty)
-            for depth in range(2, len(parts) + 1):
-                mod = ".".join(parts[:depth])
-                file = module_file(mod)
-                if file is not None and mod not in seen:
-                    seen.add(mod)
-                    pipeline_imports(file, seen)
-    return seen
-
-
-def module_file(name: str) -> Path | None:
-    """The file of module `name` (a package's __init__.py), or None if it is not a module."""
-    base = REPO / name.replace(".", "/")
-    for file in (base.with_suffix(".py"), base / "__init__.py"):
-        if file.is_file():
-            return file
-    return None
-
-
-@pytest.mark.parametrize("name", sorted(stages()))
-def test_stage_code_deps_are_exactly_what_it_imports(name):
-    stage = stages()[name]
-    script = script_of(stage)
-    modules = pipeline_imports(REPO / script)
-    if stage.get("kind"):  # extraction loads its extractor module by kind (importlib), with what it imports
-        kind_module = f"pipeline.extractors.{stage['kind']}"
-        modules |= {kind_module} | pipeline_imports(module_file(kind_module))
-    elif "pipeline.extract" in modules:  # scoring runs whichever extractors the model bundle records
-        for kind_file in sorted((REPO / "pipeline" / "extractors").glob("*.py")):
-            kind_module = f"pipeline.extractors.{kind_file.stem}"
-            modules |= {kind_module} | pipeline_imports(kind_file)
-    expected = {script} | {module_file(m).relative_to(REPO).as_posix() for m in modules}
-    listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.endswith(".py")}
-    assert expected <= listed, f"missing code deps: {sorted(expected - listed)}"
-    extra = listed - expected
-    # foreach stages share one dep list: the extractor modules other kinds import may be listed too
-    allowed = {"pipeline/extractors/image.py", "pipeline/extractors/text.py"} if stage.get("kind") else set()
-    assert extra <= allowed, f"listed but not imported: {sorted(extra - allowed)}"
-
-
-def sections_read_by(script: str) -> set[str]:
-    """params keys the stage's entry module reads: section(params, "<key>", ...) anywhere in it
-    (an f-string key such as f"extract.modalities.{name}" reads as "extract.modalities.{}")."""
-    m = re.search(r"run_main\((\w+)\.main\)", (REPO / script).read_text())
-    assert m, f"{script} should call runtime.run_main(<pipeline module>.main)"
-    tree = ast.parse((REPO / "pipeline" / f"{m.group(1)}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            if fn == "section" and len(node.args) > 1:
-                arg = node.args[1]
-                if isinstance(arg, ast.Constant):
-                    found.add(arg.value)
-                elif isinstance(arg, ast.JoinedStr):
-                    found.add("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in arg.values))
-            if fn == "setup":
-                found.add("base")  # runtime.setup reads the base section (seed, log level)
-    return found
-
-
-@pytest.mark.parametrize("name", sorted(stages()))
-def test_stage_params_are_exactly_the_sections_it_reads(name):
-    stage = stages()[name]
-    listed = set()
-    for entry in stage.get("params", []):
-        listed |= {entry} if isinstance(entry, str) else {k for v in entry.values() for k in v}
-    read = {k.replace("{}", str(stage.get("foreach_key"))) for k in sections_read_by(script_of(stage))}
-    assert listed == read
-
-
-# ------------------------------------------------------------------------------------------------
-
-
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(cwd)}  # the stages import the copy's pipeline/, not the installed one
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -268,7 +148,9 @@ def test_each_params_change_invalidates_exactly_the_stages_that_read_it(project)
 
 
 def test_each_code_change_invalidates_exactly_the_stages_that_import_it(project):
-    for module in sorted((project / "pipeline").glob("*.py")):
+    modules = sorted((project / "pipeline").rglob("*.py"))
+    assert {m.parent.name for m in modules} >= {"pipeline", "extractors", "stages"}
+    for module in modules:
         rel = module.relative_to(project).as_posix()
         text = module.read_text()
         module.write_text(text + "\n# probe\n")

@@ -1,4 +1,6 @@
-"""Extraction: handlers on known inputs, the Beam job, empty sets, dead letters, schema, provenance."""
+"""Extraction: handlers on known inputs, the Beam job, empty sets, dead letters, schema, provenance.
+
+Pure per-record functions run in the quick loop; real models and Beam jobs are marked slow."""
 from __future__ import annotations
 
 import copy
@@ -12,10 +14,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from conftest import REPO, ingest_config
+from conftest import REPO, extract_modality, ingest_config
 from pipeline import demo, features, records, schema
-from pipeline.config import DatasetConfig, DemoConfig, from_dict, load_params, section
-from pipeline.extract import ExtractionError, JobConfig, beam_options, build, modality_config, run_extraction
+from pipeline.config import ConfigError, DatasetConfig, DemoConfig, from_dict, load_params, section
+from pipeline.extract import ExtractionError, JobConfig, beam_options, build, modality
 from pipeline.extractors import base, faces, image, meta, ocr, text
 from pipeline.ingest import run_ingest
 
@@ -118,9 +120,8 @@ def test_missing_weights_and_unknown_kind_are_clear_errors(tmp_path):
         text.describe(text.TextConfig(column="t", model="roberta-base-not-here/xyz"))
     with pytest.raises(base.MissingModelError, match="vggface2"):
         faces.embedder_choice(faces.FacesConfig(embedder="vggface2", vggface2_weights=str(tmp_path / "v.pt")))
-    params = {"extract": {"modalities": {"x": {"kind": "sound"}}}}
-    with pytest.raises(ValueError, match="unknown extractor kind 'sound'"):
-        modality_config(params, "x")
+    with pytest.raises(ConfigError, match=r"extract.modalities.x.kind: unknown extractor kind 'sound'"):
+        modality("x", {"kind": "sound"})
 
 
 # ------------------------------------------------------------------ real models on known inputs
@@ -131,6 +132,7 @@ def text_encoder():
     return text.TextEncoder(text.PACKAGED_MINILM, 64, "cpu")
 
 
+@pytest.mark.slow
 def test_text_encoder_puts_paraphrases_closer(text_encoder):
     v = text_encoder(["Two strangers fall in love.", "A couple falls deeply in love.", "Soldiers hold a bridge."], 2)
     assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
@@ -140,6 +142,7 @@ def test_text_encoder_puts_paraphrases_closer(text_encoder):
     assert np.allclose(sets[2][0], text_encoder(["b"], 1)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_faces_handler_finds_the_astronaut():
     from skimage import data as skd
 
@@ -155,6 +158,7 @@ def test_faces_handler_finds_the_astronaut():
     assert res[1].vectors.shape == (0, 1280) and res[1].elements == []
 
 
+@pytest.mark.slow
 def test_ocr_handler_reads_a_drawn_word():
     from PIL import ImageDraw, ImageFont
 
@@ -183,13 +187,13 @@ def tiny(tmp_path_factory):
     return params, root / "ingest" / "manifest.parquet"
 
 
+@pytest.mark.slow
 def test_beam_job_in_a_test_pipeline(tiny, tmp_path):
     params, manifest = tiny
-    kind, cfg, module = modality_config(params, "tags")
+    spec = modality("tags", params["extract"]["modalities"]["tags"])
     job = section(params, "extract.job", JobConfig)
     with TestPipeline(runner="FnApiRunner") as p:
-        rows, dead = build(p, str(manifest), "tags", kind, cfg, module, params["dataset"]["dir"], 384,
-                           str(tmp_path), job, 10)
+        rows, dead = build(p, str(manifest), spec, params["dataset"]["dir"], 384, str(tmp_path), job, 10)
         expected = {}
         for row in pq.read_table(manifest).to_pylist():
             expected[row["id"]] = row["tags"]
@@ -200,11 +204,12 @@ def test_beam_job_in_a_test_pipeline(tiny, tmp_path):
 
 
 def extract(params, manifest, modality, out: Path):
-    metrics = run_extraction(modality, params, manifest, out / modality, out / f"{modality}.json")
+    metrics = extract_modality(params, modality, manifest, out / modality, out / f"{modality}.json")
     table, meta_ = features.read_features(out / modality / "features.parquet")
     return metrics, table, meta_
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_every_modality_writes_reconciled_sets(tiny, tmp_path, modality):
     params, manifest = tiny
@@ -233,6 +238,7 @@ def test_every_modality_writes_reconciled_sets(tiny, tmp_path, modality):
         assert all(len(r["category_ids"]) == 1 for r in rows.values()) and meta_["stats"]["numeric"]["year"]["n"] > 0
 
 
+@pytest.mark.slow
 def test_output_is_identical_twice_and_readable_everywhere(tiny, tmp_path):
     params, manifest = tiny
     for modality in ("image", "description"):
@@ -249,6 +255,7 @@ def test_output_is_identical_twice_and_readable_everywhere(tiny, tmp_path):
     assert n[0] == 10 and n[1] == sum(len(v) for v in df["vectors"])
 
 
+@pytest.mark.slow
 def test_mismatched_provenance_is_refused(tiny, tmp_path):
     params, manifest = tiny
     extract(params, manifest, "title", tmp_path)
@@ -260,6 +267,7 @@ def test_mismatched_provenance_is_refused(tiny, tmp_path):
         features.read_features(manifest)
 
 
+@pytest.mark.slow
 def test_corrupt_image_goes_to_dead_letters_and_counts_reconcile(tiny, tmp_path):
     params, manifest = tiny
     params = copy.deepcopy(params)
@@ -270,14 +278,14 @@ def test_corrupt_image_goes_to_dead_letters_and_counts_reconcile(tiny, tmp_path)
     try:
         victim.write_bytes(good[:200])  # corrupted after ingest accepted it
         with pytest.raises(ExtractionError, match="1 of 10 items failed"):
-            run_extraction("image", params, manifest, tmp_path / "image", tmp_path / "image.json")
+            extract_modality(params, "image", manifest, tmp_path / "image", tmp_path / "image.json")
         metrics = json.loads((tmp_path / "image.json").read_text())
         assert metrics["written"] == 9 and metrics["failed"] == 1 and metrics["items_in"] == 10
         dead = pq.read_table(tmp_path / "image" / "dead_letters.parquet").to_pylist()
         assert [(d["id"], d["modality"], d["stage"]) for d in dead] == [(first["id"], "image", "prepare")]
         assert "OSError" in dead[0]["error"] or "truncated" in dead[0]["error"]
         params["extract"]["job"]["max_failure_fraction"] = 0.5
-        metrics = run_extraction("image", params, manifest, tmp_path / "image", tmp_path / "image.json")
+        metrics = extract_modality(params, "image", manifest, tmp_path / "image", tmp_path / "image.json")
         assert metrics["written"] + metrics["failed"] == metrics["items_in"]
     finally:
         victim.write_bytes(good)

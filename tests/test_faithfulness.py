@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.predict import load_scoring_inputs
+from pipeline.bundle import load_scoring_inputs, predict
 from pipeline.setdata import label_matrix
-from pipeline.train import predict
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +36,9 @@ def test_top_label_conditional_modality_is_the_planted_one(demo_run):
 
 
 def test_removing_the_planted_modality_lowers_the_label_most(demo_run):
-    """Ablation computed here through train.predict(drop=...), independently of the predict stage."""
-    model, bundle, store, _, (ids, _, labels) = load_scoring_inputs(demo_run.model, demo_run.manifest,
-                                                                   demo_run.root / "features", "cpu")
+    """Ablation computed here through bundle.predict(drop=...), independently of the predict stage."""
+    inputs = load_scoring_inputs(demo_run.model, demo_run.manifest, demo_run.root / "features", "cpu")
+    model, bundle, store, ids, labels = inputs.model, inputs.bundle, inputs.store, inputs.ids, inputs.labels
     y = label_matrix(labels, bundle["label_names"]).numpy() > 0
     idx = torch.arange(len(ids))
     full = predict(model, store, idx, bundle["task"]).numpy()

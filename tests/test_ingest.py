@@ -12,7 +12,8 @@ import pytest
 
 from conftest import HEADER, dataset_config, ingest_config, write_csv, write_image, write_jsonl
 from pipeline import schema
-from pipeline.ingest import IngestError, read_manifest, run_ingest
+from pipeline.ingest import IngestError, run_ingest
+from pipeline.schema import read_manifest
 
 
 def ingest(cfg, tmp_path: Path, **ingest_over):

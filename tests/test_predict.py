@@ -15,7 +15,8 @@ from pipeline.features import FeatureMismatchError
 from pipeline.predict import PredictConfig, run_predict
 from pipeline.report import choose
 from pipeline.setdata import FeatureStore
-from pipeline.train import fit, load_bundle, predict
+from pipeline.bundle import load_bundle, predict
+from pipeline.train import fit
 from test_model import train_cfg, write_synthetic
 
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO
 from pipeline import cli
-from pipeline.config import IngestConfig, from_dict, to_dict
+from pipeline.config import IngestConfig, from_dict
 from pipeline.extract import JobConfig
 from pipeline.features import FeatureMismatchError
 from pipeline.ingest import IngestError
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def score(demo_run, input_dir, out, model=None, **cfg):
     cfg = from_dict(ScoreConfig, {"device": "cpu", "report": {"items": 4}, **cfg}, "score")
-    return run_score(cfg, model or demo_run.model, input_dir, out, to_dict(JobConfig()),
+    return run_score(cfg, model or demo_run.model, input_dir, out, JobConfig(),
                      from_dict(IngestConfig, {"max_reject_fraction": 0.5}, "ingest"))
 
 

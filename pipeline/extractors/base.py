@@ -1,4 +1,6 @@
-"""What every extractor shares: results, errors, the ModelHandler base, device choice, weight files."""
+"""What every extractor shares: results, errors, the ModelHandler base, weight files.
+
+Extraction draws no random numbers: models run in eval mode on loaded weights, so no seed is set."""
 from __future__ import annotations
 
 import logging
@@ -39,17 +41,6 @@ def error_text(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
     return f"{type(exc).__name__}: {exc}{where}"
-
-
-def resolve_device(name: str) -> str:
-    """auto -> cuda when available, else cpu; asking for cuda without one is a clear error."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device")
-    return name
 
 
 def require_file(path: str | Path, what: str) -> Path:

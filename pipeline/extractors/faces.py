@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, SetModelHandler, image_array, require_file, resolve_device,
+    ItemResult, SetModelHandler, image_array, require_file,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
 from pipeline.features import element, file_sha256
+from pipeline.runtime import resolve_device
 
 VGGFACE2_FILE = "20180402-114759-vggface2.pt"
 
@@ -77,7 +78,6 @@ class FaceModel:
         import torch
         from facenet_pytorch import MTCNN
 
-        torch.manual_seed(0)
         self.cfg = cfg
         self.device = device
         self.mtcnn = MTCNN(keep_all=True, min_face_size=cfg.min_face_size, thresholds=list(cfg.thresholds),
@@ -142,7 +142,7 @@ class FacesHandler(SetModelHandler):
         self.cfg = cfg
 
     def load_model(self) -> FaceModel:
-        return FaceModel(self.cfg, resolve_device(self.cfg.device))
+        return FaceModel(self.cfg, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: FaceModel) -> list[ItemResult]:
         detections = model.detect(batch)

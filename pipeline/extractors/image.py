@@ -10,9 +10,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, require_file, resolve_device,
+    ItemResult, MissingModelError, SetModelHandler, require_file,
 )
 from pipeline.features import element, file_sha256
+from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,7 @@ class ImageHandler(SetModelHandler):
         self.cfg = cfg
 
     def load_model(self) -> ImageBackbone:
-        import torch
-
-        torch.manual_seed(0)
-        return ImageBackbone(self.cfg.backbone, self.cfg.weights, resolve_device(self.cfg.device))
+        return ImageBackbone(self.cfg.backbone, self.cfg.weights, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: ImageBackbone) -> list[ItemResult]:
         feats = model(np.stack(batch))

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.extractors.base import ItemResult, SetModelHandler, image_array, require_file, resolve_device
+from pipeline.extractors.base import ItemResult, SetModelHandler, image_array, require_file
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
 from pipeline.features import element, file_sha256
+from pipeline.runtime import resolve_device
 
 OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
 
@@ -89,7 +90,7 @@ class OcrHandler(SetModelHandler):
         self.cfg = cfg
 
     def load_model(self) -> OcrModel:
-        return OcrModel(self.cfg, resolve_device(self.cfg.device))
+        return OcrModel(self.cfg, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: OcrModel) -> list[ItemResult]:
         kept = [

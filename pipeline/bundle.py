@@ -1,0 +1,151 @@
+"""The model bundle: how a trained model is saved, loaded, checked against features, and run.
+
+A bundle (`model.pt`) holds plain tensors and data only (loaded with `weights_only=True`): the
+weights, the model and training config, the task, label names and thresholds, the dimension and
+categorical vocabulary sizes of each modality, the provenance of every feature set it was trained on,
+and the dataset contract of training (so a new folder can be scored the same way).
+
+Train writes bundles; predict and score load them. Importable with torch, pyarrow, numpy and pyyaml.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import features, runtime
+from pipeline.config import from_dict, to_dict
+from pipeline.features import FeatureMismatchError, file_sha256
+from pipeline.model import ModelConfig, build_model
+from pipeline.setdata import FeatureStore, read_manifest_labels
+
+BUNDLE_FORMAT = 1
+
+
+def provenance(store: FeatureStore) -> dict[str, dict[str, Any]]:
+    """What the bundle records of each modality's features (checked again at prediction time)."""
+    return {m: {k: meta[k] for k in features.PROVENANCE_KEYS if k in meta} for m, meta in store.meta.items()}
+
+
+def save_bundle(path: Path, model: nn.Module, model_cfg: ModelConfig, train_config: dict[str, Any],
+                store: FeatureStore, task: str, labels: Sequence[str], thresholds: np.ndarray | float,
+                manifest_meta: dict[str, Any] | None = None) -> None:
+    """Weights plus everything needed to rebuild and check the model, and to score new data the same
+    way (the dataset contract and manifest fields of training); plain tensors and data only."""
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": to_dict(model_cfg),
+        "train_config": train_config,
+        "task": task,
+        "label_names": list(labels),
+        "thresholds": [float(t) for t in np.broadcast_to(thresholds, (len(labels),))],
+        "dims": store.dims,
+        "categories": store.categories,
+        "provenance": provenance(store),
+        "dataset": (manifest_meta or {}).get("dataset"),
+        "fields": (manifest_meta or {}).get("fields"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(bundle, path)
+
+
+def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a bundle (weights_only: no arbitrary code is unpickled)."""
+    bundle = torch.load(path, map_location=device, weights_only=True)
+    if bundle.get("format") != BUNDLE_FORMAT:
+        raise runtime.UserError(f"{path}: bundle format {bundle.get('format')} not supported (expected {BUNDLE_FORMAT})")
+    cfg = from_dict(ModelConfig, bundle["model_config"], "bundle.model_config")
+    model = build_model(cfg, bundle["dims"], bundle["categories"], len(bundle["label_names"]))
+    model.load_state_dict(bundle["state_dict"])
+    return model.to(device).eval(), bundle
+
+
+def check_store_matches(bundle: dict[str, Any], store: FeatureStore) -> None:
+    """Refuse features whose extractor, model, weights, dimension or meta statistics differ from the bundle's."""
+    problems = []
+    for m, rec in bundle["provenance"].items():
+        meta = store.meta.get(m)
+        if meta is None:
+            problems.append(f"{m}: missing")
+            continue
+        problems += [f"{m}.{d}" for d in features.provenance_diffs(
+            rec, meta, features.MATCH_KEYS, "model has", "features have")]
+    if problems:
+        raise FeatureMismatchError("features do not match the model bundle: " + "; ".join(problems))
+
+
+def check_same_manifest(store: FeatureStore, manifest: Path, features_root: Path) -> None:
+    """Refuse feature sets extracted from another manifest than `manifest`."""
+    sha = file_sha256(manifest)  # FeatureStore.load already checked that all sets share one manifest
+    if any(meta["manifest_sha256"] != sha for meta in store.meta.values()):
+        raise FeatureMismatchError(f"features under {features_root} were extracted from another manifest than {manifest}")
+
+
+def feature_dirs(root: Path, modalities: Sequence[str] | None, what: str = "train.modalities") -> dict[str, Path]:
+    """Modality -> feature folder; all folders holding a features.parquet when `modalities` is null."""
+    found = {p.parent.name: p.parent for p in sorted(root.glob("*/features.parquet"))}
+    if modalities is None:
+        if not found:
+            raise runtime.UserError(f"no feature sets under {root} (expected <modality>/features.parquet)")
+        return found
+    missing = [m for m in modalities if m not in found]
+    if missing:
+        raise runtime.UserError(f"{what} {missing} have no features under {root}; found {sorted(found)}")
+    return {m: found[m] for m in modalities}
+
+
+@dataclass
+class ScoringInputs:
+    """A loaded bundle with the manifest's items and the matching features, on the model's device."""
+
+    model: nn.Module
+    bundle: dict[str, Any]
+    store: FeatureStore
+    dirs: dict[str, Path]  # modality -> feature folder
+    ids: list[str]
+    splits: list[str]
+    labels: list[list[str] | None]
+
+
+def load_scoring_inputs(model_path: Path, manifest: Path, features_root: Path, device: str) -> ScoringInputs:
+    """The bundle's model, the manifest's items and the matching feature store (mismatches refused)."""
+    model, bundle = load_bundle(model_path, runtime.resolve_device(device))
+    ids, splits, labels, _ = read_manifest_labels(manifest)
+    dirs = feature_dirs(features_root, list(bundle["provenance"]),
+                        f"the model's modalities {sorted(bundle['provenance'])}:")
+    store = FeatureStore.load(dirs, ids)
+    check_store_matches(bundle, store)
+    check_same_manifest(store, manifest, features_root)
+    return ScoringInputs(model, bundle, store.to(next(model.parameters()).device), dirs, ids, splits, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+
+
+def to_probs(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes (multiclass) or a sigmoid per label."""
+    return logits.softmax(1) if task == "multiclass" else logits.sigmoid()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, store: FeatureStore, idx: torch.Tensor, batch_size: int = 1024,
+           drop: frozenset[str] = frozenset()) -> torch.Tensor:
+    """Logits (len(idx), L) in eval mode, in chunks of `batch_size`; `drop` removes modalities."""
+    model.eval()
+    out = [model(store.batch(idx[s:s + batch_size], drop)).float() for s in range(0, idx.numel(), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, store: FeatureStore, idx: torch.Tensor, task: str, batch_size: int = 1024,
+            drop: frozenset[str] = frozenset()) -> torch.Tensor:
+    """Probabilities (len(idx), L) in eval mode; `drop` removes modalities at inference."""
+    return to_probs(task, logits(model, store, idx, batch_size, drop))
+

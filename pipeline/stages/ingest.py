@@ -1,0 +1,27 @@
+"""Stage ingest (`dmms ingest`): validate a raw dataset; write the canonical manifest, the rejects
+and counts that reconcile.
+
+params: dataset, ingest. Library: pipeline.readers (CSV, JSONL, MM-IMDb), pipeline.ingest.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from pipeline import runtime
+from pipeline.config import DatasetConfig, IngestConfig, section
+from pipeline.ingest import run_ingest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The entry point (argv without the program name)."""
+    p = runtime.parser("dmms ingest", "Validate a raw dataset and write the canonical manifest.")
+    p.add_argument("--out", required=True, help="folder for manifest.parquet and rejects.parquet")
+    p.add_argument("--metrics", required=True, help="metrics JSON (counts that reconcile)")
+    p.add_argument("--dataset-dir", help="override params.yaml dataset.dir")
+    args = p.parse_args(argv)
+    params = runtime.setup(args)
+    if args.dataset_dir:
+        params = runtime.merge(params, {"dataset": {"dir": args.dataset_dir}})
+    run_ingest(section(params, "dataset", DatasetConfig), section(params, "ingest", IngestConfig),
+               Path(args.out), Path(args.metrics))
