@@ -231,14 +231,16 @@ class IngestConfig:
 
     max_reject_fraction: float = 0.05
     max_image_pixels: int = 40_000_000
+    max_field_chars: int = 1_000_000  # a longer field (text, tags, any column) rejects its row
     min_label_count: int = 1  # labels with fewer accepted train rows are dropped from the task
     workers: int = 4  # threads decoding images (PIL releases the GIL while decoding)
 
     def validate(self, where: str) -> None:
         if not 0 <= self.max_reject_fraction <= 1:
             raise ConfigError(f"{where}.max_reject_fraction: expected 0..1, found {self.max_reject_fraction}")
-        if self.max_image_pixels <= 0 or self.workers <= 0 or self.min_label_count < 1:
-            raise ConfigError(f"{where}: max_image_pixels and workers must be > 0, min_label_count >= 1")
+        if self.max_image_pixels <= 0 or self.workers <= 0 or self.min_label_count < 1 or self.max_field_chars < 1:
+            raise ConfigError(f"{where}: max_image_pixels, max_field_chars and workers must be > 0, "
+                              "min_label_count >= 1")
 
 
 @dataclass(frozen=True)

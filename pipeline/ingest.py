@@ -45,6 +45,8 @@ def precheck(row: RawRow, cfg: DatasetConfig, seen_ids: set[str]) -> str:
     raw_id = data.get(cfg.id)
     if records.is_blank(raw_id):
         raise RejectError("missing_id", f"column {cfg.id!r} is empty")
+    if isinstance(raw_id, (dict, list, bool)):
+        raise RejectError("bad_value", f"column {cfg.id!r}: an id is a string or a number, found {str(raw_id)[:80]!r}")
     item_id = str(raw_id).strip()
     if item_id in seen_ids:
         raise RejectError("duplicate_id", f"id {item_id!r} already appeared in an earlier row")
@@ -67,9 +69,8 @@ def validate_row(
         out[schema.SPLIT] = records.assign_split(item_id, cfg.split.fractions, cfg.split.salt)
 
     if cfg.labels.column:
-        labels = records.parse_labels(
-            data.get(cfg.labels.column), cfg.labels.kind, cfg.labels.separator, cfg.labels.positive_name
-        )
+        labels = records.parse_labels(data.get(cfg.labels.column), cfg.labels.kind, cfg.labels.separator,
+                                      cfg.labels.positive_name, cfg.labels.column)
         if labels is None and out[schema.SPLIT] in cfg.labels.required_in:
             raise RejectError(
                 "missing_label", f"column {cfg.labels.column!r} is empty in the {out[schema.SPLIT]} split"
@@ -79,13 +80,13 @@ def validate_row(
         out[schema.LABELS] = None
 
     for col in cfg.text:
-        out[col] = records.parse_text(data.get(col))
+        out[col] = records.parse_text(data.get(col), col)
     for col, sep in cfg.lists.items():
-        out[col] = records.parse_list(data.get(col), sep)
+        out[col] = records.parse_list(data.get(col), sep, col)
     for col in cfg.numeric:
         out[col] = records.parse_number(data.get(col), col)
     for col in cfg.categorical:
-        out[col] = records.parse_category(data.get(col))
+        out[col] = records.parse_category(data.get(col), col)
 
     out[schema.IMAGE] = out[schema.IMAGE_WIDTH] = out[schema.IMAGE_HEIGHT] = out[schema.IMAGE_SHA256] = None
     value = data.get(cfg.image) if cfg.image else None
@@ -93,7 +94,9 @@ def validate_row(
         if cfg.image and cfg.image_required:
             raise RejectError("missing_image", f"column {cfg.image!r} is empty")
     else:
-        path = records.resolve_media_path(root, str(value))
+        if not isinstance(value, str):
+            raise RejectError("bad_value", f"column {cfg.image!r}: expected a relative path, found {str(value)[:80]!r}")
+        path = records.resolve_media_path(root, value)
         info = records.inspect_image(path, ingest.max_image_pixels)
         out[schema.IMAGE] = path.relative_to(root).as_posix()
         out[schema.IMAGE_WIDTH], out[schema.IMAGE_HEIGHT] = info.width, info.height
@@ -106,12 +109,20 @@ def validate_row(
 # --------------------------------------------------------------------------------------------
 
 
+def as_reject(exc: Exception) -> RejectError:
+    """The reject an error checking one row stands for: a RejectError as it is, anything else as
+    `unexpected_error` with its type and message."""
+    if isinstance(exc, RejectError):
+        return exc
+    return RejectError("unexpected_error", f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
 class _Rejects(list):
     """Rejected rows as records of schema.REJECTS_SCHEMA."""
 
     def add(self, row: RawRow, item_id: str | None, err: RejectError) -> None:
-        self.append({schema.SOURCE_ROW: row.source_row, schema.ID: item_id, schema.REASON: err.reason,
-                     schema.DETAIL: err.detail, schema.ROW: row.raw})
+        self.append({schema.SOURCE_ROW: row.source_row, schema.ID: unescape(item_id), schema.REASON: err.reason,
+                     schema.DETAIL: unescape(err.detail), schema.ROW: unescape(row.raw)})
 
 
 def _prechecked(rows: list[RawRow], dataset: DatasetConfig, rejects: _Rejects) -> list[tuple[str, RawRow]]:
@@ -121,9 +132,10 @@ def _prechecked(rows: list[RawRow], dataset: DatasetConfig, rejects: _Rejects) -
     for row in rows:
         try:
             candidates.append((precheck(row, dataset, seen), row))
-        except RejectError as err:
+        except Exception as exc:  # noqa: BLE001 - one row's problem is that row's reject, never the run's
             raw_id = (row.data or {}).get(dataset.id, row.id_hint)
-            rejects.add(row, None if records.is_blank(raw_id) else unescape(str(raw_id).strip()), err)
+            item_id = None if records.is_blank(raw_id) or isinstance(raw_id, (dict, list)) else unescape(str(raw_id).strip())
+            rejects.add(row, item_id, as_reject(exc))
     return candidates
 
 
@@ -135,8 +147,8 @@ def _validated(candidates: list[tuple[str, RawRow]], dataset: DatasetConfig, ing
     def check(pair: tuple[str, RawRow]) -> dict[str, Any] | RejectError:
         try:
             return validate_row(pair[0], pair[1], dataset, root, ingest, fixed_split)
-        except RejectError as err:
-            return err
+        except Exception as exc:  # noqa: BLE001 - one row's problem is that row's reject, never the run's
+            return as_reject(exc)
 
     accepted: list[dict[str, Any]] = []
     t0 = last_log = time.perf_counter()
@@ -234,15 +246,16 @@ def _check_limits(metrics: dict[str, Any], root: Path, ingest: IngestConfig, rej
 
 def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path,
                fixed_split: str | None = None, vocabulary: list[str] | None = None,
-               rows: list[RawRow] | None = None) -> dict[str, Any]:
+               rows: list[RawRow] | None = None, check_limits: bool = True) -> dict[str, Any]:
     """Validate the dataset and write manifest.parquet, rejects.parquet and the metrics JSON.
 
     Scoring a new dataset with a trained model passes `fixed_split` (every row gets this split),
-    `vocabulary` (the model's label names) and the `rows` it has read already (read_rows).
+    `vocabulary` (the model's label names), the `rows` it has read already (read_rows), and
+    `check_limits=False` (a batch job: no reject limit, and no accepted row is not an error).
     """
     t0 = time.perf_counter()
     root = Path(dataset.dir)
-    rows = read_rows(dataset, root) if rows is None else rows
+    rows = read_rows(dataset, root, max_field_chars=ingest.max_field_chars) if rows is None else rows
     log.info("read %d rows from %s (%s)", len(rows), root, dataset.format)
 
     rejects = _Rejects()
@@ -269,5 +282,6 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
     runtime.write_json(metrics_path, metrics)
     log.info("accepted %d, rejected %d of %d rows (%s) in %.1f s", metrics["accepted"], metrics["rejected"],
              metrics["read"], {k: v for k, v in metrics["rejected_by_reason"].items() if v}, time.perf_counter() - t0)
-    _check_limits(metrics, root, ingest, out_dir / "rejects.parquet")
+    if check_limits:
+        _check_limits(metrics, root, ingest, out_dir / "rejects.parquet")
     return metrics

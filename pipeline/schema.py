@@ -50,6 +50,8 @@ REJECT_REASONS = (
     "bad_label",
     "bad_value",
     "bad_split",
+    "field_too_large",  # a field longer than ingest.max_field_chars
+    "unexpected_error",  # a check of this row raised an error no rule above anticipated (detail says which)
 )
 
 # Rejects and dead letters: what could not be used, where, and why.
@@ -136,12 +138,22 @@ def read_metadata(sch: pa.Schema) -> dict[str, Any]:
     return meta
 
 
+class UnreadableFileError(ValueError):
+    """A pipeline file that is missing, truncated, corrupted or of another kind."""
+
+
 def read_manifest(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     """Read a canonical manifest and its provenance (a file not written by ingest is refused)."""
-    table = pq.read_table(path)
-    meta = read_metadata(table.schema)
+    try:
+        table = pq.read_table(path)
+        meta = read_metadata(table.schema)
+    except FileNotFoundError:
+        raise UnreadableFileError(f"manifest not found: {path}") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise UnreadableFileError(f"{path}: cannot read the manifest ({type(exc).__name__}: {str(exc)[:200]}); "
+                                  "run ingest again") from None
     if meta.get("kind") != "manifest":
-        raise ValueError(f"{path}: expected a canonical manifest, found a {meta.get('kind')!r} file")
+        raise UnreadableFileError(f"{path}: expected a canonical manifest, found a {meta.get('kind')!r} file")
     return table, meta
 
 

@@ -164,8 +164,9 @@ def test_jsonl_contract_with_native_lists(tmp_path):
         ("j1", ["p", "q"], 2001.0, "7", ["x", "z"]),
         ("j2", ["p", "r"], None, "GB", ["x"]),
     ]
+    # the blank line is not a record: records are numbered without it, details name the physical line
     assert [(r[schema.SOURCE_ROW], r["reason"]) for r in rejects] == [
-        (3, "malformed_row"), (4, "empty_row"), (5, "malformed_row"), (6, "invalid_utf8")]
+        (3, "malformed_row"), (4, "malformed_row"), (5, "invalid_utf8")]
     assert "line 6" in rejects[-1]["detail"]
 
 
