@@ -56,12 +56,25 @@ def save_bundle(path: Path, model: nn.Module, model_cfg: ModelConfig, train_conf
 
 def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a bundle (weights_only: no arbitrary code is unpickled)."""
-    bundle = torch.load(path, map_location=device, weights_only=True)
-    if bundle.get("format") != BUNDLE_FORMAT:
-        raise runtime.UserError(f"{path}: bundle format {bundle.get('format')} not supported (expected {BUNDLE_FORMAT})")
-    cfg = from_dict(ModelConfig, bundle["model_config"], "bundle.model_config")
-    model = build_model(cfg, bundle["dims"], bundle["categories"], len(bundle["label_names"]))
-    model.load_state_dict(bundle["state_dict"])
+    try:
+        bundle = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise runtime.UserError(f"model bundle not found: {path}") from None
+    except IsADirectoryError:
+        raise runtime.UserError(f"{path} is a folder; give the model.pt inside it") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a bundle
+        raise runtime.UserError(f"{path} is not a model bundle written by train ({type(exc).__name__}: "
+                                f"{str(exc)[:160]})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        found = bundle.get("format") if isinstance(bundle, dict) else type(bundle).__name__
+        raise runtime.UserError(f"{path}: bundle format {found!r} not supported (expected {BUNDLE_FORMAT})")
+    try:
+        cfg = from_dict(ModelConfig, bundle["model_config"], "bundle.model_config")
+        model = build_model(cfg, bundle["dims"], bundle["categories"], len(bundle["label_names"]))
+        model.load_state_dict(bundle["state_dict"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise runtime.UserError(f"{path}: the model bundle is incomplete or damaged ({type(exc).__name__}: "
+                                f"{str(exc)[:160]})") from None
     return model.to(device).eval(), bundle
 
 
@@ -87,9 +100,21 @@ def check_same_manifest(store: FeatureStore, manifest: Path, features_root: Path
 
 
 def feature_dirs(root: Path, modalities: Sequence[str] | None, what: str = "train.modalities") -> dict[str, Path]:
-    """Modality -> feature folder; all folders holding a features.parquet when `modalities` is null."""
-    found = {p.parent.name: p.parent for p in sorted(root.glob("*/features.parquet"))}
+    """Modality -> feature folder: the `modalities` named, or (null) every folder under `root`.
+
+    A folder without features.parquet is an extraction that did not finish (killed, or failed): with
+    `modalities` null it is an error naming it, never a modality silently left out.
+    """
+    if not root.is_dir():
+        raise runtime.UserError(f"features folder not found: {root}")
+    folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    found = {name: p for name, p in folders.items() if (p / "features.parquet").is_file()}
     if modalities is None:
+        unfinished = sorted(set(folders) - set(found))
+        if unfinished:
+            raise runtime.UserError(
+                f"{root}: modality folder(s) {unfinished} hold no features.parquet: their extraction did not finish. "
+                f"Run it again (dvc repro extract@{unfinished[0]}), or name the modalities to use in {what}")
         if not found:
             raise runtime.UserError(f"no feature sets under {root} (expected <modality>/features.parquet)")
         return found

@@ -244,12 +244,20 @@ def describe(spec: Modality, manifest: pa.Table, mmeta: dict[str, Any],
             described = module.describe(cfg, numeric, fitted)
             described["categorical"] = {c: fitted["categorical"][c] for c in categorical}
         else:
-            described = module.describe(cfg)
+            described = describe_model(spec)
     except (MissingModelError, ValueError) as exc:
         raise ExtractionError(f"{where}: {exc}") from None
     if expect is not None:
         check_extractor(spec.name, expect, described)
     return described, stats
+
+
+def describe_model(spec: Modality) -> dict[str, Any]:
+    """Provenance of a model-based extractor (not meta) from its config and weight files alone."""
+    try:
+        return spec.module.describe(spec.cfg)
+    except (MissingModelError, ValueError) as exc:
+        raise ExtractionError(f"extract.modalities.{spec.name}: {exc}") from None
 
 
 def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]) -> None:
@@ -327,9 +335,10 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
             "items": feats.num_rows}
     if stats is not None:
         meta["stats"] = stats.fitted
-    features.write_feature_table(feats, dim, meta, out_dir / "features.parquet")
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
     shutil.rmtree(tmp)
+    # last, and atomically: a folder holding features.parquet is a finished extraction
+    features.write_feature_table(feats, dim, meta, out_dir / "features.parquet")
 
     metrics = _counts(spec, ids, feats, dead, time.perf_counter() - t0)
     runtime.write_json(metrics_path, metrics)

@@ -8,10 +8,13 @@ manifest it came from, so later stages can refuse features that do not belong to
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
@@ -74,21 +77,79 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _digest(h: Any, arr: pa.Array) -> None:
+    """Feed the logical content of `arr` (type, nulls, values; not its memory layout) into hash `h`."""
+    t = arr.type
+    if pa.types.is_fixed_size_list(t):
+        tag = f"fixed_size_list[{t.list_size}]"
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        tag = "list"  # not str(t): Parquet renames a list's child field ("item" -> "element")
+    elif pa.types.is_struct(t):
+        tag = "struct:" + ",".join(f.name for f in t)
+    else:
+        tag = str(t)
+    h.update(f"{tag}:{len(arr)}:{arr.null_count}".encode())
+    if arr.null_count:
+        h.update(np.packbits(arr.is_null().to_numpy(zero_copy_only=False)).tobytes())
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        h.update(np.ascontiguousarray(lengths))
+        _digest(h, arr.flatten())
+    elif pa.types.is_struct(t):
+        for child in arr.flatten():
+            _digest(h, child)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
+        values = arr.fill_null("" if pa.types.is_string(t) or pa.types.is_large_string(t) else b"").to_pylist()
+        h.update(np.asarray([len(v) for v in values], dtype=np.int64))
+        h.update("".join(values).encode("utf-8", "surrogatepass") if values and isinstance(values[0], str)
+                 else b"".join(values))
+    else:
+        h.update(np.ascontiguousarray(arr.fill_null(0).to_numpy(zero_copy_only=False)))
+
+
+def content_sha256(table: pa.Table) -> str:
+    """sha256 of a table's logical content (columns, types, nulls, values), independent of how Parquet
+    or Arrow lays it out, so the value computed before writing can be checked after reading."""
+    h = hashlib.sha256()
+    for name in table.column_names:
+        h.update(name.encode())
+        _digest(h, table[name].combine_chunks())
+    return h.hexdigest()
+
+
+class FeaturesUnreadableError(UserError):
+    """A feature file that is truncated, corrupted, or not a feature file at all."""
+
+
 def write_feature_table(table: pa.Table, dim: int, meta: dict[str, Any], path: Path) -> pa.Table:
-    """Write a feature table sorted by id with provenance metadata; returns the table written."""
-    sch = schema.with_metadata(feature_schema(dim), {"kind_of_file": "features", **meta})
-    table = table.cast(feature_schema(dim)).sort_by(schema.ID).replace_schema_metadata(sch.metadata)
+    """Write a feature table sorted by id with provenance metadata and a checksum of its content;
+    returns the table written. The file appears complete or not at all (written aside, then renamed)."""
+    table = table.cast(feature_schema(dim)).sort_by(schema.ID)
+    meta = {"kind_of_file": "features", **meta, "content_sha256": content_sha256(table)}
+    table = table.replace_schema_metadata(schema.with_metadata(feature_schema(dim), meta).metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
+    part = path.with_name(f".{path.name}.partial")
+    pq.write_table(table, part, compression="zstd", write_page_checksum=True)
+    os.replace(part, path)
     return table
 
 
 def read_features(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a feature set; refuse it when its provenance differs from `expect` (key by key)."""
-    table = pq.read_table(path)
-    meta = schema.read_metadata(table.schema)
+    """Read a feature set, verifying its page checksums and its content checksum; refuse it when its
+    provenance differs from `expect` (key by key)."""
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+        meta = schema.read_metadata(table.schema)
+    except FileNotFoundError:
+        raise FeaturesUnreadableError(f"{path}: no such feature file") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise FeaturesUnreadableError(f"{path}: cannot read this feature file ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]}); it is truncated or corrupted: run its extraction again") from None
     if meta.get("kind_of_file") != "features":
         raise FeatureMismatchError(f"{path}: not a feature set (found {meta.get('kind_of_file')!r})")
+    if meta.get("content_sha256") != content_sha256(table):
+        raise FeaturesUnreadableError(f"{path}: its content does not match the checksum written with it: the file "
+                                      "is corrupted; run its extraction again")
     check_provenance(meta, expect or {}, str(path))
     return table, meta
 

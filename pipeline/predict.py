@@ -135,7 +135,7 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
     """Probabilities, decisions and importances for items `positions` of `store` (on the model's device);
     `splits` are those items' splits."""
     task, labels = bundle["task"], bundle["label_names"]
-    mods = list(getattr(model, "modalities", sorted(store.dims)))
+    mods = list(model.modalities)
     is_set = isinstance(model, SetModel)
     device = next(model.parameters()).device
     idx_all = torch.as_tensor(positions, dtype=torch.long, device=device)
@@ -359,11 +359,18 @@ def predict_items(inputs: ScoringInputs, positions: np.ndarray, cfg: PredictConf
     return Prediction(scored, truth, summarise(scored, truth, inputs.bundle))
 
 
-def write_outputs(prediction: Prediction, inputs: ScoringInputs, out_dir: Path) -> None:
-    """The four tables, summary.json and the two SVG plots under `out_dir`."""
+def predict_nothing(model: torch.nn.Module, bundle: dict[str, Any], cfg: PredictConfig) -> Prediction:
+    """The prediction of no items (scoring a folder none of whose rows could be scored): empty tables
+    with the model's columns and a summary with zero counts."""
+    scored = score_store(model, bundle, None, np.zeros(0, dtype=np.int64), [], cfg)
+    return Prediction(scored, [], summarise(scored, [], bundle))
+
+
+def write_outputs(prediction: Prediction, out_dir: Path, element_meta: dict[str, dict[str, list]]) -> None:
+    """The four tables, summary.json and the two SVG plots under `out_dir` (`element_meta`: see
+    element_metadata)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = element_metadata(inputs.dirs, inputs.bundle, prediction.scored.ids)
-    for name, table in tables(prediction.scored, prediction.truth, meta).items():
+    for name, table in tables(prediction.scored, prediction.truth, element_meta).items():
         pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
     runtime.write_json(out_dir / "summary.json", prediction.summary)
     for name, svg in summary_plots(prediction.summary).items():
@@ -419,7 +426,8 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
     prediction = predict_items(inputs, positions, cfg)
     summary = prediction.summary
     summary["seconds"] = time.perf_counter() - t0
-    write_outputs(prediction, inputs, out_dir)
+    with runtime.staged_output(out_dir) as work:
+        write_outputs(prediction, work, element_metadata(inputs.dirs, inputs.bundle, prediction.scored.ids))
     if metrics_path is not None:
         runtime.write_json(metrics_path, summary)
     if plot_csv is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import plots, records, schema
+from pipeline import plots, records, runtime, schema
 from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -175,6 +174,17 @@ def _read_inputs(cfg: ReportConfig, pred_dir: Path, manifest_path: Path) -> _Inp
                    label_importance, elements)
 
 
+def _image(root: Path, rel: str | None) -> Image.Image | None:
+    """The item's image, or None when it has none or it can no longer be read (moved, changed since ingest)."""
+    if not rel:
+        return None
+    try:
+        return records.load_rgb(root / rel)
+    except Exception as exc:  # noqa: BLE001 - the report shows the item without its picture
+        log.warning("report: cannot show %s (%s)", root / rel, exc)
+        return None
+
+
 def _importance_blocks(inp: _Inputs, item: str, top_label: str | None) -> list[str]:
     """Modality bars of the item and of its top label (or the ablation drops of the concat baseline)."""
     mods, method, colours = inp.summary["modalities"], inp.summary["method"], inp.colours
@@ -205,8 +215,8 @@ def _card(cfg: ReportConfig, inp: _Inputs, k: int, r: dict[str, Any], img_dir: P
     key = schema.TOP_LABEL_SHARE if any(e.get(schema.TOP_LABEL_SHARE) is not None for e in els) else schema.SHARE
     top_el = max((e for e, _ in boxed), key=lambda e: (e.get(key) or 0.0), default=None)
     poster = '<div class="poster"></div>'
-    if mrow.get(schema.IMAGE):
-        img = records.load_rgb(inp.root / mrow[schema.IMAGE])
+    img = _image(inp.root, mrow.get(schema.IMAGE))
+    if img is not None:
         th = min(cfg.thumb_height, img.size[1])
         tw = max(1, round(img.size[0] * th / img.size[1]))
         img.resize((tw, th), Image.BICUBIC).save(img_dir / f"{k}.jpg", quality=85)
@@ -236,11 +246,12 @@ def write_report(cfg: ReportConfig, pred_dir: Path, manifest_path: Path, out_dir
                  title: str = "Deep Multi-Modal Sets: predictions and importances") -> Path:
     """Write <out_dir>/index.html (and img/) from the predict outputs in `pred_dir`; returns the page."""
     inp = _read_inputs(cfg, pred_dir, manifest_path)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    (out_dir / "img").mkdir(parents=True)
-    cards = [_card(cfg, inp, k, r, out_dir / "img") for k, r in enumerate(inp.picked)]
+    with runtime.staged_output(out_dir) as work:
+        (work / "img").mkdir()
+        cards = [_card(cfg, inp, k, r, work / "img") for k, r in enumerate(inp.picked)]
+        (work / "index.html").write_text(_page(title, inp.summary, pred_dir, cards, len(inp.pool), cfg),
+                                         encoding="utf-8")
     page = out_dir / "index.html"
-    page.write_text(_page(title, inp.summary, pred_dir, cards, len(inp.pool), cfg), encoding="utf-8")
     log.info("wrote the report of %d items to %s", len(cards), page)
     return page
 

@@ -8,11 +8,15 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.config import ConfigError, load_params
+from pipeline.schema import UnreadableFileError
 
 log = logging.getLogger("pipeline")
 
@@ -79,12 +83,41 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """Run an entry point; user errors print one clear line and exit with status 2."""
+    """Run an entry point; user errors print one clear line and exit with status 2, errors of the
+    machine (a full or read-only disk, a missing permission, an output path that is a file) one clear
+    line and status 1. Anything else is a bug and keeps its traceback."""
     try:
         fn(argv)
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, UnreadableFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        text = f"{exc.strerror}{where}" if exc.strerror else str(exc)
+        print(f"error: {text}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+@contextmanager
+def staged_output(final: str | Path) -> Iterator[Path]:
+    """A fresh folder beside `final` to write a run's outputs into; it replaces `final` only when the
+    block completes, so a failed run leaves the previous outputs as they were and no mix. A run killed
+    outright leaves a hidden `.<name>.partial-*` folder beside it, safe to delete."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"output folder {final} exists and is not a folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_device(name: str) -> Any:

@@ -27,8 +27,9 @@ from pipeline import extract, runtime, schema
 from pipeline.bundle import load_bundle, load_scoring_inputs
 from pipeline.config import ConfigError, DatasetConfig, IngestConfig, from_dict
 from pipeline.extract import JobConfig, run_extraction
+from pipeline.features import FeatureMismatchError
 from pipeline.ingest import run_ingest
-from pipeline.predict import PredictConfig, predict_items, write_outputs
+from pipeline.predict import PredictConfig, element_metadata, predict_items, predict_nothing, write_outputs
 from pipeline.readers import IngestError, RawRow, read_rows, required_columns
 from pipeline.report import ReportConfig, write_report
 from pipeline.runtime import UserError
@@ -65,18 +66,20 @@ def scoring_contract(bundle: dict[str, Any], input_dir: Path, overrides: dict[st
     return from_dict(DatasetConfig, raw, "score.dataset")
 
 
-def read_source(contract: DatasetConfig, allow_missing: bool) -> tuple[DatasetConfig, frozenset[str], list[RawRow]]:
+def read_source(contract: DatasetConfig, allow_missing: bool,
+                max_field_chars: int = 1_000_000) -> tuple[DatasetConfig, frozenset[str], list[RawRow]]:
     """Read the folder's rows once and compare its columns with the contract: a missing labels
     column is normal (it is dropped); another missing column is an error unless `allow_missing`
     (then its values are empty). Returns the contract to ingest with, the missing columns, the rows."""
     root = Path(contract.dir)
     if contract.format == "mmimdb":
-        return contract, frozenset(), read_rows(contract, root)
+        return contract, frozenset(), read_rows(contract, root, max_field_chars=max_field_chars)
     if root.is_dir() and not (root / contract.manifest).is_file():
         raise IngestError(f"{contract.dir}: no {contract.manifest!r}, the manifest file the model's dataset contract "
                           "names; name yours with score.dataset in a --params overlay, e.g. "
                           "'score: {dataset: {manifest: new.csv, format: csv}}'")
-    rows = read_rows(contract, root, optional=frozenset(required_columns(contract)))  # checks the folder
+    rows = read_rows(contract, root, optional=frozenset(required_columns(contract)),  # checks the folder
+                     max_field_chars=max_field_chars)
     present = set().union(*(r.data.keys() for r in rows if r.data is not None)) if rows else set()
     missing = [c for c in required_columns(contract) if c not in present]
     if contract.labels.column in missing:
@@ -95,15 +98,29 @@ def read_source(contract: DatasetConfig, allow_missing: bool) -> tuple[DatasetCo
     return contract, frozenset(missing), rows
 
 
-def extract_all(bundle: dict[str, Any], job: JobConfig, manifest: Path, features_root: Path,
-                extra_beam_args: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
-    """Run each of the bundle's extractors on the manifest, as its extract stage would; returns the
-    extraction dead letters by item id. Every extractor is checked against the bundle first."""
+def extractor_specs(bundle: dict[str, Any]) -> dict[str, extract.Modality]:
+    """The bundle's extractors, each checked against this installation (model, weights, dimension)
+    before anything is read or extracted, so every mismatch is found up front."""
     specs = {m: extract.modality(m, prov["params"], f"bundle.provenance.{m}.params")
              for m, prov in bundle["provenance"].items()}
-    table, mmeta = schema.read_manifest(manifest)
-    for name, spec in specs.items():  # all refusals before any extraction starts
-        extract.describe(spec, table, mmeta, expect=bundle["provenance"][name])
+    problems = []
+    for name, spec in specs.items():
+        if spec.kind == "meta":  # no model: it reuses the bundle's statistics
+            continue
+        try:
+            extract.check_extractor(name, bundle["provenance"][name], extract.describe_model(spec))
+        except (FeatureMismatchError, extract.ExtractionError) as exc:
+            problems.append(str(exc))
+    if problems:
+        raise FeatureMismatchError(" | ".join(problems))
+    return specs
+
+
+def extract_all(specs: dict[str, extract.Modality], bundle: dict[str, Any], job: JobConfig, manifest: Path,
+                features_root: Path, extra_beam_args: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Run each of the bundle's extractors on the manifest, as its extract stage would, as a batch job
+    (failures are dead letters whatever their share); returns the extraction dead letters by item id."""
+    job = dataclasses.replace(job, max_failure_fraction=1.0)
     failed: dict[str, list[dict[str, Any]]] = {}
     for name, spec in specs.items():
         folder = features_root / name
@@ -116,44 +133,59 @@ def extract_all(bundle: dict[str, Any], job: JobConfig, manifest: Path, features
 
 def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path, job: JobConfig,
               ingest_cfg: IngestConfig, extra_beam_args: Sequence[str] = ()) -> dict[str, Any]:
-    """Score every row of the dataset at `input_dir`; returns the summary (with reconciled counts)."""
+    """Score every row of the dataset at `input_dir` as a batch job: every valid row is scored, every
+    other row is a dead letter with its reason, whatever their share. Outputs are written aside and
+    replace `out_dir` only when complete. Returns the summary (with counts that reconcile)."""
     t0 = time.perf_counter()
-    _, bundle = load_bundle(model_path)
-    contract, missing, rows = read_source(scoring_contract(bundle, input_dir, cfg.dataset), cfg.allow_missing_columns)
-    manifest = out_dir / "ingest" / "manifest.parquet"
-    counts = run_ingest(contract, ingest_cfg, out_dir / "ingest", out_dir / "ingest" / "counts.json",
-                        fixed_split=schema.SCORE_SPLIT, vocabulary=bundle["label_names"], rows=rows)
-    log.info("scoring %d items of %s with %s", counts["accepted"], input_dir, model_path)
-    failed = extract_all(bundle, job, manifest, out_dir / "features", extra_beam_args)
-
-    inputs = load_scoring_inputs(model_path, manifest, out_dir / "features", cfg.device)
-    positions = np.array([i for i, item in enumerate(inputs.ids) if item not in failed], dtype=np.int64)
-    prediction = predict_items(inputs, positions, cfg)
-    summary = prediction.summary
-
-    dead = dead_letters(manifest, out_dir / "ingest" / "rejects.parquet", failed)
-    pq.write_table(pa.Table.from_pylist(dead, schema=schema.SCORE_DEAD_LETTER_SCHEMA), out_dir / "dead_letters.parquet",
-                   compression="zstd")
-    n_dead = len({d[schema.SOURCE_ROW] for d in dead})
-    summary["counts"] = {
-        "read": counts["read"], "ingest_rejected": counts["rejected"], "extract_failed": len(failed),
-        "scored": len(positions), "dead_lettered": n_dead,
-        "rejected_by_reason": {k: v for k, v in counts["rejected_by_reason"].items() if v},
-        "missing_columns": sorted(missing),
-    }
-    summary["model"] = str(model_path)
-    summary["input"] = str(input_dir)
-    summary["seconds"] = time.perf_counter() - t0
-    if counts["read"] != len(positions) + n_dead:
-        raise UserError(f"scoring counts do not reconcile: read {counts['read']}, scored {len(positions)}, "
-                        f"dead-lettered {n_dead}")
-    write_outputs(prediction, inputs, out_dir)
-    if cfg.write_report:
-        write_report(cfg.report, out_dir, manifest, out_dir / "report", title=f"Scores of {input_dir.name}")
+    model, bundle = load_bundle(model_path)
+    specs = extractor_specs(bundle)
+    contract, missing, rows = read_source(scoring_contract(bundle, input_dir, cfg.dataset), cfg.allow_missing_columns,
+                                          ingest_cfg.max_field_chars)
+    with runtime.staged_output(out_dir) as work:
+        manifest = work / "ingest" / "manifest.parquet"
+        counts = run_ingest(contract, dataclasses.replace(ingest_cfg, max_reject_fraction=1.0), work / "ingest",
+                            work / "ingest" / "counts.json", fixed_split=schema.SCORE_SPLIT,
+                            vocabulary=bundle["label_names"], rows=rows, check_limits=False)
+        log.info("scoring %d items of %s with %s", counts["accepted"], input_dir, model_path)
+        failed: dict[str, list[dict[str, Any]]] = {}
+        if counts["accepted"]:
+            failed = extract_all(specs, bundle, job, manifest, work / "features", extra_beam_args)
+            inputs = load_scoring_inputs(model_path, manifest, work / "features", cfg.device)
+            positions = np.array([i for i, item in enumerate(inputs.ids) if item not in failed], dtype=np.int64)
+            prediction = predict_items(inputs, positions, cfg)
+            element_meta = element_metadata(inputs.dirs, bundle, prediction.scored.ids)
+        else:
+            log.warning("no row of %s can be scored: every one is a dead letter", input_dir)
+            prediction, element_meta = predict_nothing(model, bundle, cfg), {}
+        summary = prediction.summary
+        dead = dead_letters(manifest, work / "ingest" / "rejects.parquet", failed)
+        pq.write_table(pa.Table.from_pylist(dead, schema=schema.SCORE_DEAD_LETTER_SCHEMA),
+                       work / "dead_letters.parquet", compression="zstd")
+        summary["counts"] = _counts(counts, failed, len(prediction.scored.ids), dead, missing)
+        summary.update(model=str(model_path), input=str(input_dir), seconds=time.perf_counter() - t0)
+        write_outputs(prediction, work, element_meta)
+        if cfg.write_report:
+            write_report(cfg.report, work, manifest, work / "report", title=f"Scores of {input_dir.name}")
+    c = summary["counts"]
     log.info("read %d rows: %d scored, %d dead-lettered (%d rejected at ingest, %d failed extraction) in %.1f s; "
-             "outputs in %s", counts["read"], len(positions), n_dead, counts["rejected"], len(failed),
+             "outputs in %s", c["read"], c["scored"], c["dead_lettered"], c["ingest_rejected"], c["extract_failed"],
              summary["seconds"], out_dir)
     return summary
+
+
+def _counts(ingest_counts: dict[str, Any], failed: dict[str, Any], scored: int, dead: list[dict[str, Any]],
+            missing: frozenset[str]) -> dict[str, Any]:
+    """The summary's counts; read = scored + dead-lettered, or the run fails."""
+    n_dead = len({d[schema.SOURCE_ROW] for d in dead})
+    if ingest_counts["read"] != scored + n_dead:
+        raise UserError(f"scoring counts do not reconcile: read {ingest_counts['read']}, scored {scored}, "
+                        f"dead-lettered {n_dead}")
+    return {
+        "read": ingest_counts["read"], "ingest_rejected": ingest_counts["rejected"], "extract_failed": len(failed),
+        "scored": scored, "dead_lettered": n_dead,
+        "rejected_by_reason": {k: v for k, v in ingest_counts["rejected_by_reason"].items() if v},
+        "missing_columns": sorted(missing),
+    }
 
 
 def dead_letters(manifest: Path, rejects: Path, failed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

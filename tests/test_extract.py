@@ -296,3 +296,24 @@ def test_beam_options_pass_through():
     opts = beam_options(job, ["--parallelism=4"]).get_all_options()
     assert opts["runner"] == "FlinkRunner" and opts["flink_master"] == "localhost:8081"
     assert opts["save_main_session"] is True and opts["parallelism"] == 4
+
+
+@pytest.mark.slow
+def test_degenerate_images_give_empty_sets_or_real_pixels_in_every_image_extractor(tmp_path):
+    """Tiny, extreme-aspect, 16-bit and palette images: never an extraction failure."""
+    images = {"one_pixel": Image.new("RGB", (1, 1), (200, 10, 10)), "strip": Image.new("RGB", (3000, 3), (9, 9, 9)),
+              "tower": Image.new("RGB", (2, 4000), (9, 9, 9)),
+              "grey16": Image.fromarray(np.linspace(0, 65535, 96 * 96).reshape(96, 96).astype(np.uint16)),
+              "palette": Image.new("P", (40, 40), 0)}
+    for name, img in images.items():
+        img.save(tmp_path / f"{name}.png")
+    rows = [{"id": n, "image": f"{n}.png"} for n in images]
+    for module, cfg in ((image, image.ImageConfig(device="cpu")), (faces, faces.FacesConfig(device="cpu")),
+                        (ocr, ocr.OcrConfig(device="cpu"))):
+        handler = module.HANDLER_CLASS(cfg)
+        model = handler.load_model()
+        results = handler.run_inference([module.prepare(r, cfg, tmp_path) for r in rows], model)
+        failed = {r["id"]: res.error for r, res in zip(rows, results) if isinstance(res, base.ItemError)}
+        assert not failed, f"{module.__name__}: {failed}"
+        sizes = [res.vectors.shape[0] for res in results]
+        assert sizes == ([1] * len(rows) if module is image else [0] * len(rows)), (module.__name__, sizes)

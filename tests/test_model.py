@@ -16,6 +16,8 @@ from pipeline.features import FeatureMismatchError
 from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model, segment_pool
 from pipeline.setdata import FeatureStore, PackedModality
 from pipeline.bundle import check_store_matches, load_bundle, predict
+from pipeline.predict import PredictConfig, run_predict
+from pipeline.runtime import UserError
 from pipeline.train import TrainConfig, fit
 
 DIMS = {"a": 6, "b": 4, "meta": 2}
@@ -205,3 +207,60 @@ def test_training_on_cuda(tmp_path):
     res = fit(train_cfg(device="cuda", amp=True), manifest, tmp_path / "features", tmp_path / "model",
               tmp_path / "m.json", tmp_path / "c.csv")
     assert res["device"].startswith("cuda") and res["test"]["f1_micro"] > 0.8
+
+
+# ------------------------------------------------------------------ stage outputs a stage can trust
+
+
+def corrupt(path: Path, where: float = 0.5, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * where)
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated", "values changed"])
+def test_damaged_features_are_refused_by_train_and_predict_naming_the_file(tmp_path, damage):
+    manifest = write_synthetic(tmp_path)
+    fit(train_cfg(epochs=2), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    path = tmp_path / "features" / "b" / "features.parquet"
+    if damage == "flipped bytes":
+        corrupt(path)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a file whose pages are intact but whose values are not the ones written: the content checksum
+        table = pq.read_table(path)
+        vecs = table["vectors"].to_pylist()
+        k = next(i for i, v in enumerate(vecs) if v)
+        vecs[k][0][0] += 1e24
+        pq.write_table(table.set_column(1, "vectors", pa.array(vecs, table.schema.field("vectors").type)), path,
+                       write_page_checksum=True)
+    with pytest.raises(features.FeaturesUnreadableError, match=r"features/b/features\.parquet.*(corrupted|truncated)"):
+        fit(train_cfg(epochs=2), manifest, tmp_path / "features", tmp_path / "m2", tmp_path / "m2.json", tmp_path / "c2.csv")
+    with pytest.raises(features.FeaturesUnreadableError, match=r"features/b/features\.parquet"):
+        run_predict(PredictConfig(device="cpu"), tmp_path / "model" / "model.pt", manifest, tmp_path / "features",
+                    tmp_path / "pred")
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "m2" / "model.pt").exists()
+
+
+def test_an_unfinished_modality_is_refused_unless_the_modalities_are_named(tmp_path):
+    manifest = write_synthetic(tmp_path)
+    killed = tmp_path / "features" / "ocr"
+    (killed / "_shards").mkdir(parents=True)  # what an extraction killed half-way leaves
+    with pytest.raises(UserError, match=r"\['ocr'\] hold no features.parquet: their extraction did not finish"):
+        fit(train_cfg(epochs=2), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    res = fit(train_cfg(epochs=2, modalities=["a", "b"]), manifest, tmp_path / "features", tmp_path / "model",
+              tmp_path / "m.json", tmp_path / "c.csv")
+    assert res["modalities"] == ["a", "b"]
+    with pytest.raises(UserError, match=r"train.modalities \['ocr'\] have no features"):
+        fit(train_cfg(epochs=2, modalities=["a", "ocr"]), manifest, tmp_path / "features", tmp_path / "model",
+            tmp_path / "m.json", tmp_path / "c.csv")
+
+
+def test_a_file_that_is_not_a_bundle_is_one_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    with pytest.raises(UserError, match=r"notes.txt is not a model bundle written by train"):
+        load_bundle(tmp_path / "notes.txt")
+    torch.save({"format": 1, "model_config": {}}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match=r"partial.pt: the model bundle is incomplete or damaged"):
+        load_bundle(tmp_path / "partial.pt")

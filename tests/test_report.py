@@ -54,11 +54,13 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
         faces, ocr, top, bars, plots = boxes
         assert faces > 0 and ocr > 0 and top > 0, f"boxes drawn: faces {faces}, ocr {ocr}, highlighted {top}"
         assert bars >= 8 * 3 and plots == 2
-        visible = driver.execute_script(  # the first poster's boxes lie inside its image
-            "const p = document.querySelector('.poster'); const r = p.getBoundingClientRect();"
-            "return Array.from(p.querySelectorAll('rect.box')).every(b => { const q = b.getBoundingClientRect();"
-            " return q.width > 0 && q.left >= r.left - 1 && q.right <= r.right + 1; })")
-        assert visible
+        checked = driver.execute_script(  # every drawn box lies inside its poster's image
+            "return Array.from(document.querySelectorAll('.poster')).flatMap(p => {"
+            " const r = p.getBoundingClientRect();"
+            " return Array.from(p.querySelectorAll('rect.box')).map(b => { const q = b.getBoundingClientRect();"
+            " return q.width > 0 && q.height > 0 && q.left >= r.left - 1 && q.right <= r.right + 1"
+            " && q.top >= r.top - 1 && q.bottom <= r.bottom + 1; }); })")
+        assert len(checked) == faces + ocr and len(checked) > 0 and all(checked), checked
         shot = tmp_path / "report.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 50_000

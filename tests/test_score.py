@@ -81,7 +81,7 @@ def test_an_extractor_that_differs_from_the_bundle_is_refused_before_any_work(de
     torch.save(bundle, other)
     with pytest.raises(FeatureMismatchError, match="ocr: the extractor here is not the one the model was trained with"):
         score(demo_run, demo_run.root / "unlabelled", tmp_path / "out", model=other)
-    assert not (tmp_path / "out" / "features" / "ocr" / "features.parquet").exists()
+    assert not (tmp_path / "out").exists(), "refused before anything was written"
 
 
 def test_cli_prints_one_clear_line_for_a_refusal(demo_run, tmp_path, capsys):
@@ -110,3 +110,65 @@ def test_dead_letters_join_ingest_rejects_and_extraction_failures(tmp_path):
         (2, "ingest", None, "missing_id"), (3, "extract:prepare", "faces", "extraction_failed"),
         (3, "extract:prepare", "ocr", "extraction_failed")]
     assert len({d[schema.SOURCE_ROW] for d in dead}) == 2, "an item failing twice is one dead-lettered row"
+
+
+# ------------------------------------------------------------------------------------------ a batch job
+
+
+def test_scoring_is_a_batch_job_whatever_the_share_of_bad_rows(demo_run, tmp_path):
+    """The shipped ingest limit (5% rejects) would fail a training set; scoring scores every valid row."""
+    summary = run_score(from_dict(ScoreConfig, {"device": "cpu", "write_report": False}, "score"), demo_run.model,
+                        demo_run.root / "unlabelled", tmp_path / "out", JobConfig(max_failure_fraction=0.0),
+                        from_dict(IngestConfig, {}, "ingest"))
+    assert summary["counts"]["read"] == 12 and summary["counts"]["scored"] == 11
+    assert summary["counts"]["dead_lettered"] == 1
+
+
+def test_a_folder_with_no_scorable_row_still_gets_its_summary_and_dead_letters(demo_run, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(demo_run.root / "unlabelled", folder)
+    for image in (folder / "images").glob("*.jpg"):
+        image.write_bytes(b"not an image")
+    summary = score(demo_run, folder, tmp_path / "out")
+    counts = summary["counts"]
+    assert counts["read"] == 12 and counts["scored"] == 0 and counts["dead_lettered"] == 12
+    assert counts["rejected_by_reason"] == {"undecodable_image": 12}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"] == counts
+    pred = pq.read_table(tmp_path / "out" / "predictions.parquet")
+    assert pred.num_rows == 0 and "prob_Horror" in pred.column_names
+    assert pq.read_table(tmp_path / "out" / "dead_letters.parquet").num_rows == 12
+    assert (tmp_path / "out" / "report" / "index.html").is_file()
+
+
+def test_a_scoring_run_that_fails_leaves_the_previous_outputs_whole(demo_run, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import predict
+
+    out = tmp_path / "out"
+    score(demo_run, demo_run.root / "unlabelled", out, write_report=False)
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    real = predict.pq.write_table
+
+    def disk_full(table, where, *args, **kwargs):
+        if str(where).endswith("label_importance.parquet"):  # half-way through writing the tables
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(predict.pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        score(demo_run, demo_run.root / "unlabelled", out, write_report=False)
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before, "the previous run's outputs are untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no partial folder is left behind"
+
+
+def test_every_extractor_mismatch_is_reported_before_any_work(demo_run, tmp_path):
+    bundle = torch.load(demo_run.model, weights_only=True)
+    for m in ("ocr", "faces"):
+        bundle["provenance"][m]["weights_sha256"] = "0" * 64
+    other = tmp_path / "other.pt"
+    torch.save(bundle, other)
+    with pytest.raises(FeatureMismatchError, match=r"faces: the extractor here.*\| ocr: the extractor here"):
+        score(demo_run, demo_run.root / "unlabelled", tmp_path / "out", model=other)
+    assert not (tmp_path / "out").exists()

@@ -97,10 +97,13 @@ class FaceModel:
 
     def detect(self, images: list[np.ndarray]) -> list[tuple[Any, Any, Any]]:
         """MTCNN on a batch; images of equal size run together (MTCNN batches only those)."""
-        out: list[tuple[Any, Any, Any] | None] = [None] * len(images)
+        out: list[tuple[Any, Any, Any] | None] = [(None, [None], None)] * len(images)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
-            by_shape.setdefault(img.shape, []).append(i)
+            # an image whose short side is below the smallest face MTCNN looks for has no face to find
+            # (MTCNN itself fails on it: its image pyramid is empty)
+            if min(img.shape[:2]) >= max(self.cfg.min_face_size, 12):
+                by_shape.setdefault(img.shape, []).append(i)
         for idx in by_shape.values():
             stack = np.stack([images[i] for i in idx])
             boxes, probs, points = self.mtcnn.detect(stack, landmarks=True)

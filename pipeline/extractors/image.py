@@ -36,9 +36,16 @@ class ImageConfig:
     device: str = "auto"
 
 
+MAX_ASPECT = 4  # a longer image is first cut to its central part of this aspect (the crop lies inside it)
+
+
 def image_to_array(img: Image.Image, resize: int, size: int) -> np.ndarray:
     """Resize the short side to `resize`, center-crop `size`, ImageNet-normalise: (3, size, size) float32."""
     w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # a 2 x 4000 strip would otherwise be resized to 256 x 512,000
+        cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+        img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+        w, h = img.size
     scale = resize / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     w, h = img.size
