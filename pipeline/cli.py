@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    runtime.quiet_imports(argv)  # before the stage's libraries log while importing
     module = importlib.import_module(COMMANDS[argv[0]][0])
     runtime.run_main(module.main, argv[1:])
 

@@ -161,24 +161,20 @@ class ToRowFn(beam.DoFn):
 
 
 class ProgressFn(beam.DoFn):
-    """Logs items done, items/s and ETA every `every_s` seconds (per worker)."""
+    """Items done, items/s and ETA of this worker (runtime.Progress: a bar on a terminal, else log lines)."""
 
     def __init__(self, modality: str, total: int, every_s: float):
         self.modality, self.total, self.every_s = modality, total, every_s
 
     def setup(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.done = 0
+        self.progress = runtime.Progress(self.modality, self.total, "items", self.every_s, log)
 
     def process(self, row: dict[str, Any]):
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            rate = self.done / (now - self.start)
-            log.info("%s: %d/%d items (%.1f items/s, ETA %.0f s)", self.modality, self.done, self.total, rate,
-                     max(0.0, self.total - self.done) / rate if rate else float("nan"))
-            self.last = now
+        self.progress.update()
         yield row
+
+    def teardown(self) -> None:
+        self.progress.close()
 
 
 def build(p: beam.Pipeline, manifest: str, spec: Modality, root: str, dim: int, tmp: str, job: JobConfig,

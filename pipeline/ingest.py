@@ -10,7 +10,7 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -151,18 +151,15 @@ def _validated(candidates: list[tuple[str, RawRow]], dataset: DatasetConfig, ing
             return as_reject(exc)
 
     accepted: list[dict[str, Any]] = []
-    t0 = last_log = time.perf_counter()
+    progress = runtime.Progress("ingest: validated", len(candidates), "rows")
     with ThreadPoolExecutor(max_workers=ingest.workers) as pool:
-        for i, ((item_id, row), result) in enumerate(zip(candidates, pool.map(check, candidates)), start=1):
+        for (item_id, row), result in zip(candidates, pool.map(check, candidates)):
             if isinstance(result, RejectError):
                 rejects.add(row, item_id, result)
             else:
                 accepted.append(result)
-            if time.perf_counter() - last_log > 10:
-                rate = i / (time.perf_counter() - t0)
-                log.info("validated %d/%d rows (%.0f rows/s, ETA %.0f s)", i, len(candidates), rate,
-                         (len(candidates) - i) / rate)
-                last_log = time.perf_counter()
+            progress.update()
+    progress.close()
     return accepted
 
 
@@ -244,6 +241,38 @@ def _check_limits(metrics: dict[str, Any], root: Path, ingest: IngestConfig, rej
         raise IngestError(f"{root}: no row was accepted; see {rejects_path}")
 
 
+def check_media_folders(rows: list[RawRow], dataset: DatasetConfig, root: Path) -> None:
+    """One error, up front, when a folder the image paths go through resolves outside the dataset folder
+    (a media folder that is a symlink to elsewhere): every row under it would be an unsafe_path reject."""
+    if not dataset.image:
+        return
+    real_root = root.resolve()
+    seen: set[tuple[str, ...]] = set()
+    for row in rows:
+        value = (row.data or {}).get(dataset.image)
+        if not isinstance(value, str) or not value.strip() or "\x00" in value or value[1:2] == ":":
+            continue
+        rel = PurePosixPath(value.strip().replace("\\", "/"))
+        if rel.is_absolute() or ".." in rel.parts:
+            continue  # rejected row by row as unsafe_path
+        for depth in range(1, len(rel.parts)):
+            folder = rel.parts[:depth]
+            if folder in seen:
+                continue
+            seen.add(folder)
+            path = root.joinpath(*folder)
+            try:
+                real = path.resolve()
+            except (OSError, RuntimeError):
+                break
+            if path.is_dir() and not real.is_relative_to(real_root):
+                raise IngestError(
+                    f"the media folder {path} resolves to {real}, outside the dataset folder {real_root}; media "
+                    "must live inside the dataset folder (a symlink leading out is refused for safety), so every "
+                    f"row under it would be rejected. Point dataset.dir at a folder that holds the media itself, "
+                    f"or copy (or bind-mount) the media into {root}.")
+
+
 def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path,
                fixed_split: str | None = None, vocabulary: list[str] | None = None,
                rows: list[RawRow] | None = None, check_limits: bool = True) -> dict[str, Any]:
@@ -257,6 +286,7 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
     root = Path(dataset.dir)
     rows = read_rows(dataset, root, max_field_chars=ingest.max_field_chars) if rows is None else rows
     log.info("read %d rows from %s (%s)", len(rows), root, dataset.format)
+    check_media_folders(rows, dataset, root)
 
     rejects = _Rejects()
     candidates = _prechecked(rows, dataset, rejects)

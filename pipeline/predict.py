@@ -335,9 +335,18 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: dict
             if rows.any():
                 out["metrics"][s] = M.evaluate(bundle["task"], y[rows], scored.probs[rows],
                                                np.asarray(bundle["thresholds"]))
+    unlabelled = sorted(set(scored.splits) - set(out["metrics"]))
+    if not scored.ids:
+        out["metrics_note"] = "no item was scored, so there are no metrics"
+    elif unlabelled:
+        out["metrics_note"] = (f"no metrics for {', '.join(unlabelled)}: those items carry no true labels "
+                               "(the dataset has no labels column, or the rows leave it blank)")
     if scored.modality_share is not None:
         out["modality_share"] = {m: float(scored.modality_share[:, j].mean()) if len(scored.ids) else 0.0
                                  for j, m in enumerate(mods)}
+    else:
+        out["modality_share_note"] = ("the concat baseline has no set to decompose: see each label's ablation_drop "
+                                      "(the drop in probability without each modality)")
     out["by_label"] = _by_label(scored, y, known)
     return out
 

@@ -11,6 +11,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,21 +26,34 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DVC_NO_ANALY
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+# Paths in params: a relative one in an overlay file resolves against that file's folder (in the first
+# file, params.yaml, against the working directory, where DVC runs the stages). `*` matches any key.
+PATH_KEYS = ("dataset.dir", "score.input", "extract.modalities.*.weights", "extract.modalities.*.backbone_weights",
+             "extract.modalities.*.vggface2_weights", "extract.modalities.*.model_dir")
+# Third-party chatter hidden unless --verbose: progress bars of model loading, hub and tokenizer notes.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+
+
 class UserError(RuntimeError):
     """An error the user can fix (bad input, bad params); printed without a traceback."""
 
 
-def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the options every stage shares."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+def parser(prog: str, description: str | None, example: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the options every stage shares; `example` is shown under --help."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog=f"example:\n  {example}" if example else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--params", action="append",
-        help="params file; repeat to overlay files, later ones win key by key (default: params.yaml)",
+        help="params file; repeat to overlay files, later ones win key by key (default: params.yaml); "
+             "relative paths in an overlay resolve against the overlay's folder",
     )
     p.add_argument(
         "--log-level", default=os.environ.get("DMMS_LOG_LEVEL", "INFO").upper(), choices=LOG_LEVELS,
         help="how much to log (default: $DMMS_LOG_LEVEL or INFO); it changes no output, so it is not a param",
     )
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what other libraries log and warn (hidden by default)")
     return p
 
 
@@ -54,23 +68,117 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _path_keys(params: dict[str, Any]) -> Iterator[tuple[str, ...]]:
+    """The PATH_KEYS present in `params`, as key tuples (wildcards expanded)."""
+    def walk(node: Any, pattern: list[str], done: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        if not pattern:
+            yield done
+            return
+        if not isinstance(node, dict):
+            return
+        keys = list(node) if pattern[0] == "*" else [pattern[0]] if pattern[0] in node else []
+        for k in keys:
+            yield from walk(node[k], pattern[1:], (*done, k))
+
+    for dotted in PATH_KEYS:
+        yield from walk(params, dotted.split("."), ())
+
+
+def _resolve_paths(params: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A copy of one overlay file's params with its relative PATH_KEYS made absolute against `folder`."""
+    out = json.loads(json.dumps(params))
+    for keys in _path_keys(out):
+        node = out
+        for k in keys[:-1]:
+            node = node[k]
+        value = node[keys[-1]]
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            node[keys[-1]] = str((folder / Path(value).expanduser()).resolve())
+    return out
+
+
 def load_overlaid(paths: Sequence[str | Path] | None) -> dict[str, Any]:
-    """The params files (default params.yaml) merged in order: later files win key by key."""
+    """The params files (default params.yaml) merged in order: later files win key by key. The first
+    file's relative paths stay relative to the working directory; an overlay's resolve against its folder."""
     params: dict[str, Any] = {}
-    for path in paths or ["params.yaml"]:
-        params = merge(params, load_params(path))
+    for i, path in enumerate(paths or ["params.yaml"]):
+        layer = load_params(path)
+        params = merge(params, layer if i == 0 else _resolve_paths(layer, Path(path).resolve().parent))
     return params
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Project log lines to stderr at `level`; Beam's per-bundle chatter only when debugging."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,  # a library may have configured the root logger while being imported
-    )
-    if logging.getLogger().level > logging.DEBUG:
+def origin_of(paths: Sequence[str | Path] | None, dotted: str) -> str:
+    """Which params file set key `dotted` (the last one that names it), for error messages."""
+    for path in reversed(list(paths or ["params.yaml"])):
+        node: Any = load_params(path)
+        for k in dotted.split("."):
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is not None:
+            return str(path)
+    return "the defaults"
+
+
+def require_folder(path: str | Path, what: str, source: str) -> Path:
+    """`path` if it is a folder; else one clear error with the absolute path tried and where the value
+    came from (`source`, e.g. "dataset.dir in params.yaml")."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        rel = "" if path.is_absolute() else f", relative to the working directory {Path.cwd()}"
+        raise UserError(f"{what} not found: {path.absolute()} ({source}{rel})")
+    return path
+
+
+class _ProjectOnly(logging.Filter):
+    """Without --verbose: the project's own lines, and other libraries' errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "pipeline" or record.name.startswith("pipeline.") or record.levelno >= logging.ERROR
+
+
+def quiet_imports(argv: Sequence[str] | None = None) -> None:
+    """Call before importing Beam, torch or transformers: what they log or warn while importing (Beam's
+    apitools note, deprecations) goes to a buffer that configure_logging drops (or shows, with
+    --verbose), and their progress bars stay off. `argv` (default sys.argv) is checked for --verbose."""
+    if "--verbose" in (sys.argv if argv is None else argv):
+        return
+    root = logging.getLogger()
+    if not any(isinstance(h, _Buffer) for h in root.handlers):
+        root.addHandler(_Buffer())
+    logging.captureWarnings(True)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+class _Buffer(logging.Handler):
+    """Holds records logged before logging is configured (a root handler also stops logging.warning()
+    from configuring the root logger on its own, which is what printed 'WARNING:root:...')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def configure_logging(level: str = "INFO", verbose: bool = False) -> None:
+    """Project log lines to stderr at `level`; other libraries' lines only when `verbose` (their errors
+    always). Records buffered by quiet_imports are shown now if `verbose`, else dropped."""
+    root = logging.getLogger()
+    buffered = [r for h in root.handlers if isinstance(h, _Buffer) for r in h.records]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_ProjectOnly())
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # warnings.warn() from libraries becomes a py.warnings record, filtered like any
+    if verbose:
+        for key in QUIET_ENV:  # let progress bars and hub notes through again
+            if os.environ.get(key) == QUIET_ENV[key]:
+                os.environ.pop(key)
+        for record in buffered:
+            handler.handle(record)
+    elif root.level > logging.DEBUG:
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
 
@@ -78,7 +186,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     """Load (and overlay) the params files, configure logging once and force offline mode."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, getattr(args, "verbose", False))
     return load_overlaid(args.params)
 
 
@@ -96,6 +204,49 @@ def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | No
         text = f"{exc.strerror}{where}" if exc.strerror else str(exc)
         print(f"error: {text}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+class Progress:
+    """Items done, rate and ETA of a long loop: on a terminal a bar redrawn in place, otherwise (DVC, CI,
+    a log file) a log line every `every_s` seconds and at the end. The rate is the average over the
+    whole run, so the ETA does not swing with one slow interval of a busy machine."""
+
+    def __init__(self, what: str, total: int, unit: str = "items", every_s: float = 10.0,
+                 logger: logging.Logger | None = None, stream: Any = None):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.log = logger or log
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def text(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate and self.total >= self.done else float("nan")
+        return (f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
+                f"{'ETA %.0f s' % eta if math.isfinite(eta) else 'ETA unknown'})")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.tty and (now - self.last >= 0.2 or self.done >= self.total):
+            width = 30
+            filled = int(width * min(self.done / self.total, 1.0)) if self.total else width
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.text()}\x1b[K")
+            self.stream.flush()
+            self.last = now
+        elif not self.tty and now - self.last >= self.every_s:
+            self.log.info("%s", self.text())
+            self.last = now
+
+    def close(self) -> None:
+        """End the bar's line (terminal) or log the final count (elsewhere)."""
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        elif self.done and time.perf_counter() - self.start >= self.every_s:
+            self.log.info("%s", self.text())
 
 
 @contextmanager

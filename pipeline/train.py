@@ -156,6 +156,7 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
     curve, t_train, n_seen = [], 0.0, 0
     train_idx = data.index["train"]
     val_idx = data.index["val"] if data.index["val"].numel() else train_idx
+    t_start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_loss = train_one_epoch(model, data.store, data.y, train_idx, cfg, data.task, opt, gen)
@@ -172,9 +173,10 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
             best, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f (%.0f items/s, ETA %.0f s)", epoch,
-                 cfg.epochs, train_loss, val["loss"], cfg.monitor, score, train_idx.numel() / dt,
-                 dt * (cfg.epochs - epoch))
+        per_epoch = (time.perf_counter() - t_start) / epoch  # averaged over the run: a steady ETA
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f (%.0f items/s, ETA %.0f s at most)",
+                 epoch, cfg.epochs, train_loss, val["loss"], cfg.monitor, score, train_idx.numel() / dt,
+                 per_epoch * (cfg.epochs - epoch))
         if stale >= cfg.patience:
             log.info("early stop: no val %s improvement for %d epochs (best %.4f at epoch %d)",
                      cfg.monitor, cfg.patience, best, best_epoch)
@@ -189,6 +191,21 @@ def thresholds_for(cfg: TrainConfig, model: nn.Module, data: TrainData) -> np.nd
         val = data.index["val"]
         return M.tune_thresholds(data.y[val].cpu().numpy(), predict(model, data.store, val, data.task).cpu().numpy())
     return np.full(len(data.names), 0.5)
+
+
+def threshold_record(cfg: TrainConfig, data: TrainData, thresholds: np.ndarray) -> dict[str, Any]:
+    """What the metrics say about the decision thresholds: per label, whether tuned, and on which split."""
+    tuned = bool(cfg.tune_thresholds and data.task != "multiclass" and data.index["val"].numel())
+    out: dict[str, Any] = {
+        "values": {lab: float(t) for lab, t in zip(data.names, thresholds)} if data.task != "multiclass" else {},
+        "tuned": tuned, "tuned_on": "val" if tuned else None,
+        "rule": "arg-max class" if data.task == "multiclass" else
+        "a label is predicted when its probability is at least its threshold",
+    }
+    if tuned:
+        out["note"] = ("the val F1 scores use thresholds tuned on val, so they are optimistic; test is the split "
+                       "the tuning did not see. AP and mAP do not depend on thresholds.")
+    return out
 
 
 def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
@@ -218,6 +235,7 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
         "task": data.task, "labels": data.names, "device": str(device), "architecture": cfg.model.architecture,
         "pooling": cfg.model.pooling, "modalities": sorted(data.store.dims), "epochs_run": len(run["curve"]),
         "best_epoch": run["best_epoch"], "train_items_per_s": round(run["items_per_s"], 1), "seed": seed,
+        "thresholds": threshold_record(cfg, data, thresholds),
         "val": evaluate(model, data.store, data.y, data.index["val"], data.task, thresholds),
         "test": evaluate(model, data.store, data.y, test, data.task, thresholds),
         "test_label_frequency_baseline": frequency_baseline(

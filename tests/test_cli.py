@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def test_user_errors_are_one_clear_line_and_status_2(tmp_path):
     missing = dmms("ingest", "--dataset-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
                    "--metrics", str(tmp_path / "m.json"))
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1] == f"error: dataset folder not found: {tmp_path / 'nowhere'}"
+    assert missing.stderr.strip().splitlines()[-1] == \
+        f"error: dataset folder not found: {tmp_path / 'nowhere'} (--dataset-dir)"
     assert "Traceback" not in missing.stderr
     (tmp_path / "bad.yaml").write_text("ingest: {max_rejects: 0.1}\n")
     bad = dmms("ingest", "--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "bad.yaml"),
@@ -75,3 +77,51 @@ def test_bad_bundles_bad_paths_and_full_disks_are_one_line_each(tmp_path, capsys
                   "--metrics", str(tmp_path / "m.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 1 and err[-1] == f"error: No space left on device: {tmp_path / 'o' / 'manifest.parquet'}"
+
+
+PROJECT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) pipeline(\.[\w.]+)?: ")
+
+
+@pytest.mark.slow
+def test_commands_print_only_the_projects_lines_unless_verbose(tmp_path):
+    """Every stderr line of ingest, extract (every modality), train and score on a small demo comes from
+    the project; with --verbose, what the libraries say comes back."""
+    (tmp_path / "small.yaml").write_text("demo: {size: 16, unlabelled: 4, unlabelled_broken: 1}\n"
+                                         "train: {epochs: 2}\n")
+    params = ["--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "small.yaml")]
+    assert dmms("demo", *params, "--out", str(tmp_path / "raw"), "--unlabelled-out", str(tmp_path / "new")).returncode == 0
+    manifest = str(tmp_path / "ingest" / "manifest.parquet")
+    modalities = ("image", "faces", "ocr", "title", "description", "tags", "meta")
+    runs = {"ingest": dmms("ingest", *params, "--dataset-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "ingest"),
+                           "--metrics", str(tmp_path / "m" / "ingest.json"))}
+    for m in modalities:
+        runs[f"extract {m}"] = dmms("extract", *params, "--modality", m, "--manifest", manifest, "--out",
+                                    str(tmp_path / "features" / m), "--metrics", str(tmp_path / "m" / f"{m}.json"))
+    runs["train"] = dmms("train", *params, "--manifest", manifest, "--features", str(tmp_path / "features"),
+                         "--out", str(tmp_path / "model"), "--metrics", str(tmp_path / "m" / "train.json"),
+                         "--plots", str(tmp_path / "m" / "curve.csv"))
+    runs["score"] = dmms("score", *params, "--model", str(tmp_path / "model" / "model.pt"), "--input",
+                         str(tmp_path / "new"), "--output", str(tmp_path / "scored"))
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name}: {run.stderr}"
+        foreign = [line for line in run.stderr.splitlines() if line.strip() and not PROJECT_LINE.match(line)]
+        assert not foreign, f"{name} printed lines that are not the project's: {foreign[:5]}"
+        assert run.stderr.strip(), f"{name} says what it did"
+    verbose = dmms("extract", *params, "--verbose", "--modality", "ocr", "--manifest", manifest, "--out",
+                   str(tmp_path / "v"), "--metrics", str(tmp_path / "m" / "v.json"))
+    assert verbose.returncode == 0 and "apitools" in verbose.stderr, "--verbose shows the libraries' lines"
+
+
+@pytest.mark.parametrize("command", ["demo", "ingest", "extract", "train", "predict", "report", "score"])
+def test_each_commands_help_names_it_and_gives_an_example(command, capsys):
+    import importlib
+
+    from pipeline import cli
+
+    module = importlib.import_module(cli.COMMANDS[command][0])
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith(f"usage: dmms {command} ")
+    example = out.split("example:\n", 1)[1].strip()
+    assert example.startswith(f"dmms {command} ") and "--verbose" in out

@@ -43,5 +43,27 @@ def test_overlay_merges_key_by_key(tmp_path):
                                                         str(tmp_path / "over.yaml")])
     params = runtime.setup(args)
     ds = section(params, "dataset", DatasetConfig)
-    assert ds.dir == "elsewhere" and ds.labels.column == "genres" and ds.labels.separator == "|"
+    assert ds.dir == str(tmp_path / "elsewhere"), "a relative path in an overlay is taken from the overlay's folder"
+    assert ds.labels.column == "genres" and ds.labels.separator == "|"
     assert ds.text == ("title", "description"), "keys the overlay does not name are kept"
+
+
+def test_paths_resolve_against_the_overlay_that_declares_them(tmp_path, monkeypatch):
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "mine.yaml").write_text(
+        "dataset: {dir: data}\nscore: {input: /abs/batch}\n"
+        "extract: {modalities: {image: {weights: w/lite.pth}, title: {model: minilm}}}\n")
+    (tmp_path / "base.yaml").write_text("dataset: {dir: data/demo/raw}\nscore: {input: data/demo/unlabelled}\n")
+    monkeypatch.chdir(tmp_path / "conf" / "data")  # any working directory
+    params = runtime.load_overlaid([tmp_path / "base.yaml"])
+    assert params["dataset"]["dir"] == "data/demo/raw", "the first file's paths stay relative to the working directory"
+    params = runtime.load_overlaid([tmp_path / "base.yaml", tmp_path / "conf" / "mine.yaml"])
+    assert params["dataset"]["dir"] == str(tmp_path / "conf" / "data")
+    assert params["score"]["input"] == "/abs/batch", "absolute paths are kept"
+    assert params["extract"]["modalities"]["image"]["weights"] == str(tmp_path / "conf" / "w" / "lite.pth")
+    assert params["extract"]["modalities"]["title"]["model"] == "minilm", "only path keys are resolved"
+    assert runtime.origin_of([tmp_path / "base.yaml", tmp_path / "conf" / "mine.yaml"], "dataset.dir") == \
+        str(tmp_path / "conf" / "mine.yaml")
+    with pytest.raises(runtime.UserError, match=r"dataset folder not found: .*/conf/data/nope \(dataset.dir in x.yaml, "
+                                                 r"relative to the working directory .*/conf/data\)"):
+        runtime.require_folder("nope", "dataset folder", "dataset.dir in x.yaml")

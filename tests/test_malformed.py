@@ -225,3 +225,22 @@ def test_high_bit_depth_palette_and_transparent_images_decode_to_the_right_pixel
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     pal.save(tmp_path / "p.png")
     assert np.asarray(records.load_rgb(tmp_path / "p.png"))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_a_media_folder_that_leads_outside_is_one_error_up_front(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    for i in range(3):
+        write_image(elsewhere / f"{i}.jpg", seed=i)
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "img").symlink_to(elsewhere)
+    write_csv(root / "manifest.csv", HEADER, [[f"r{i}", f"img/{i}.jpg", *OK] for i in range(3)])
+    with pytest.raises(IngestError, match=r"the media folder .*/ds/img resolves to .*/elsewhere, outside the dataset "
+                                          r"folder .*Point dataset.dir at a folder that holds the media"):
+        ingest(dataset_config(root), tmp_path)
+    (root / "img").unlink()
+    write_image(root / "real" / "0.jpg")
+    (root / "inside").symlink_to(root / "real")  # a link that stays inside is fine
+    write_csv(root / "manifest.csv", HEADER, [["r0", "inside/0.jpg", *OK]])
+    metrics, manifest, rejects = ingest(dataset_config(root), tmp_path)
+    assert metrics["accepted"] == 1 and not rejects

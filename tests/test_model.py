@@ -264,3 +264,17 @@ def test_a_file_that_is_not_a_bundle_is_one_clear_error(tmp_path):
     torch.save({"format": 1, "model_config": {}}, tmp_path / "partial.pt")
     with pytest.raises(UserError, match=r"partial.pt: the model bundle is incomplete or damaged"):
         load_bundle(tmp_path / "partial.pt")
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_train_metrics_record_the_thresholds_and_where_they_were_tuned(tmp_path, tune):
+    manifest = write_synthetic(tmp_path)
+    fit(train_cfg(epochs=3, tune_thresholds=tune), manifest, tmp_path / "features", tmp_path / "model",
+        tmp_path / "m.json", tmp_path / "c.csv")
+    rec = json.loads((tmp_path / "m.json").read_text())["thresholds"]
+    bundle = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert list(rec["values"]) == ["A", "B"] and list(rec["values"].values()) == pytest.approx(bundle["thresholds"])
+    assert rec["tuned"] is tune and rec["tuned_on"] == ("val" if tune else None)
+    assert ("optimistic" in rec.get("note", "")) is tune
+    if not tune:
+        assert set(rec["values"].values()) == {0.5}

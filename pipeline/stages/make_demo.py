@@ -13,7 +13,8 @@ from pipeline.config import DemoConfig, section
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
-    p = runtime.parser("dmms demo", "Generate the embedded demo dataset.")
+    p = runtime.parser("dmms demo", "Generate the embedded demo dataset.",
+                       "dmms demo --out data/demo/raw --unlabelled-out data/demo/unlabelled")
     p.add_argument("--out", required=True, help="dataset folder to (re)write")
     p.add_argument("--unlabelled-out", help="folder for the unlabelled batch (params demo.unlabelled items)")
     args = p.parse_args(argv)

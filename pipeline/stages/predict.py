@@ -16,7 +16,9 @@ from pipeline.predict import PredictConfig, run_predict
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
-    p = runtime.parser("dmms predict", "Predict labels and per-modality importances with a trained model bundle.")
+    p = runtime.parser("dmms predict", "Predict labels and per-modality importances with a trained model bundle.",
+                       "dmms predict --model data/model/model.pt --manifest data/ingest/manifest.parquet "
+                       "--features data/features --out data/predictions")
     p.add_argument("--model", required=True, help="model bundle (model.pt) written by train")
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", required=True, help="folder holding <modality>/features.parquet")

@@ -14,7 +14,9 @@ from pipeline.report import ReportConfig, write_report
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
-    p = runtime.parser("dmms report", "Write the static HTML report of predictions and importances.")
+    p = runtime.parser("dmms report", "Write the static HTML report of predictions and importances.",
+                       "dmms report --predictions data/predictions --manifest data/ingest/manifest.parquet "
+                       "--out data/report")
     p.add_argument("--predictions", required=True, help="folder written by the predict stage")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="report folder (index.html, img/)")

@@ -21,7 +21,8 @@ from pipeline.score import ScoreConfig, run_score
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser("dmms score",
-                       "Score a new dataset folder with a trained model bundle: ingest, extract, predict, report.")
+                       "Score a new dataset folder with a trained model bundle: ingest, extract, predict, report.",
+                       "dmms score --model data/model/model.pt --input data/demo/unlabelled --output scored")
     p.add_argument("--model", required=True, help="model bundle (model.pt) written by train")
     p.add_argument("--input", help="dataset folder to score (default: params score.input)")
     p.add_argument("--output", required=True, help="folder for everything scoring writes")
@@ -33,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = section(params, "score", ScoreConfig)
     if args.allow_missing_columns:
         cfg = dataclasses.replace(cfg, allow_missing_columns=True)
-    summary = run_score(cfg, Path(args.model), Path(args.input or cfg.input), Path(args.output),
-                        section(params, "extract.job", JobConfig), section(params, "ingest", IngestConfig), beam_args)
+    job, ingest = section(params, "extract.job", JobConfig), section(params, "ingest", IngestConfig)
+    folder = runtime.require_folder(args.input or cfg.input, "dataset folder", "--input" if args.input else
+                                    f"score.input in {runtime.origin_of(args.params, 'score.input')}")
+    summary = run_score(cfg, Path(args.model), folder, Path(args.output), job, ingest, beam_args)
     if args.metrics:
         runtime.write_json(args.metrics, summary)
