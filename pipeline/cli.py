@@ -16,6 +16,9 @@ COMMANDS = {
     "predict": ("pipeline.stages.predict", "predictions and per-modality importances of a trained model"),
     "report": ("pipeline.stages.report", "the static HTML report of predictions and importances"),
     "score": ("pipeline.stages.score", "score a new dataset folder with a trained model (ingest, extract, predict)"),
+    # tools, not stages
+    "compare": ("pipeline.commands.compare", "train variants over several seeds (or read a DVC sweep): mean, spread, "
+                                             "paired differences"),
 }
 
 

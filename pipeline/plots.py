@@ -70,3 +70,25 @@ def bars(values: Mapping[str, float], title: str, colours: Mapping[str, str] | N
         out.append(f'<text x="{left + w + 4:.1f}" y="{y + 14}">{v:.3f}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def bars_with_spread(values: Mapping[str, tuple[float, float]], title: str) -> str:
+    """Horizontal bars of means with a whisker of +- one standard deviation, one per key."""
+    bar_h, left, top, span = 22, 230, 28, 240
+    items = list(values.items())
+    vmax = max([m + s for m, s in values.values()] + [1e-12])
+    width, height = left + span + 110, top + bar_h * len(items) + 6
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+           f'height="{height}" role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="12">',
+           f'<text x="4" y="16" font-size="14" font-weight="bold">{escape(title)}</text>']
+    for i, (k, (mean, std)) in enumerate(items):
+        y = top + i * bar_h
+        w = span * max(mean, 0.0) / vmax
+        lo, hi = span * max(mean - std, 0.0) / vmax, span * max(mean + std, 0.0) / vmax
+        out.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{escape(k[:34])}</text>')
+        out.append(f'<rect x="{left}" y="{y + 4}" width="{w:.1f}" height="{bar_h - 8}" fill="{colour(i)}"/>')
+        out.append(f'<line x1="{left + lo:.1f}" x2="{left + hi:.1f}" y1="{y + bar_h / 2:.1f}" y2="{y + bar_h / 2:.1f}" '
+                   f'stroke="#000" stroke-width="1.5"/>')
+        out.append(f'<text x="{left + max(w, hi) + 4:.1f}" y="{y + 15}">{mean:.3f} ± {std:.3f}</text>')
+    out.append("</svg>")
+    return "\n".join(out)

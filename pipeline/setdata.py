@@ -125,3 +125,26 @@ def read_manifest_labels(path: Path) -> tuple[list[str], list[str], list[list[st
     """(ids, splits, labels, manifest metadata) from a canonical manifest."""
     table, meta = schema.read_manifest(path)
     return (table[schema.ID].to_pylist(), table[schema.SPLIT].to_pylist(), table[schema.LABELS].to_pylist(), meta)
+
+
+def drop_elements(batch: SetBatch, element_p: float, modality_p: float,
+                  gen: torch.Generator | None = None) -> SetBatch:
+    """A training batch with elements dropped at random: each element with probability `element_p`,
+    each modality of each item (its elements and categorical ids) with probability `modality_p`.
+    Regularisation that fits sets: the model learns not to lean on one face, one box or one modality."""
+    if not element_p and not modality_p:
+        return batch
+    out = SetBatch(size=batch.size)
+    for m, mb in batch.modalities.items():
+        device = mb.segment.device
+        keep = torch.ones(mb.segment.numel(), dtype=torch.bool, device=device)
+        cats = mb.category_ids
+        if element_p:
+            keep &= torch.rand(mb.segment.numel(), generator=gen, device=device) >= element_p
+        if modality_p:
+            present = torch.rand(batch.size, generator=gen, device=device) >= modality_p  # (B,)
+            keep &= present[mb.segment]
+            if cats is not None:
+                cats = cats * present[:, None].to(cats.dtype)  # id 0 = missing
+        out.modalities[m] = ModalityBatch(mb.vectors[keep], mb.segment[keep], cats)
+    return out

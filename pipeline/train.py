@@ -24,10 +24,11 @@ from pipeline import runtime
 from pipeline.bundle import check_same_manifest, feature_dirs, logits, predict, save_bundle, to_probs
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import ModelConfig, build_model
-from pipeline.setdata import FeatureStore, label_matrix, read_manifest_labels
+from pipeline.setdata import FeatureStore, drop_elements, label_matrix, read_manifest_labels
 
 log = logging.getLogger(__name__)
 MONITORS = ("f1_micro", "f1_macro", "f1_weighted", "f1_samples", "mean_average_precision", "loss")
+IMBALANCE = ("none", "pos_weight")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 10  # epochs without improvement of `monitor` on val before stopping
-    monitor: str = "f1_micro"
-    tune_thresholds: bool = False  # per-label thresholds tuned on val (multilabel/binary)
+    # mAP: threshold-free and every label counts the same, so rare labels steer early stopping too
+    monitor: str = "mean_average_precision"
+    tune_thresholds: bool = True  # per-label thresholds tuned on val (multilabel/binary)
+    imbalance: str = "none"  # none | pos_weight: weigh positives (classes) by their rarity in train
+    pos_weight_cap: float = 10.0  # the largest weight imbalance gives a label or class
+    element_dropout: float = 0.0  # training only: each element (face, box, sentence, tag) dropped with this probability
+    modality_dropout: float = 0.0  # training only: each modality of each item dropped with this probability
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bfloat16 autocast on CUDA
     deterministic: bool = False
@@ -52,10 +58,28 @@ class TrainConfig:
             raise ConfigError(f"{where}: epochs, batch_size, patience must be >= 1 and lr > 0")
         if self.monitor not in MONITORS:
             raise ConfigError(f"{where}.monitor: unknown metric {self.monitor!r}; expected one of {MONITORS}")
+        if self.imbalance not in IMBALANCE:
+            raise ConfigError(f"{where}.imbalance: expected one of {IMBALANCE}, found {self.imbalance!r}")
+        if self.pos_weight_cap < 1 or not (0 <= self.element_dropout < 1 and 0 <= self.modality_dropout < 1):
+            raise ConfigError(f"{where}: pos_weight_cap must be >= 1, element_dropout and modality_dropout in [0, 1)")
 
 
-def loss_fn(task: str) -> nn.Module:
-    return nn.CrossEntropyLoss() if task == "multiclass" else nn.BCEWithLogitsLoss()
+def class_weights(task: str, y: torch.Tensor, cap: float) -> torch.Tensor:
+    """Weights from train frequencies, capped at `cap`: per label (n - n_pos) / n_pos for BCE's pos_weight,
+    per class n / (K n_k) for cross-entropy; a label or class with no train positive gets 1."""
+    n, counts = y.shape[0], y.sum(0)
+    if task == "multiclass":
+        w = n / (y.shape[1] * counts.clamp(min=1))
+    else:
+        w = (n - counts) / counts.clamp(min=1)
+    return torch.where(counts > 0, w.clamp(min=1.0 if task != "multiclass" else 0.0, max=cap), torch.ones_like(w))
+
+
+def loss_fn(task: str, weights: torch.Tensor | None = None) -> nn.Module:
+    """Cross-entropy (multiclass) or per-label BCE; `weights` from class_weights, or None for plain."""
+    if task == "multiclass":
+        return nn.CrossEntropyLoss(weight=weights)
+    return nn.BCEWithLogitsLoss(pos_weight=weights)
 
 
 def _loss(task: str, crit: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -63,17 +87,20 @@ def _loss(task: str, crit: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> 
 
 
 def train_one_epoch(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig,
-                    task: str, opt: torch.optim.Optimizer, gen: torch.Generator) -> float:
-    """One pass over `idx` in shuffled batches; returns the mean training loss."""
+                    task: str, opt: torch.optim.Optimizer, gen: torch.Generator, crit: nn.Module | None = None,
+                    drop_gen: torch.Generator | None = None) -> float:
+    """One pass over `idx` in shuffled batches; returns the mean training loss. `gen` shuffles (CPU),
+    `drop_gen` draws the element and modality dropout masks (on the store's device)."""
     model.train()
-    crit = loss_fn(task)
+    crit = crit or loss_fn(task)
     perm = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
     total, n = 0.0, 0
     amp = cfg.amp and idx.device.type == "cuda"
     for start in range(0, perm.numel(), cfg.batch_size):
         b = perm[start:start + cfg.batch_size]
+        batch = drop_elements(store.batch(b), cfg.element_dropout, cfg.modality_dropout, drop_gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = model(store.batch(b))
+            out = model(batch)
         loss = _loss(task, crit, out.float(), y[b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,6 +178,10 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
     `model` and returns the curve, the best epoch and the training throughput."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    drop_gen = torch.Generator(device=data.y.device).manual_seed(seed + 1)
+    weights = class_weights(data.task, data.y[data.index["train"]], cfg.pos_weight_cap) \
+        if cfg.imbalance == "pos_weight" else None
+    crit = loss_fn(data.task, weights)
     higher = cfg.monitor != "loss"
     best, best_state, best_epoch, stale = -math.inf if higher else math.inf, None, 0, 0
     curve, t_train, n_seen = [], 0.0, 0
@@ -159,7 +190,7 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
     t_start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(model, data.store, data.y, train_idx, cfg, data.task, opt, gen)
+        train_loss = train_one_epoch(model, data.store, data.y, train_idx, cfg, data.task, opt, gen, crit, drop_gen)
         if train_idx.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -60,6 +60,25 @@ def ingest_config(**over: Any) -> IngestConfig:
     return from_dict(IngestConfig, {"max_reject_fraction": 1.0, "workers": 2, **over}, "ingest")
 
 
+def copy_project(root: Path, **params_over: dict[str, Any]) -> Path:
+    """A copy of the pipeline (dvc.yaml, params.yaml, pipeline/, stages/) in `root`, with params
+    sections updated key by key from `params_over` (e.g. demo={"size": 16})."""
+    import shutil
+
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in params_over.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
 def extract_modality(params: dict[str, Any], name: str, manifest: Path, out_dir: Path, metrics: Path) -> dict[str, Any]:
     """Run the extraction of modality `name` as its stage does, with the typed sections of `params`."""
     from pipeline import extract

@@ -112,7 +112,7 @@ def test_commands_print_only_the_projects_lines_unless_verbose(tmp_path):
     assert verbose.returncode == 0 and "apitools" in verbose.stderr, "--verbose shows the libraries' lines"
 
 
-@pytest.mark.parametrize("command", ["demo", "ingest", "extract", "train", "predict", "report", "score"])
+@pytest.mark.parametrize("command", ["demo", "ingest", "extract", "train", "predict", "report", "score", "compare"])
 def test_each_commands_help_names_it_and_gives_an_example(command, capsys):
     import importlib
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import copy_project
 from test_layout import stages
 
 pytestmark = pytest.mark.slow
@@ -39,14 +38,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the pipeline reproduced once on a tiny demo dataset."""
-    root = tmp_path_factory.mktemp("dvcproj")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("pipeline", "stages"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["demo"].update(size=16, unlabelled=4, unlabelled_broken=0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = copy_project(tmp_path_factory.mktemp("dvcproj"), demo={"size": 16, "unlabelled": 4, "unlabelled_broken": 0})
     run(DVC + ["init", "--no-scm", "-q"], root)
     run(DVC + ["config", "core.analytics", "false"], root)
     first = run(DVC + ["repro"], root)

@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO
 
 STAGE_PACKAGE = "pipeline.stages"
+COMMAND_PACKAGE = "pipeline.commands"  # entry modules of tools that are not stages (dmms compare)
 
 
 def stages() -> dict[str, dict[str, Any]]:
@@ -89,6 +90,12 @@ def stage_modules() -> list[str]:
                   if p.stem != "__init__")
 
 
+def entry_modules() -> list[str]:
+    """Stage modules and command modules: the only places that read params."""
+    return stage_modules() + sorted(f"{COMMAND_PACKAGE}.{p.stem}" for p in (REPO / "pipeline" / "commands").glob("*.py")
+                                    if p.stem != "__init__")
+
+
 def entry_module(script: str) -> str:
     """The stage module a stages/ script runs (`runtime.run_main(<module>.main)`)."""
     text = (REPO / script).read_text()
@@ -102,18 +109,19 @@ def entry_module(script: str) -> str:
 # ------------------------------------------------------------------------------------------ the import graph
 
 
-@pytest.mark.parametrize("module", stage_modules())
+@pytest.mark.parametrize("module", entry_modules())
 def test_no_stage_module_imports_another(module):
-    others = {m for m in pipeline_imports(module_file(module)) if m.startswith(STAGE_PACKAGE + ".")}
-    assert not others, f"{module} imports stage module(s) {sorted(others)}: move what they share into the library"
+    others = {m for m in pipeline_imports(module_file(module))
+              if m.startswith((STAGE_PACKAGE + ".", COMMAND_PACKAGE + "."))}
+    assert not others, f"{module} imports entry module(s) {sorted(others)}: move what they share into the library"
 
 
 def test_the_library_never_imports_a_stage_module():
     for file in sorted((REPO / "pipeline").rglob("*.py")):
         rel = file.relative_to(REPO)
-        if rel.parts[1] == "stages" or rel.name == "cli.py":  # cli dispatches to the stages by name
+        if rel.parts[1] in ("stages", "commands") or rel.name == "cli.py":  # cli dispatches to them by name
             continue
-        bad = {m for m in imported_names(file) if m.startswith(STAGE_PACKAGE)}
+        bad = {m for m in imported_names(file) if m.startswith((STAGE_PACKAGE, COMMAND_PACKAGE))}
         assert not bad, f"{rel} imports {sorted(bad)}"
 
 
@@ -122,8 +130,10 @@ def test_every_stage_module_has_a_dvc_stage_and_a_dmms_command():
 
     run_by_dvc = {entry_module(script_of(s)) for s in stages().values()}
     assert run_by_dvc == set(stage_modules())
-    assert [module for module, _ in COMMANDS.values()] == [f"{STAGE_PACKAGE}.{n}" for n in (
+    modules = [module for module, _ in COMMANDS.values()]
+    assert modules[:7] == [f"{STAGE_PACKAGE}.{n}" for n in (
         "make_demo", "ingest", "extract", "train", "predict", "report", "score")], "dmms lists the stages in order"
+    assert sorted(modules[7:]) == entry_modules()[len(stage_modules()):], "then the tools"
 
 
 @pytest.mark.parametrize("module", ["pipeline.stages.train", "pipeline.stages.predict"])
@@ -199,7 +209,7 @@ def test_library_functions_take_typed_configs_not_params():
     """Library functions take typed configs: only stage modules (and runtime, which loads the files) touch params."""
     for file in sorted((REPO / "pipeline").rglob("*.py")):
         rel = file.relative_to(REPO)
-        if rel.parts[1] == "stages" or rel.name in ("config.py", "runtime.py"):
+        if rel.parts[1] in ("stages", "commands") or rel.name in ("config.py", "runtime.py"):
             continue
         calls = [n for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.Call) and
                  (getattr(n.func, "attr", None) or getattr(n.func, "id", None)) in ("section", "load_params")]

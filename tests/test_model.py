@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import features, metrics, schema
+from pipeline import features, metrics, schema, setdata
+from pipeline import train as train_mod
 from pipeline.config import from_dict
 from pipeline.features import FeatureMismatchError
 from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model, segment_pool
@@ -133,11 +134,13 @@ def test_tune_thresholds_maximises_each_labels_f1():
     assert metrics.f1_scores(y[:, 2:], probs[:, 2:] >= t[2])["f1_micro"] == 1.0
 
 
-def write_synthetic(root: Path, n: int = 240, seed: int = 0) -> Path:
-    """A manifest and two modalities whose label 'A' is driven by modality a, 'B' by modality b."""
+def write_synthetic(root: Path, n: int = 240, seed: int = 0, rates: tuple[float, float] = (0.4, 0.4),
+                    strength: float = 4.0) -> Path:
+    """A manifest and two modalities whose label 'A' is driven by modality a, 'B' by modality b
+    (`rates`: how often each label is on; `strength`: how far its element stands out)."""
     rng = np.random.default_rng(seed)
     ids = [f"i{k:04d}" for k in range(n)]
-    ya, yb = rng.random(n) < 0.4, rng.random(n) < 0.4
+    ya, yb = rng.random(n) < rates[0], rng.random(n) < rates[1]
     labels = [[name for name, on in (("A", a), ("B", b)) if on] for a, b in zip(ya, yb)]
     split = ["train" if k % 10 < 7 else "val" if k % 10 < 9 else "test" for k in range(n)]
     msch = schema.with_metadata(schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel",
@@ -152,7 +155,7 @@ def write_synthetic(root: Path, n: int = 240, seed: int = 0) -> Path:
             k = int(rng.integers(0, 4))  # 0..3 elements; the signal lives in one element
             vecs = rng.normal(size=(k, dim)).astype(np.float32)
             if k and on:
-                vecs[0, 0] += 4.0
+                vecs[0, 0] += strength
             rows.append({"id": i, "vectors": vecs.tolist(), "elements": [features.element(index=j) for j in range(k)],
                          "category_ids": None})
         meta = {"modality": name, "kind": "text", "extractor": "synthetic", "model_id": f"gen-{name}",
@@ -278,3 +281,66 @@ def test_train_metrics_record_the_thresholds_and_where_they_were_tuned(tmp_path,
     assert ("optimistic" in rec.get("note", "")) is tune
     if not tune:
         assert set(rec["values"].values()) == {0.5}
+
+
+# ------------------------------------------------------------------ imbalance and set regularisation
+
+
+def test_class_weights_follow_train_frequencies_and_are_capped():
+    y = torch.tensor([[1, 0, 0]] * 2 + [[0, 1, 0]] * 6 + [[0, 0, 0]] * 92, dtype=torch.float32)  # 2%, 6%, 0%
+    w = train_mod.class_weights("multilabel", y, cap=20.0)
+    assert w.tolist() == pytest.approx([20.0, 94 / 6, 1.0]), "(n - n_pos) / n_pos, capped; no positive: 1"
+    yc = torch.tensor([[1, 0]] * 90 + [[0, 1]] * 10, dtype=torch.float32)
+    assert train_mod.class_weights("multiclass", yc, cap=10.0).tolist() == pytest.approx([100 / 180, 5.0])
+
+
+def test_pos_weight_raises_the_rare_labels_probabilities(tmp_path):
+    """On generated data with a rare, weakly signalled label, weighing positives by rarity makes the
+    model predict it more often, as intended (the frequent label barely moves)."""
+    manifest = write_synthetic(tmp_path, n=400, seed=3, rates=(0.06, 0.5), strength=1.0)
+    rates = {}
+    for mode in ("none", "pos_weight"):
+        fit(train_cfg(epochs=15, patience=15, imbalance=mode, tune_thresholds=False), manifest, tmp_path / "features",
+            tmp_path / mode, tmp_path / f"{mode}.json", tmp_path / f"{mode}.csv")
+        net, bundle = load_bundle(tmp_path / mode / "model.pt")
+        ids = pq.read_table(manifest)["id"].to_pylist()
+        store = FeatureStore.load({m: tmp_path / "features" / m for m in ("a", "b")}, ids)
+        rates[mode] = (predict(net, store, torch.arange(len(ids)), "multilabel") >= 0.5).float().mean(0)
+    assert rates["pos_weight"][0] > rates["none"][0] + 0.03, rates
+
+
+def test_element_and_modality_dropout_masks():
+    gen = torch.Generator().manual_seed(0)
+    seg = torch.arange(1000).repeat_interleave(10)  # 1000 items x 10 elements
+    batch = SetBatch(size=1000, modalities={
+        "a": ModalityBatch(torch.arange(10000.0)[:, None], seg),
+        "meta": ModalityBatch(torch.ones(1000, 2), torch.arange(1000), torch.full((1000, 1), 3))})
+    assert setdata.drop_elements(batch, 0.0, 0.0, gen) is batch, "no dropout: the batch as it is"
+    out = setdata.drop_elements(batch, 0.3, 0.0, gen)
+    kept = out.modalities["a"].segment.numel() / 10000
+    assert 0.67 < kept < 0.73 and torch.equal(out.modalities["a"].vectors[:, 0].long() // 10, out.modalities["a"].segment)
+    out = setdata.drop_elements(batch, 0.0, 0.5, gen)
+    per_item = torch.zeros(1000).index_add_(0, out.modalities["a"].segment, torch.ones(out.modalities["a"].segment.numel()))
+    assert set(per_item.tolist()) == {0.0, 10.0}, "a modality of an item is kept or dropped whole"
+    meta = out.modalities["meta"]
+    dropped = set(range(1000)) - set(meta.segment.tolist())
+    assert 400 < len(dropped) < 600 and all(meta.category_ids[i, 0] == 0 for i in dropped), "dropped ids read as missing"
+    again = setdata.drop_elements(batch, 0.3, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(again.modalities["a"].segment,
+                       setdata.drop_elements(batch, 0.3, 0.5, torch.Generator().manual_seed(7)).modalities["a"].segment)
+
+
+def test_dropout_changes_training_not_prediction(tmp_path):
+    manifest = write_synthetic(tmp_path)
+    plain = fit(train_cfg(epochs=8, patience=8), manifest, tmp_path / "features", tmp_path / "p", tmp_path / "p.json",
+                tmp_path / "p.csv")
+    dropped = fit(train_cfg(epochs=8, patience=8, element_dropout=0.3, modality_dropout=0.2), manifest,
+                  tmp_path / "features", tmp_path / "d", tmp_path / "d.json", tmp_path / "d.csv")
+    assert (tmp_path / "p.csv").read_text() != (tmp_path / "d.csv").read_text(), "the masks change the training path"
+    assert dropped["test"]["mean_average_precision"] > 0.7 and plain["test"]["mean_average_precision"] > 0.7
+    net, _ = load_bundle(tmp_path / "d" / "model.pt")
+    ids = pq.read_table(manifest)["id"].to_pylist()
+    store = FeatureStore.load({m: tmp_path / "features" / m for m in ("a", "b")}, ids)
+    idx = torch.arange(len(ids))
+    assert torch.equal(predict(net, store, idx, "multilabel"), predict(net, store, idx, "multilabel")), \
+        "prediction uses every element, every time"

@@ -60,8 +60,9 @@ def test_argmax_outputs_reconcile_and_point_at_the_driving_modality(trained, tmp
     # the same probabilities and metrics as training computed on the test split
     assert summary["metrics"]["test"]["f1_micro"] == pytest.approx(bundles["max"][1]["test"]["f1_micro"], abs=1e-9)
     pred = t["predictions"].to_pandas()
-    assert all(set(p) == {lab for lab in ("A", "B") if row[f"prob_{lab}"] >= 0.5}
-               for p, (_, row) in zip(pred["predicted"], pred.iterrows()))
+    thresholds = dict(zip(("A", "B"), torch.load(bundles["max"][0], weights_only=True)["thresholds"]))
+    assert all(set(p) == {lab for lab in ("A", "B") if row[f"prob_{lab}"] >= np.float32(thresholds[lab])}
+               for p, (_, row) in zip(pred["predicted"], pred.iterrows())), "the bundle's (tuned) thresholds decide"
     # generated so that A is carried by modality a and B by b: both views must say so
     assert summary["by_label"]["A"]["top_modality"] == "a" and summary["by_label"]["B"]["top_modality"] == "b"
     assert summary["by_label"]["A"]["top_ablation"] == "a" and summary["by_label"]["B"]["top_ablation"] == "b"

@@ -1,0 +1,72 @@
+"""`dmms compare`: train model variants with several seeds (or read the runs of a DVC experiments
+sweep) and report mean ± std of every test metric, paired differences with a 95% interval, as a
+markdown table and an SVG chart.
+
+params: base (seed), train (the variants override it). Library: pipeline.compare.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from pipeline import compare, runtime
+from pipeline.config import BaseConfig, section
+from pipeline.train import TrainConfig
+
+
+def _seeds(text: str, base: int) -> list[int]:
+    """'5' -> five seeds from base.seed on; '0,3,7' -> those seeds."""
+    if "," in text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    return list(range(base, base + int(text)))
+
+
+def _experiments(source: str) -> list[dict]:
+    """`dvc exp show --json` output, from a file or (`dvc`) from running it in the working directory."""
+    if source != "dvc":
+        return json.loads(Path(source).read_text(encoding="utf-8"))
+    done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise runtime.UserError(f"`dvc exp show --json` failed: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout or "[]")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The entry point (argv without the program name)."""
+    p = runtime.parser(
+        "dmms compare", "Compare model variants over several seeds: mean ± std, paired differences, a chart.",
+        "dmms compare --manifest data/ingest/manifest.parquet --features data/features --variants "
+        "examples/variants.yaml --seeds 5 --pair 'set, max' concat --out data/compare")
+    p.add_argument("--variants", help="YAML file: variant name -> overrides of params train (each is trained)")
+    p.add_argument("--manifest", help="canonical manifest (with --variants)")
+    p.add_argument("--features", help="folder holding <modality>/features.parquet (with --variants)")
+    p.add_argument("--seeds", default="5", help="how many seeds from base.seed on, or a list such as 0,1,2 (default 5)")
+    p.add_argument("--experiments", metavar="JSON|dvc",
+                   help="read the runs of a DVC experiments sweep instead of training: a `dvc exp show --json` "
+                        "file, or `dvc` to run that command here")
+    p.add_argument("--metrics-file", default="data/metrics/train.json", help="the train metrics file in experiments")
+    p.add_argument("--runs", metavar="JSON", help="re-table the runs.json of an earlier comparison (e.g. other --pair)")
+    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="also report A minus B paired by seed, with a 95%% interval (repeatable)")
+    p.add_argument("--out", required=True, help="folder for table.md, chart.svg and runs.json (and trained models)")
+    args = p.parse_args(argv)
+    params = runtime.setup(args)
+    if args.runs:
+        runs = compare.read_runs(Path(args.runs))
+    elif args.experiments:
+        runs = compare.runs_from_experiments(_experiments(args.experiments), args.metrics_file)
+    else:
+        if not (args.variants and args.manifest and args.features):
+            raise runtime.UserError("give --variants, --manifest and --features to train, or --experiments to read a sweep")
+        section(params, "train", TrainConfig)  # the base every variant overrides must itself be valid
+        variants = yaml.safe_load(Path(args.variants).read_text(encoding="utf-8"))
+        if not isinstance(variants, dict) or not variants:
+            raise runtime.UserError(f"{args.variants}: expected a mapping of variant name -> train overrides")
+        seeds = _seeds(args.seeds, section(params, "base", BaseConfig).seed)
+        runs = compare.train_runs({k: v or {} for k, v in variants.items()}, seeds, params["train"],
+                                  Path(args.manifest), Path(args.features), Path(args.out))
+    print(compare.write(runs, Path(args.out), [tuple(p) for p in args.pair]), end="")
