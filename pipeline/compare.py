@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -80,9 +80,10 @@ def slug(name: str) -> str:
 
 
 def train_runs(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], train_params: Mapping[str, Any],
-               manifest: Path, features_root: Path, out_dir: Path) -> list[Run]:
+               manifest: Path, features_root: Path, out_dir: Path,
+               on_run: Callable[[list[Run]], None] | None = None) -> list[Run]:
     """Train every variant (overrides of the params train section) with every seed; models, metrics
-    and curves go under `out_dir`."""
+    and curves go under `out_dir`; `on_run` sees the runs so far after each one (to save them as they come)."""
     from pipeline.train import TrainConfig, fit
 
     configs = {name: from_dict(TrainConfig, runtime.merge(dict(train_params), dict(over)), f"variants.{name}")
@@ -94,6 +95,8 @@ def train_runs(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], 
             res = fit(cfg, manifest, features_root, out_dir / "models" / tag, out_dir / "metrics" / f"{tag}.json",
                       out_dir / "curves" / f"{tag}.csv", seed=seed)
             runs.append(Run(name, seed, res["test"], res.get("test_label_frequency_baseline", {})))
+            if on_run is not None:
+                on_run(runs)
             log.info("%s, seed %d: %s", name, seed, {SHORT[m]: round(res["test"][m], 4) for m in METRICS})
     return runs
 

@@ -38,11 +38,23 @@ class UserError(RuntimeError):
     """An error the user can fix (bad input, bad params); printed without a traceback."""
 
 
-def parser(prog: str, description: str | None, example: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser with the options every stage shares; `example` is shown under --help."""
+# Inputs several commands take, with one help text each (`inputs=` of parser()).
+INPUTS = {
+    "manifest": "canonical manifest written by ingest (manifest.parquet)",
+    "features": "folder holding <modality>/features.parquet, written by extract",
+    "model": "model bundle (model.pt) written by train",
+}
+
+
+def parser(prog: str, description: str | None, example: str | None = None,
+           inputs: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An argument parser with the options every stage shares, plus the required `inputs` (keys of
+    INPUTS, e.g. "manifest" for --manifest); `example` is shown under --help."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 epilog=f"example:\n  {example}" if example else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in inputs:
+        p.add_argument(f"--{name}", required=True, help=INPUTS[name])
     p.add_argument(
         "--params", action="append",
         help="params file; repeat to overlay files, later ones win key by key (default: params.yaml); "

@@ -45,7 +45,7 @@ class TrainConfig:
     # mAP: threshold-free and every label counts the same, so rare labels steer early stopping too
     monitor: str = "mean_average_precision"
     tune_thresholds: bool = True  # per-label thresholds tuned on val (multilabel/binary)
-    imbalance: str = "none"  # none | pos_weight: weigh positives (classes) by their rarity in train
+    imbalance: str = "pos_weight"  # none | pos_weight: weigh positives (classes) by their rarity in train
     pos_weight_cap: float = 10.0  # the largest weight imbalance gives a label or class
     element_dropout: float = 0.0  # training only: each element (face, box, sentence, tag) dropped with this probability
     modality_dropout: float = 0.0  # training only: each modality of each item dropped with this probability

@@ -49,14 +49,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="read the runs of a DVC experiments sweep instead of training: a `dvc exp show --json` "
                         "file, or `dvc` to run that command here")
     p.add_argument("--metrics-file", default="data/metrics/train.json", help="the train metrics file in experiments")
-    p.add_argument("--runs", metavar="JSON", help="re-table the runs.json of an earlier comparison (e.g. other --pair)")
+    p.add_argument("--runs", metavar="JSON", nargs="+",
+                   help="re-table the runs.json of earlier comparisons, together (e.g. with other --pair)")
     p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="also report A minus B paired by seed, with a 95%% interval (repeatable)")
     p.add_argument("--out", required=True, help="folder for table.md, chart.svg and runs.json (and trained models)")
     args = p.parse_args(argv)
     params = runtime.setup(args)
     if args.runs:
-        runs = compare.read_runs(Path(args.runs))
+        runs = [r for path in args.runs for r in compare.read_runs(Path(path))]
     elif args.experiments:
         runs = compare.runs_from_experiments(_experiments(args.experiments), args.metrics_file)
     else:
@@ -67,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not isinstance(variants, dict) or not variants:
             raise runtime.UserError(f"{args.variants}: expected a mapping of variant name -> train overrides")
         seeds = _seeds(args.seeds, section(params, "base", BaseConfig).seed)
+        unknown = sorted({v for pair in args.pair for v in pair} - set(variants))
+        if unknown:  # found now, not after hours of training
+            raise runtime.UserError(f"--pair names {unknown}, which are not variants of {args.variants}: {list(variants)}")
         runs = compare.train_runs({k: v or {} for k, v in variants.items()}, seeds, params["train"],
-                                  Path(args.manifest), Path(args.features), Path(args.out))
+                                  Path(args.manifest), Path(args.features), Path(args.out),
+                                  on_run=lambda done: compare.write(done, Path(args.out)))  # kept as they come
     print(compare.write(runs, Path(args.out), [tuple(p) for p in args.pair]), end="")

@@ -17,9 +17,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser("dmms extract", "Extract one modality's feature sets with Apache Beam.",
                        "dmms extract --modality image --manifest data/ingest/manifest.parquet --out data/features/image "
-                       "--metrics data/metrics/extract/image.json")
+                       "--metrics data/metrics/extract/image.json", inputs=("manifest",))
     p.add_argument("--modality", required=True, help="a key of params extract.modalities")
-    p.add_argument("--manifest", required=True, help="canonical manifest written by ingest")
     p.add_argument("--out", required=True, help="folder for features.parquet and dead_letters.parquet")
     p.add_argument("--metrics", required=True, help="metrics JSON")
     args, beam_args = p.parse_known_args(argv)  # unknown flags go to Beam

@@ -18,10 +18,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser("dmms predict", "Predict labels and per-modality importances with a trained model bundle.",
                        "dmms predict --model data/model/model.pt --manifest data/ingest/manifest.parquet "
-                       "--features data/features --out data/predictions")
-    p.add_argument("--model", required=True, help="model bundle (model.pt) written by train")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--features", required=True, help="folder holding <modality>/features.parquet")
+                       "--features data/features --out data/predictions", inputs=("model", "manifest", "features"))
     p.add_argument("--out", required=True, help="folder for the prediction and importance tables")
     p.add_argument("--metrics", help="summary JSON (dataset-level metrics and importances)")
     p.add_argument("--plot-csv", help="per label and modality importances as CSV, for `dvc plots`")

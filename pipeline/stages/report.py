@@ -16,9 +16,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser("dmms report", "Write the static HTML report of predictions and importances.",
                        "dmms report --predictions data/predictions --manifest data/ingest/manifest.parquet "
-                       "--out data/report")
+                       "--out data/report", inputs=("manifest",))
     p.add_argument("--predictions", required=True, help="folder written by the predict stage")
-    p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="report folder (index.html, img/)")
     args = p.parse_args(argv)
     params = runtime.setup(args)

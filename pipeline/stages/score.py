@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser("dmms score",
                        "Score a new dataset folder with a trained model bundle: ingest, extract, predict, report.",
-                       "dmms score --model data/model/model.pt --input data/demo/unlabelled --output scored")
-    p.add_argument("--model", required=True, help="model bundle (model.pt) written by train")
+                       "dmms score --model data/model/model.pt --input data/demo/unlabelled --output scored",
+                       inputs=("model",))
     p.add_argument("--input", help="dataset folder to score (default: params score.input)")
     p.add_argument("--output", required=True, help="folder for everything scoring writes")
     p.add_argument("--metrics", help="also write the summary JSON here")

@@ -18,9 +18,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser("dmms train", "Train the Deep Multi-Modal Sets model on extracted feature sets.",
                        "dmms train --manifest data/ingest/manifest.parquet --features data/features --out data/model "
-                       "--metrics data/metrics/train.json --plots data/plots/train_curve.csv")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--features", required=True, help="folder holding <modality>/features.parquet")
+                       "--metrics data/metrics/train.json --plots data/plots/train_curve.csv",
+                       inputs=("manifest", "features"))
     p.add_argument("--out", required=True, help="folder for model.pt")
     p.add_argument("--metrics", required=True)
     p.add_argument("--plots", required=True, help="training curve CSV")
