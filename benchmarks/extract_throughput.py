@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--modalities", default="image,faces,ocr,title,tags,meta")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
+    for key, value in runtime.OFFLINE_ENV.items():  # the stages run offline; so does their benchmark
+        os.environ.setdefault(key, value)
     work = Path(args.work or tempfile.mkdtemp(prefix="dmms-bench-"))
     params = runtime.load_overlaid([REPO / "params.yaml", REPO / "examples" / "movie-posters.yaml"])
     runtime.configure_logging("WARNING")

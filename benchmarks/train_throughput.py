@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import from_dict  # noqa: E402
 from pipeline.model import ModelConfig, SetModel  # noqa: E402
+from pipeline.runtime import resolve_device  # noqa: E402
 from pipeline.setdata import FeatureStore, PackedModality  # noqa: E402
 
 # modality: (dim, min elements, max elements)
@@ -94,8 +95,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the padded baseline")
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     gen = torch.Generator().manual_seed(0)
     store = synthetic_store(args.items, gen)

@@ -47,6 +47,13 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+# Keys of earlier versions, and where what they did lives now.
+MOVED = {
+    "train.seed": "base.seed (one seed for every stage that draws random numbers)",
+    "base.log_level": "the --log-level option or $DMMS_LOG_LEVEL (logging changes no output, so it is not a param)",
+}
+
+
 def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     """Build dataclass `cls` from `data`; `where` names the params section in error messages."""
     if data is None:
@@ -57,8 +64,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        moved = "".join(f"; {where}.{k} is now {MOVED[f'{where}.{k}']}" for k in unknown if f"{where}.{k}" in MOVED)
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
+            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}{moved}"
         )
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():

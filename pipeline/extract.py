@@ -70,6 +70,11 @@ class Modality:
     name: str
     kind: str
     cfg: Any  # the kind's CONFIG_CLASS (ImageConfig, FacesConfig, ...)
+    where: str = ""  # where its params came from, for errors (default: extract.modalities.<name>)
+
+    @property
+    def origin(self) -> str:
+        return self.where or f"extract.modalities.{self.name}"
 
     @property
     def module(self) -> Any:
@@ -90,7 +95,7 @@ def modality(name: str, raw: Any, where: str | None = None) -> Modality:
         module = importlib.import_module(module_for(kind))
     except ValueError as exc:
         raise ConfigError(f"{where}.kind: {exc}") from None
-    return Modality(name, kind, from_dict(module.CONFIG_CLASS, raw, where))
+    return Modality(name, kind, from_dict(module.CONFIG_CLASS, raw, where), where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +228,7 @@ def describe(spec: Modality, manifest: pa.Table, mmeta: dict[str, Any],
     fitted on the train split, or the `expect`ed bundle's when scoring). Refuses a text or list column
     the manifest lacks, a missing model, and an extractor that differs from `expect`."""
     cfg, module, fields = spec.cfg, spec.module, mmeta["fields"]
-    where = f"extract.modalities.{spec.name}"
+    where = spec.origin
     if spec.kind in ("text", "list") and cfg.column not in fields["text" if spec.kind == "text" else "lists"]:
         raise ConfigError(f"{where}.column: {cfg.column!r} is not a {spec.kind} column of the manifest; "
                           f"it has {fields}")
@@ -253,7 +258,7 @@ def describe_model(spec: Modality) -> dict[str, Any]:
     try:
         return spec.module.describe(spec.cfg)
     except (MissingModelError, ValueError) as exc:
-        raise ExtractionError(f"extract.modalities.{spec.name}: {exc}") from None
+        raise ExtractionError(f"{spec.origin}: {exc}") from None
 
 
 def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]) -> None:

@@ -24,12 +24,13 @@ VECTORS = "vectors"
 ELEMENTS = "elements"
 CATEGORY_IDS = "category_ids"
 
+# An element's record; text, box and score keep their names as columns of elements.parquet.
 ELEMENT_TYPE = pa.struct(
     [
         pa.field("index", pa.int32()),  # position in the source (sentence, list item, box order)
-        pa.field("text", pa.string()),  # sentence, tag or OCR text
-        pa.field("box", pa.list_(pa.float32())),  # [x0, y0, x1, y1] in image pixels (faces, OCR)
-        pa.field("score", pa.float32()),  # detection probability or OCR confidence
+        pa.field(schema.TEXT, pa.string()),  # sentence, tag or OCR text
+        pa.field(schema.BOX, pa.list_(pa.float32())),  # [x0, y0, x1, y1] in image pixels (faces, OCR)
+        pa.field(schema.SCORE, pa.float32()),  # detection probability or OCR confidence
         pa.field("landmarks", pa.list_(pa.float32())),  # 5 face landmarks as x, y pairs
     ]
 )

@@ -231,8 +231,8 @@ def _check_limits(metrics: dict[str, Any], root: Path, ingest: IngestConfig, rej
     if not metrics["read"]:
         raise IngestError(f"{root}: the dataset has no rows")
     if metrics["reject_fraction"] > ingest.max_reject_fraction:
-        top = ", ".join(f"{k}={v}" for k, v in sorted(metrics["rejected_by_reason"].items(), key=lambda kv: -kv[1])
-                        if v)
+        top = ", ".join(f"{k}={v}" for k, v in sorted(metrics["rejected_by_reason"].items(),
+                                                      key=lambda kv: (-kv[1], kv[0])) if v)  # most first, then by name
         raise IngestError(
             f"{metrics['rejected']} of {metrics['read']} rows rejected ({metrics['reject_fraction']:.1%}), more than "
             f"ingest.max_reject_fraction={ingest.max_reject_fraction:.1%} ({top}); see {rejects_path}"

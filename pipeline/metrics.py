@@ -71,14 +71,18 @@ def evaluate(task: str, y_true: np.ndarray, probs: np.ndarray, thresholds: np.nd
 
 
 def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
-    """Per-label threshold maximising that label's F1 on (validation) data; 0.5 where no positives."""
-    grid = np.linspace(0.05, 0.95, 19) if grid is None else grid
+    """Per-label threshold maximising that label's F1 on (validation) data; 0.5 where no positives.
+
+    Each candidate is applied with `decide`, the rule prediction uses (in the probabilities' dtype), so a
+    threshold chosen here splits the same scores the same way when the model is used.
+    """
+    grid = np.linspace(0.05, 0.95, 19) if grid is None else np.asarray(grid, dtype=float)
     best = np.full(y_true.shape[1], 0.5)
     for j in range(y_true.shape[1]):
         t = y_true[:, j].astype(bool)
         if not t.any():
             continue
-        f1s = [_f1(np.array((t & (probs[:, j] >= g)).sum(), float), np.array((~t & (probs[:, j] >= g)).sum(), float),
-                   np.array((t & (probs[:, j] < g)).sum(), float)) for g in grid]
-        best[j] = float(grid[int(np.argmax(f1s))])
+        pred = np.stack([decide("multilabel", probs[:, j], g) for g in grid])  # (grid, n)
+        tp, fp, fn = (pred & t).sum(1), (pred & ~t).sum(1), (~pred & t).sum(1)
+        best[j] = float(grid[int(np.argmax(_f1(tp.astype(float), fp.astype(float), fn.astype(float))))])
     return best

@@ -1,6 +1,6 @@
 """Predictions and importances of a trained bundle on extracted feature sets (the predict stage).
 
-For every item of the chosen splits it writes, under --out:
+For every item of the chosen splits it writes, into the output folder:
 
     predictions.parquet       id, split, predicted labels, true labels (when known), prob_<label> per label
     importance.parquet        id, split, method, top_modality, share_<modality> per modality
@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -189,7 +189,7 @@ def element_metadata(dirs: dict[str, Path], bundle: dict[str, Any], ids: list[st
             recs = list(elements or [])
             for c, (col, values) in enumerate(vocab.items()):
                 cid = (cats or [0] * len(vocab))[c]
-                recs.append({"text": f"{col}: {values[cid - 1] if cid else '(missing or unseen)'}"})
+                recs.append({schema.TEXT: f"{col}: {values[cid - 1] if cid else '(missing or unseen)'}"})
             per_id[item_id] = recs
         out[m] = per_id
     return out

@@ -168,7 +168,8 @@ def _read_inputs(cfg: ReportConfig, pred_dir: Path, manifest_path: Path) -> _Inp
     for r in pq.read_table(pred_dir / "elements.parquet").to_pylist():
         if r[schema.ID] in wanted:
             elements.setdefault(r[schema.ID], []).append(r)
-    return _Inputs(summary, {m: kinds.get(m) for m in mods}, {m: plots.colour(i) for i, m in enumerate(mods)},
+    # A summary written before kinds were recorded: a modality's name is its kind (the defaults' naming).
+    return _Inputs(summary, {m: kinds.get(m) or m for m in mods}, {m: plots.colour(i) for i, m in enumerate(mods)},
                    Path(mmeta["dataset"]["dir"]), names, text_cols[0] if text_cols else None, pool, picked,
                    {r[schema.ID]: r for r in pq.read_table(pred_dir / "importance.parquet").to_pylist()},
                    label_importance, elements)

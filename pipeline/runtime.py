@@ -46,6 +46,14 @@ INPUTS = {
 }
 
 
+def _log_level(value: str) -> str:
+    """--log-level (or $DMMS_LOG_LEVEL, which argparse passes through here too) in any case."""
+    if value.strip().upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)} "
+                                         "(from --log-level or $DMMS_LOG_LEVEL)")
+    return value.strip().upper()
+
+
 def parser(prog: str, description: str | None, example: str | None = None,
            inputs: Sequence[str] = ()) -> argparse.ArgumentParser:
     """An argument parser with the options every stage shares, plus the required `inputs` (keys of
@@ -61,8 +69,9 @@ def parser(prog: str, description: str | None, example: str | None = None,
              "relative paths in an overlay resolve against the overlay's folder",
     )
     p.add_argument(
-        "--log-level", default=os.environ.get("DMMS_LOG_LEVEL", "INFO").upper(), choices=LOG_LEVELS,
-        help="how much to log (default: $DMMS_LOG_LEVEL or INFO); it changes no output, so it is not a param",
+        "--log-level", default=os.environ.get("DMMS_LOG_LEVEL") or "INFO", type=_log_level,
+        help=f"how much to log: {', '.join(LOG_LEVELS)} (default: $DMMS_LOG_LEVEL or INFO); it changes no "
+             "output, so it is not a param",
     )
     p.add_argument("--verbose", action="store_true",
                    help="also show what other libraries log and warn (hidden by default)")

@@ -5,7 +5,7 @@
            or weights differ from the bundle's; meta reuses the training statistics)
         -> predictions and importances (as the predict stage writes them) -> optional HTML report
 
-Under --output: ingest/ (manifest, rejects), features/<modality>/, the prediction tables,
+Into the output folder: ingest/ (manifest, rejects), features/<modality>/, the prediction tables,
 dead_letters.parquet (every row that could not be scored, with its stage and reason),
 summary.json with counts that reconcile (read = scored + dead-lettered), and report/.
 """

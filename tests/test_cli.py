@@ -125,3 +125,15 @@ def test_each_commands_help_names_it_and_gives_an_example(command, capsys):
     assert exc.value.code == 0 and out.startswith(f"usage: dmms {command} ")
     example = out.split("example:\n", 1)[1].strip()
     assert example.startswith(f"dmms {command} ") and "--verbose" in out
+
+
+def test_log_level_from_flag_or_environment_in_any_case_and_checked(monkeypatch, capsys):
+    from pipeline import runtime
+
+    monkeypatch.setenv("DMMS_LOG_LEVEL", "debug")
+    assert runtime.parser("dmms x", None).parse_args([]).log_level == "DEBUG"
+    assert runtime.parser("dmms x", None).parse_args(["--log-level", "warning"]).log_level == "WARNING"
+    monkeypatch.setenv("DMMS_LOG_LEVEL", "chatty")
+    with pytest.raises(SystemExit) as exc:
+        runtime.parser("dmms x", None).parse_args([])
+    assert exc.value.code == 2 and "'chatty' is not one of DEBUG" in capsys.readouterr().err

@@ -22,6 +22,16 @@ def test_unknown_key_lists_the_valid_ones():
         from_dict(IngestConfig, {"max_reject": 0.1}, "ingest")
 
 
+def test_keys_of_earlier_versions_say_where_they_went():
+    from pipeline.config import BaseConfig
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train.seed is now base.seed"):
+        from_dict(TrainConfig, {"seed": 3}, "train")
+    with pytest.raises(ConfigError, match=r"base.log_level is now the --log-level option"):
+        from_dict(BaseConfig, {"log_level": "DEBUG"}, "base")
+
+
 def test_wrong_types_and_values_are_errors():
     with pytest.raises(ConfigError, match="demo.size: expected <class 'int'>"):
         from_dict(DemoConfig, {"size": "many"}, "demo")

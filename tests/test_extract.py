@@ -158,6 +158,17 @@ def test_faces_handler_finds_the_astronaut():
     assert res[1].vectors.shape == (0, 1280) and res[1].elements == []
 
 
+def test_a_faces_checkpoint_that_is_not_vggface2_is_refused(tmp_path):
+    import torch
+
+    from pipeline.extractors.base import MissingModelError
+
+    bad = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, bad)
+    with pytest.raises(MissingModelError, match="lacks .* InceptionResnetV1 weights"):
+        faces.FaceModel(faces.FacesConfig(embedder="vggface2", vggface2_weights=str(bad)), "cpu")
+
+
 @pytest.mark.slow
 def test_ocr_handler_reads_a_drawn_word():
     from PIL import ImageDraw, ImageFont

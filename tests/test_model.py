@@ -134,6 +134,14 @@ def test_tune_thresholds_maximises_each_labels_f1():
     assert metrics.f1_scores(y[:, 2:], probs[:, 2:] >= t[2])["f1_micro"] == 1.0
 
 
+def test_tuned_threshold_splits_float32_scores_as_prediction_does():
+    """A score that sits on a grid value in float32 is on the threshold, in tuning as in `decide`."""
+    y = np.array([[1], [0]])
+    probs = np.array([[0.35], [0.3]], dtype=np.float32)  # float32(0.35) < 0.35 in float64
+    t = metrics.tune_thresholds(y, probs)
+    assert metrics.f1_scores(y, metrics.decide("multilabel", probs, t))["f1_micro"] == 1.0
+
+
 def write_synthetic(root: Path, n: int = 240, seed: int = 0, rates: tuple[float, float] = (0.4, 0.4),
                     strength: float = 4.0) -> Path:
     """A manifest and two modalities whose label 'A' is driven by modality a, 'B' by modality b

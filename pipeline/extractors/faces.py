@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, SetModelHandler, image_array, require_file,
+    ItemResult, MissingModelError, SetModelHandler, image_array, require_file,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
 from pipeline.features import element, file_sha256
@@ -87,8 +87,13 @@ class FaceModel:
             from facenet_pytorch import InceptionResnetV1
 
             net = InceptionResnetV1(pretrained=None, classify=False)
-            state = torch.load(vggface2_path(cfg), map_location="cpu", weights_only=True)
-            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits")}, strict=False)
+            path = vggface2_path(cfg)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits")},
+                                             strict=False)  # the classifier head ("logits") is not used
+            if missing:  # not a VGGFace2 InceptionResnetV1 checkpoint: its embeddings would be random
+                raise MissingModelError(f"{path} lacks {len(missing)} InceptionResnetV1 weights "
+                                        f"(e.g. {missing[0]}); is it the VGGFace2 checkpoint?")
             self.net = net.to(device).eval()
             self.dim = 512
         else:
