@@ -64,7 +64,8 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        moved = "".join(f"; {where}.{k} is now {MOVED[f'{where}.{k}']}" for k in unknown if f"{where}.{k}" in MOVED)
+        keys = [f"{where}.{k}" for k in unknown]
+        moved = "".join(f"; {key} is now {MOVED[key]}" for key in keys if key in MOVED)
         raise ConfigError(
             f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}{moved}"
         )

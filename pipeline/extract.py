@@ -70,11 +70,7 @@ class Modality:
     name: str
     kind: str
     cfg: Any  # the kind's CONFIG_CLASS (ImageConfig, FacesConfig, ...)
-    where: str = ""  # where its params came from, for errors (default: extract.modalities.<name>)
-
-    @property
-    def origin(self) -> str:
-        return self.where or f"extract.modalities.{self.name}"
+    where: str  # where its params came from, for errors: extract.modalities.<name> or a bundle's record
 
     @property
     def module(self) -> Any:
@@ -228,7 +224,7 @@ def describe(spec: Modality, manifest: pa.Table, mmeta: dict[str, Any],
     fitted on the train split, or the `expect`ed bundle's when scoring). Refuses a text or list column
     the manifest lacks, a missing model, and an extractor that differs from `expect`."""
     cfg, module, fields = spec.cfg, spec.module, mmeta["fields"]
-    where = spec.origin
+    where = spec.where
     if spec.kind in ("text", "list") and cfg.column not in fields["text" if spec.kind == "text" else "lists"]:
         raise ConfigError(f"{where}.column: {cfg.column!r} is not a {spec.kind} column of the manifest; "
                           f"it has {fields}")
@@ -258,7 +254,7 @@ def describe_model(spec: Modality) -> dict[str, Any]:
     try:
         return spec.module.describe(spec.cfg)
     except (MissingModelError, ValueError) as exc:
-        raise ExtractionError(f"{spec.origin}: {exc}") from None
+        raise ExtractionError(f"{spec.where}: {exc}") from None
 
 
 def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]) -> None:

@@ -48,10 +48,11 @@ INPUTS = {
 
 def _log_level(value: str) -> str:
     """--log-level (or $DMMS_LOG_LEVEL, which argparse passes through here too) in any case."""
-    if value.strip().upper() not in LOG_LEVELS:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)} "
                                          "(from --log-level or $DMMS_LOG_LEVEL)")
-    return value.strip().upper()
+    return level
 
 
 def parser(prog: str, description: str | None, example: str | None = None,
