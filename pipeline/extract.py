@@ -1,11 +1,15 @@
 """The Beam extraction job: canonical manifest -> one modality's variable-length feature sets.
 
-    ReadFromParquet(manifest) -> Prepare (pure per-record work; failures -> dead letters)
+    ReadFromParquet(items to compute) -> Reshuffle (spreads the work over a cluster's workers)
+        -> Prepare (pure per-record work; failures -> dead letters)
         -> RunInference(KeyedModelHandler(<extractor>))   (meta: a Map with train statistics)
         -> ToRow (model errors -> dead letters) -> Progress -> WriteToParquet (shards)
 
-The shards are then merged into one file sorted by id, with provenance metadata, and the counts
-are reconciled: every manifest id ends up in the features or in the dead letters, never both.
+Around the job, the per-item cache (pipeline.cache): only items whose (extractor, input) key is not
+cached go to the job; its results become a new cache part; the features are then assembled from the
+cache, filtered (OCR confidence, face probability, ...), sorted by id in bounded memory and written
+with provenance metadata. The counts are reconciled: every manifest id ends up in the features or in
+the dead letters, never both, and computed + reused + failed = items in.
 """
 from __future__ import annotations
 
@@ -17,19 +21,21 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import features, runtime, schema
+from pipeline import cache, features, runtime, schema
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.extractors import module_for
 from pipeline.extractors.base import ItemError, ItemResult, MissingModelError, error_text
+from pipeline.sorting import ExternalSort
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ class JobConfig:
     max_failure_fraction: float = 0.05
     log_every_s: float = 10.0
     options: dict[str, Any] = field(default_factory=dict)  # any other Beam option, passed as --key=value
+    cache_dir: str | None = None  # the per-item extraction cache; null: off (every item is computed)
+    merge_buffer_mb: int = 256  # rows held in memory while sorting the features by id; more spill to disk
 
 
 def beam_options(job: JobConfig, extra: Sequence[str] = ()) -> PipelineOptions:
@@ -182,7 +190,7 @@ def build(p: beam.Pipeline, manifest: str, spec: Modality, root: str, dim: int, 
           total: int, stats: MetaStats | None = None) -> tuple[Any, Any]:
     """Add the extraction transforms for one modality to pipeline `p`; returns (rows, dead letters)."""
     module = spec.module
-    rows = p | "ReadManifest" >> beam.io.ReadFromParquet(manifest)
+    rows = p | "ReadManifest" >> beam.io.ReadFromParquet(manifest) | "Spread" >> beam.Reshuffle()
     prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(spec.name, module.__name__, spec.cfg, root)).with_outputs(
         "dead", main="ready")
     if spec.kind == "meta":
@@ -266,28 +274,74 @@ def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]
             "Install the same extractor weights, or retrain the model on features from this installation.")
 
 
-def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> pa.Table:
-    parts = sorted(folder.glob(f"{prefix}-*.parquet"))
-    tables = [pq.read_table(p).cast(sch) for p in parts]
-    return pa.concat_tables(tables) if tables else sch.empty_table()
+def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> Iterator[pa.Table]:
+    """The rows of Beam's shards, a record batch at a time."""
+    for part in sorted(folder.glob(f"{prefix}-*.parquet")):
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=cache.PART_ROW_GROUP):
+            yield pa.Table.from_batches([batch]).cast(sch)
 
 
-def _counts(spec: Modality, ids: list[str], feats: pa.Table, dead: pa.Table, seconds: float) -> dict[str, Any]:
-    """The extraction metrics: items_in = written + failed, set sizes, failures per stage."""
-    n_vectors = pc.list_value_length(feats[features.VECTORS]).to_pylist()
-    failed_stages = dead[schema.STAGE].to_pylist()
-    return {
-        "modality": spec.name, "kind": spec.kind, "items_in": len(ids), "written": feats.num_rows,
-        "empty_sets": sum(1 for n in n_vectors if n == 0), "failed": dead.num_rows,
-        "elements": sum(n_vectors), "max_elements": max(n_vectors, default=0),
-        "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))},
-        "seconds": round(seconds, 1), "items_per_s": round(len(ids) / seconds, 2) if seconds else None,
-    }
+def item_inputs(spec: Modality, manifest: pa.Table, stats: MetaStats | None) -> list[Any]:
+    """Each row's input for this modality, the item half of its cache key."""
+    if spec.kind == "meta":
+        cols = [*stats.numeric, *stats.categorical]
+        return [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))] if cols else \
+            [[] for _ in range(manifest.num_rows)]
+    return [spec.module.cache_input(row, spec.cfg) for row in manifest.to_pylist()]
 
 
-def _reconcile(spec: Modality, ids: list[str], feats: pa.Table, dead: pa.Table, job: JobConfig, out_dir: Path) -> None:
+def apply_filter(table: pa.Table, spec: Modality) -> pa.Table:
+    """The modality's result filter (module.select: OCR confidence, face probability, how many are kept)
+    applied to unfiltered sets; elements are renumbered in output order."""
+    select = getattr(spec.module, "select", None)
+    if select is None or not table.num_rows:
+        return table
+    vectors = table[features.VECTORS].combine_chunks()
+    starts = np.concatenate([[0], np.cumsum(pc.list_value_length(vectors).to_numpy(zero_copy_only=False))])
+    take, offsets, kept = [], [0], []
+    for r, elements in enumerate(table[features.ELEMENTS].to_pylist()):
+        idx = select(elements, spec.cfg)
+        take.extend(int(starts[r]) + i for i in idx)
+        offsets.append(len(take))
+        kept.append([{**elements[i], "index": rank} for rank, i in enumerate(idx)])
+    values = vectors.flatten().take(pa.array(take, pa.int64()))
+    table = table.set_column(table.schema.get_field_index(features.VECTORS), features.VECTORS,
+                             pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values))
+    return table.set_column(table.schema.get_field_index(features.ELEMENTS), features.ELEMENTS,
+                            pa.array(kept, pa.list_(features.ELEMENT_TYPE)))
+
+
+class Counts:
+    """The extraction metrics, accumulated as feature rows stream past."""
+
+    def __init__(self, spec: Modality, ids: list[str]):
+        self.spec, self.ids = spec, ids
+        self.written: list[str] = []
+        self.empty_sets = self.elements = self.max_elements = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.written.extend(table[schema.ID].to_pylist())
+        n = pc.list_value_length(table[features.VECTORS]).to_numpy(zero_copy_only=False)
+        self.empty_sets += int((n == 0).sum())
+        self.elements += int(n.sum())
+        self.max_elements = max(self.max_elements, int(n.max(initial=0)))
+
+    def metrics(self, dead: pa.Table, computed: int, reused: int, cache_dir: str | None,
+                seconds: float) -> dict[str, Any]:
+        failed_stages = dead[schema.STAGE].to_pylist()
+        return {
+            "modality": self.spec.name, "kind": self.spec.kind, "items_in": len(self.ids),
+            "written": len(self.written), "computed": computed, "reused": reused, "cache": cache_dir,
+            "empty_sets": self.empty_sets, "failed": dead.num_rows, "elements": self.elements,
+            "max_elements": self.max_elements,
+            "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))},
+            "seconds": round(seconds, 1), "items_per_s": round(len(self.ids) / seconds, 2) if seconds else None,
+        }
+
+
+def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, job: JobConfig, out_dir: Path) -> None:
     """Every manifest id in exactly one of features and dead letters, and failures under the limit."""
-    got, failed = feats[schema.ID].to_pylist(), dead[schema.ID].to_pylist()
+    failed = dead[schema.ID].to_pylist()
     lost = set(ids) - set(got) - set(failed)
     twice = set(got) & set(failed)
     if lost or twice or len(got) + len(failed) != len(ids):
@@ -300,11 +354,31 @@ def _reconcile(spec: Modality, ids: list[str], feats: pa.Table, dead: pa.Table, 
                               f"see {out_dir / 'dead_letters.parquet'}")
 
 
+def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, Any], dim: int, work: Path,
+             stats: MetaStats | None, extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None
+             ) -> Iterator[pa.Table]:
+    """Run the Beam job on the manifest rows `todo`; returns its feature shards' rows (a stream) after
+    writing its dead letters to work/dead.parquet."""
+    manifest = work / "todo.parquet"
+    pq.write_table(todo, manifest)
+    shards = work / "shards"
+    shards.mkdir()
+    log.info("%s: extracting %d items on %s", spec.name, todo.num_rows, job.runner)
+    p = test_pipeline or beam.Pipeline(options=beam_options(job, extra_beam_args))
+    build(p, str(manifest), spec, mmeta["dataset"]["dir"], dim, str(shards), job, todo.num_rows, stats)
+    p.run().wait_until_finish()
+    dead = list(_read_shards(shards, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA))
+    dead = pa.concat_tables(dead) if dead else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
+    pq.write_table(dead.sort_by(schema.ID), work / "dead.parquet")
+    return _read_shards(shards, "features", features.feature_schema(dim))
+
+
 def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, metrics_path: Path,
                    extra_beam_args: Sequence[str] = (), test_pipeline: beam.Pipeline | None = None,
                    expect: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract modality `spec` for every manifest row; writes features, dead letters and counts.
 
+    Items already in the cache (job.cache_dir) are reused; only the others go to the Beam job.
     `expect` is a model bundle's provenance of this modality (scoring new data): the extractor,
     model, weights and dimension must match it before any item is processed, and a meta modality
     reuses the bundle's training statistics instead of fitting new ones.
@@ -315,32 +389,56 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
     ids = manifest[schema.ID].to_pylist()
     described, stats = describe(spec, manifest, mmeta, expect)
     dim = described["dim"]
+    fp = cache.fingerprint(described, to_dict(spec.cfg), getattr(spec.module, "FILTER_PARAMS", ()))
+    keys = [cache.item_key(fp, v) for v in item_inputs(spec, manifest, stats)]
 
-    tmp = out_dir / "_shards"
     shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    log.info("%s: extracting %d items with %s (%s, dim %d) on %s", spec.name, len(ids), described["model_id"],
-             spec.kind, dim, job.runner)
-    p = test_pipeline or beam.Pipeline(options=beam_options(job, extra_beam_args))
-    build(p, str(manifest_path), spec, mmeta["dataset"]["dir"], dim, str(tmp), job, len(ids), stats)
-    p.run().wait_until_finish()
+    work = out_dir / "_work"
+    work.mkdir(parents=True)
+    store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else work / "cache", spec.kind, fp, dim)
+    found = store.locate(keys)
+    todo = [k not in found for k in keys]
+    reused = len(keys) - sum(todo)
+    log.info("%s: %d items, %d in the cache, %d to compute with %s (%s, dim %d)", spec.name, len(ids), reused,
+             sum(todo), described["model_id"], spec.kind, dim)
+    dead = schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
+    if any(todo):
+        key_of = dict(zip(ids, keys))
+        rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
+                        test_pipeline)
+        part, _ = store.write_part(
+            t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
+            for t in rows)
+        dead = pq.read_table(work / "dead.parquet")
+        if part is not None:
+            found.update({k: v for k, v in store.locate(keys, [part]).items() if k not in found})
 
-    feats = _read_shards(tmp, "features", features.feature_schema(dim))
-    dead = _read_shards(tmp, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA).sort_by(schema.ID)
+    failed = set(dead[schema.ID].to_pylist())
+    ids_by_key: dict[str, list[str]] = {}
+    for item_id, key in zip(ids, keys):
+        if item_id not in failed and key in found:
+            ids_by_key.setdefault(key, []).append(item_id)
     meta = {"modality": spec.name, "kind": spec.kind, **{k: v for k, v in described.items() if k != "stats"},
-            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg),
-            "items": feats.num_rows}
+            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg)}
     if stats is not None:
         meta["stats"] = stats.fitted
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
-    shutil.rmtree(tmp)
+    counts = Counts(spec, ids)
+    sorter = ExternalSort(schema.ID, job.merge_buffer_mb << 20, work)
+    for table in cache.gather({k: found[k] for k in ids_by_key}, ids_by_key, dim):
+        sorter.add(apply_filter(table, spec))
     # last, and atomically: a folder holding features.parquet is a finished extraction
-    features.write_feature_table(feats, dim, meta, out_dir / "features.parquet")
+    with features.FeatureWriter(out_dir / "features.parquet", dim, meta) as writer:
+        for table in sorter.sorted():
+            writer.write(table)
+            counts.add(table)
+    shutil.rmtree(work, ignore_errors=True)
 
-    metrics = _counts(spec, ids, feats, dead, time.perf_counter() - t0)
+    computed = len(counts.written) - reused
+    metrics = counts.metrics(dead, computed, reused, job.cache_dir, time.perf_counter() - t0)
     runtime.write_json(metrics_path, metrics)
-    log.info("%s: %d in, %d written (%d empty sets, %d elements), %d failed in %.1f s (%.1f items/s)", spec.name,
-             len(ids), metrics["written"], metrics["empty_sets"], metrics["elements"], metrics["failed"],
-             metrics["seconds"], metrics["items_per_s"] or 0.0)
-    _reconcile(spec, ids, feats, dead, job, out_dir)
+    log.info("%s: %d in, %d written (%d computed, %d reused; %d empty sets, %d elements), %d failed in %.1f s "
+             "(%.1f items/s)", spec.name, len(ids), metrics["written"], computed, reused, metrics["empty_sets"],
+             metrics["elements"], metrics["failed"], metrics["seconds"], metrics["items_per_s"] or 0.0)
+    _reconcile(spec, ids, counts.written, dead, job, out_dir)
     return metrics

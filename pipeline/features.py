@@ -8,6 +8,7 @@ manifest it came from, so later stages can refuse features that do not belong to
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -108,30 +109,109 @@ def _digest(h: Any, arr: pa.Array) -> None:
         h.update(np.ascontiguousarray(arr.fill_null(0).to_numpy(zero_copy_only=False)))
 
 
-def content_sha256(table: pa.Table) -> str:
+CHUNK_ROWS = 4096  # rows per digest chunk of content_sha256 (fixed, so it does not depend on row groups)
+CONTENT_KEY = b"dmms_content"  # footer metadata written last: content checksum and row count
+
+
+def content_sha256(table: pa.Table, chunk_rows: int | None = None) -> str:
     """sha256 of a table's logical content (columns, types, nulls, values), independent of how Parquet
-    or Arrow lays it out, so the value computed before writing can be checked after reading."""
+    or Arrow lays it out, so the value computed before writing can be checked after reading.
+
+    With `chunk_rows` it is the sha256 of the digests of consecutive chunks of that many rows, which
+    a writer can compute while streaming; without it (files written before streaming), one digest."""
+    if chunk_rows is None:
+        return _table_digest(table).hexdigest()
+    digest = ContentDigest(chunk_rows)
+    digest.update(table)
+    return digest.hexdigest()
+
+
+def _table_digest(table: pa.Table) -> Any:
     h = hashlib.sha256()
     for name in table.column_names:
         h.update(name.encode())
         _digest(h, table[name].combine_chunks())
-    return h.hexdigest()
+    return h
+
+
+class ContentDigest:
+    """content_sha256 computed chunk by chunk as rows stream past (holds at most one chunk)."""
+
+    def __init__(self, chunk_rows: int = CHUNK_ROWS):
+        self.chunk_rows, self.rows = chunk_rows, 0
+        self.total = hashlib.sha256()
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def update(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        while table.num_rows:
+            take = min(self.chunk_rows - self.pending_rows, table.num_rows)
+            self.pending.append(table.slice(0, take))
+            self.pending_rows += take
+            table = table.slice(take)
+            if self.pending_rows == self.chunk_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending_rows:
+            self.total.update(_table_digest(pa.concat_tables(self.pending)).digest())
+        self.pending, self.pending_rows = [], 0
+
+    def hexdigest(self) -> str:
+        self._flush()
+        return self.total.hexdigest()
 
 
 class FeaturesUnreadableError(UserError):
     """A feature file that is truncated, corrupted, or not a feature file at all."""
 
 
+class FeatureWriter:
+    """Stream a feature table to `path`, already sorted by id, chunk by chunk, with provenance metadata and,
+    in the footer, the content checksum and row count. The file appears complete or not at all (written
+    aside, renamed on close); an exception inside the `with` block leaves nothing behind."""
+
+    def __init__(self, path: Path, dim: int, meta: dict[str, Any]):
+        self.path, self.sch = path, feature_schema(dim)
+        self.part = path.with_name(f".{path.name}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        full = schema.with_metadata(self.sch, {"kind_of_file": "features", **meta})
+        self.writer = pq.ParquetWriter(self.part, full, compression="zstd", write_page_checksum=True)
+        self.digest = ContentDigest()
+        self.last_id: str | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        table = table.select(self.sch.names).cast(self.sch)
+        ids = table[schema.ID]
+        if self.last_id is not None and ids[0].as_py() <= self.last_id:
+            raise ValueError(f"feature rows out of order: {ids[0].as_py()!r} after {self.last_id!r}")
+        self.last_id = ids[-1].as_py()
+        self.digest.update(table)
+        self.writer.write_table(table, row_group_size=CHUNK_ROWS)
+
+    def __enter__(self) -> "FeatureWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.writer.close()
+            self.part.unlink(missing_ok=True)
+            return
+        content = {"content_sha256": self.digest.hexdigest(), "content_chunk_rows": self.digest.chunk_rows,
+                   "items": self.digest.rows}
+        self.writer.add_key_value_metadata({CONTENT_KEY: json.dumps(content).encode()})
+        self.writer.close()
+        os.replace(self.part, self.path)
+
+
 def write_feature_table(table: pa.Table, dim: int, meta: dict[str, Any], path: Path) -> pa.Table:
-    """Write a feature table sorted by id with provenance metadata and a checksum of its content;
-    returns the table written. The file appears complete or not at all (written aside, then renamed)."""
+    """Write a whole feature table (sorted by id here) with FeatureWriter; returns the table written."""
     table = table.cast(feature_schema(dim)).sort_by(schema.ID)
-    meta = {"kind_of_file": "features", **meta, "content_sha256": content_sha256(table)}
-    table = table.replace_schema_metadata(schema.with_metadata(feature_schema(dim), meta).metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.partial")
-    pq.write_table(table, part, compression="zstd", write_page_checksum=True)
-    os.replace(part, path)
+    with FeatureWriter(path, dim, meta) as writer:
+        writer.write(table)
     return table
 
 
@@ -139,8 +219,10 @@ def read_features(path: str | Path, expect: Mapping[str, Any] | None = None) -> 
     """Read a feature set, verifying its page checksums and its content checksum; refuse it when its
     provenance differs from `expect` (key by key)."""
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        table = pf.read()
         meta = schema.read_metadata(table.schema)
+        meta.update(json.loads((pf.metadata.metadata or {}).get(CONTENT_KEY, b"{}")))
     except FileNotFoundError:
         raise FeaturesUnreadableError(f"{path}: no such feature file") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -148,7 +230,7 @@ def read_features(path: str | Path, expect: Mapping[str, Any] | None = None) -> 
                                       f"{str(exc)[:200]}); it is truncated or corrupted: run its extraction again") from None
     if meta.get("kind_of_file") != "features":
         raise FeatureMismatchError(f"{path}: not a feature set (found {meta.get('kind_of_file')!r})")
-    if meta.get("content_sha256") != content_sha256(table):
+    if meta.get("content_sha256") != content_sha256(table, meta.get("content_chunk_rows")):
         raise FeaturesUnreadableError(f"{path}: its content does not match the checksum written with it: the file "
                                       "is corrupted; run its extraction again")
     check_provenance(meta, expect or {}, str(path))

@@ -117,18 +117,22 @@ def extractor_specs(bundle: dict[str, Any]) -> dict[str, extract.Modality]:
 
 
 def extract_all(specs: dict[str, extract.Modality], bundle: dict[str, Any], job: JobConfig, manifest: Path,
-                features_root: Path, extra_beam_args: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+                features_root: Path, extra_beam_args: Sequence[str] = ()
+                ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
     """Run each of the bundle's extractors on the manifest, as its extract stage would, as a batch job
-    (failures are dead letters whatever their share); returns the extraction dead letters by item id."""
+    (failures are dead letters whatever their share); returns the extraction dead letters by item id
+    and, per modality, how many items were computed, reused from the cache and failed."""
     job = dataclasses.replace(job, max_failure_fraction=1.0)
     failed: dict[str, list[dict[str, Any]]] = {}
+    done: dict[str, dict[str, int]] = {}
     for name, spec in specs.items():
         folder = features_root / name
-        run_extraction(spec, job, manifest, folder, folder / "counts.json", extra_beam_args,
-                       expect=bundle["provenance"][name])
+        metrics = run_extraction(spec, job, manifest, folder, folder / "counts.json", extra_beam_args,
+                                 expect=bundle["provenance"][name])
+        done[name] = {k: metrics[k] for k in ("computed", "reused", "failed")}
         for row in pq.read_table(folder / "dead_letters.parquet").to_pylist():
             failed.setdefault(row[schema.ID], []).append(row)
-    return failed
+    return failed, done
 
 
 def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path, job: JobConfig,
@@ -148,8 +152,9 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
                             vocabulary=bundle["label_names"], rows=rows, check_limits=False)
         log.info("scoring %d items of %s with %s", counts["accepted"], input_dir, model_path)
         failed: dict[str, list[dict[str, Any]]] = {}
+        extraction: dict[str, dict[str, int]] = {}
         if counts["accepted"]:
-            failed = extract_all(specs, bundle, job, manifest, work / "features", extra_beam_args)
+            failed, extraction = extract_all(specs, bundle, job, manifest, work / "features", extra_beam_args)
             inputs = load_scoring_inputs(model_path, manifest, work / "features", cfg.device)
             positions = np.array([i for i, item in enumerate(inputs.ids) if item not in failed], dtype=np.int64)
             prediction = predict_items(inputs, positions, cfg)
@@ -162,6 +167,7 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
         pq.write_table(pa.Table.from_pylist(dead, schema=schema.SCORE_DEAD_LETTER_SCHEMA),
                        work / "dead_letters.parquet", compression="zstd")
         summary["counts"] = _counts(counts, failed, len(prediction.scored.ids), dead, missing)
+        summary["extraction"] = extraction  # per modality: computed, reused (from the cache), failed
         summary.update(model=str(model_path), input=str(input_dir), seconds=time.perf_counter() - t0)
         write_outputs(prediction, work, element_meta)
         if cfg.write_report:

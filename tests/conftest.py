@@ -119,6 +119,7 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_run")
     params = load_params(REPO / "params.yaml")
     params["demo"].update(unlabelled=12, unlabelled_broken=1)
+    params["extract"]["job"]["cache_dir"] = str(root / "cache")
     demo.generate(section(params, "demo", DemoConfig), root / "raw", root / "unlabelled")
     dataset = section({"dataset": {**params["dataset"], "dir": str(root / "raw")}}, "dataset", DatasetConfig)
     run_ingest(dataset, section(params, "ingest", IngestConfig), root / "ingest", root / "metrics" / "ingest.json")

@@ -39,9 +39,12 @@ def test_image_to_array_resizes_crops_and_normalises():
 def test_face_selection_thresholds_orders_and_caps():
     boxes = np.array([[0, 0, 10, 10], [50, 0, 60, 10], [20, 0, 30, 10], [90, 0, 99, 9]], dtype=float)
     probs = np.array([0.95, 0.99, 0.5, 0.95])
-    assert faces.select_faces(boxes, probs, None, 0.9, 10) == [1, 0, 3]
-    assert faces.select_faces(boxes, probs, None, 0.9, 2) == [1, 0]
-    assert faces.select_faces(None, [None], None, 0.9, 10) == []
+    assert faces.select_faces(boxes, probs, 0.9, 10) == [1, 0, 3]
+    assert faces.select_faces(boxes, probs, 0.9, 2) == [1, 0]
+    assert faces.select_faces(None, [None], 0.9, 10) == []
+    # the same filter on a cached (unfiltered) set's element records
+    elements = [{"box": b.tolist(), "score": p} for b, p in zip(boxes, probs)]
+    assert faces.select(elements, faces.FacesConfig(min_probability=0.9, max_faces=2)) == [1, 0]
 
 
 def test_ocr_box_selection_and_reading_order():
@@ -50,10 +53,14 @@ def test_ocr_box_selection_and_reading_order():
              ([[0, 0], [40, 0], [40, 20], [0, 20]], "TOP", 0.95),
              ([[0, 200], [40, 200], [40, 220], [0, 220]], "faint", 0.1),
              ([[0, 300], [40, 300], [40, 320], [0, 320]], "  ", 0.99)]
-    kept = ocr.select_boxes(found, 0.3, 10)
-    assert [t for _, t, _ in kept] == ["TOP", "HELLO", "WORLD"]
+    boxes = [(ocr.box_of(p), t, c) for p, t, c in found]
+    kept = ocr.select_boxes(boxes, 0.3, 10)
+    assert [found[i][1] for i in kept] == ["TOP", "HELLO", "WORLD"]
     assert ocr.box_of(found[0][0]) == [50.0, 100.0, 90.0, 120.0]
-    assert len(ocr.select_boxes(found, 0.3, 2)) == 2
+    assert len(ocr.select_boxes(boxes, 0.3, 2)) == 2
+    # the same filter on a cached (unfiltered) set's element records
+    elements = [{"box": b, "text": t, "score": c} for b, t, c in boxes]
+    assert ocr.select(elements, ocr.OcrConfig(min_confidence=0.85, max_boxes=10)) == [2, 0]
 
 
 def test_meta_statistics_come_from_train_only():
@@ -191,6 +198,7 @@ def tiny(tmp_path_factory):
     demo.generate(from_dict(DemoConfig, {"size": 10, "seed": 3}, "demo"), root / "raw")
     params = load_params(REPO / "params.yaml")
     params["dataset"]["dir"] = str(root / "raw")
+    params["extract"]["job"]["cache_dir"] = str(root / "cache")
     run_ingest(section(params, "dataset", DatasetConfig), ingest_config(), root / "ingest", root / "ingest.json")
     for m in params["extract"]["modalities"].values():
         if "device" in m:
@@ -282,6 +290,7 @@ def test_mismatched_provenance_is_refused(tiny, tmp_path):
 def test_corrupt_image_goes_to_dead_letters_and_counts_reconcile(tiny, tmp_path):
     params, manifest = tiny
     params = copy.deepcopy(params)
+    params["extract"]["job"]["cache_dir"] = None  # the manifest records the good image's sha256
     raw = Path(params["dataset"]["dir"])
     first = pq.read_table(manifest).to_pylist()[0]
     victim = raw / first["image"]

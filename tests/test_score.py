@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -30,10 +31,22 @@ def score(demo_run, input_dir, out, model=None, **cfg):
 def test_score_cli_on_an_unlabelled_folder(demo_run, tmp_path):
     out = tmp_path / "scored"
     overlay = tmp_path / "overlay.yaml"  # 1 broken image in 12 is over the shipped 5% reject limit
-    overlay.write_text("ingest: {max_reject_fraction: 0.5}\n")
-    cli.main(["score", "--params", str(REPO / "params.yaml"), "--params", str(overlay), "--model", str(demo_run.model),
-              "--input", str(demo_run.root / "unlabelled"), "--output", str(out), "--metrics", str(tmp_path / "score.json")])
+    overlay.write_text(f"ingest: {{max_reject_fraction: 0.5}}\nextract: {{job: {{cache_dir: '{tmp_path / 'cache'}'}}}}\n")
+    args = ["score", "--params", str(REPO / "params.yaml"), "--params", str(overlay), "--model", str(demo_run.model),
+            "--input", str(demo_run.root / "unlabelled"), "--metrics", str(tmp_path / "score.json")]
+    cli.main([*args, "--output", str(tmp_path / "first")])
+    first = json.loads((tmp_path / "score.json").read_text())
+    assert {m: (c["computed"], c["reused"]) for m, c in first["extraction"].items()} == {
+        m: (11, 0) for m in first["extraction"]}, "a new folder: every accepted item computed"
+    cli.main([*args, "--output", str(out)])  # the same folder again: every item from the cache
     summary = json.loads((tmp_path / "score.json").read_text())
+    assert {m: (c["computed"], c["reused"]) for m, c in summary["extraction"].items()} == {
+        m: (0, 11) for m in first["extraction"]}
+    again = pq.read_table(out / "predictions.parquet").to_pylist()
+    for a, b in zip(pq.read_table(tmp_path / "first" / "predictions.parquet").to_pylist(), again):
+        assert a["id"] == b["id"] and a["predicted"] == b["predicted"]
+        probs = [k for k in a if k.startswith("prob_")]
+        assert probs and np.allclose([a[k] for k in probs], [b[k] for k in probs], atol=1e-5)
     counts = summary["counts"]
     truth = {r["id"]: r for r in csv.DictReader(open(demo_run.root / "unlabelled" / "truth.csv"))}
     broken = {i for i, r in truth.items() if r["broken_image"] == "1"}

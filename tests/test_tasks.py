@@ -63,6 +63,7 @@ def write_variant(source, folder: Path, label_of) -> Path:
 def pipeline_params(folder: Path, labels: dict[str, Any], modalities=("tags", "meta")) -> dict[str, Any]:
     params = load_params(REPO / "params.yaml")
     params["dataset"]["dir"] = str(folder)
+    params["extract"]["job"]["cache_dir"] = str(folder.parent / "cache")
     params["dataset"]["labels"].update(labels)
     params["extract"]["modalities"] = {m: params["extract"]["modalities"][m] for m in modalities}
     return params

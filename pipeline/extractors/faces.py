@@ -62,13 +62,19 @@ def embedder_choice(cfg: FacesConfig) -> str:
     return "vggface2" if vggface2_path(cfg).is_file() else "backbone"
 
 
-def select_faces(boxes: Any, probs: Any, points: Any, min_probability: float, max_faces: int) -> list[int]:
+def select_faces(boxes: Any, probs: Any, min_probability: float, max_faces: int) -> list[int]:
     """Indices of the faces to keep: probability >= threshold, most probable first, at most max_faces."""
     if boxes is None:
         return []
     keep = [i for i, p in enumerate(probs) if p is not None and p >= min_probability]
     keep.sort(key=lambda i: (-float(probs[i]), float(boxes[i][0]), float(boxes[i][1])))
     return keep[:max_faces]
+
+
+def select(elements: list[dict[str, Any]], cfg: "FacesConfig") -> list[int]:
+    """The filter applied to a cached (unfiltered) set: which faces are kept, in output order."""
+    return select_faces([e["box"] for e in elements], [e["score"] for e in elements], cfg.min_probability,
+                        cfg.max_faces)
 
 
 class FaceModel:
@@ -156,7 +162,8 @@ class FacesHandler(SetModelHandler):
         detections = model.detect(batch)
         crops, owners, elements = [], [], []
         for i, (image, (boxes, probs, points)) in enumerate(zip(batch, detections)):
-            for rank, j in enumerate(select_faces(boxes, probs, points, self.cfg.min_probability, self.cfg.max_faces)):
+            found = [] if boxes is None else [j for j, p in enumerate(probs) if p is not None]
+            for rank, j in enumerate(found):  # every detection (unfiltered: `select` filters later)
                 crops.append(crop_face(image, boxes[j], self.cfg.crop_size, self.cfg.margin))
                 owners.append(i)
                 elements.append(element(index=rank, box=[float(v) for v in boxes[j]], score=float(probs[j]),
@@ -186,5 +193,13 @@ def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | N
     return image_array(row, root)
 
 
+def cache_input(row: dict[str, Any], cfg: FacesConfig) -> str | None:
+    """What an item's result depends on besides the extractor: its image's content."""
+    from pipeline import schema
+
+    return row.get(schema.IMAGE_SHA256)
+
+
+FILTER_PARAMS = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set
 CONFIG_CLASS = FacesConfig
 HANDLER_CLASS = FacesHandler

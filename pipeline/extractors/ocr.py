@@ -49,21 +49,27 @@ def box_of(points: Any) -> list[float]:
     return [float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())]
 
 
-def select_boxes(found: list[tuple[Any, str, float]], min_confidence: float, max_boxes: int) -> list[tuple[Any, str, float]]:
-    """Boxes with text and confidence >= threshold, in reading order (top to bottom, left to right)."""
-    keep = [(p, t.strip(), float(c)) for p, t, c in found if t.strip() and float(c) >= min_confidence]
-    keep.sort(key=lambda x: (box_of(x[0])[1] + box_of(x[0])[3]) / 2)
-    lines: list[list[tuple[Any, str, float]]] = []
-    for item in keep:  # a box joins the current line when its centre is within half a box height of it
-        x0, y0, x1, y1 = box_of(item[0])
+def select_boxes(found: list[tuple[list[float], str, float]], min_confidence: float, max_boxes: int) -> list[int]:
+    """Indices of the boxes kept, in reading order (top to bottom, left to right): (box [x0, y0, x1, y1],
+    text, confidence) with text and confidence >= threshold, at most max_boxes."""
+    keep = [i for i, (_, t, c) in enumerate(found) if t and t.strip() and float(c) >= min_confidence]
+    keep.sort(key=lambda i: (found[i][0][1] + found[i][0][3]) / 2)
+    lines: list[list[int]] = []
+    for i in keep:  # a box joins the current line when its centre is within half a box height of it
+        x0, y0, x1, y1 = found[i][0]
         if lines:
-            lx0, ly0, lx1, ly1 = box_of(lines[-1][0][0])
+            lx0, ly0, lx1, ly1 = found[lines[-1][0]][0]
             if abs((y0 + y1) / 2 - (ly0 + ly1) / 2) <= max(y1 - y0, ly1 - ly0) / 2:
-                lines[-1].append(item)
+                lines[-1].append(i)
                 continue
-        lines.append([item])
-    ordered = [item for line in lines for item in sorted(line, key=lambda it: box_of(it[0])[0])]
+        lines.append([i])
+    ordered = [i for line in lines for i in sorted(line, key=lambda j: found[j][0][0])]
     return ordered[:max_boxes]
+
+
+def select(elements: list[dict[str, Any]], cfg: "OcrConfig") -> list[int]:
+    """The filter applied to a cached (unfiltered) set: which boxes are kept, in output order."""
+    return select_boxes([(e["box"], e["text"], e["score"]) for e in elements], cfg.min_confidence, cfg.max_boxes)
 
 
 class OcrModel:
@@ -93,15 +99,15 @@ class OcrHandler(SetModelHandler):
         return OcrModel(self.cfg, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: OcrModel) -> list[ItemResult]:
-        kept = [
-            select_boxes(model.reader.readtext(img, canvas_size=self.cfg.canvas_size, min_size=self.cfg.min_size),
-                         self.cfg.min_confidence, self.cfg.max_boxes)
-            for img in batch
-        ]
-        vecs = encode_sets(model.encoder, [[t for _, t, _ in k] for k in kept], self.cfg.text_batch_size)
+        """Every box read with some text, in the detector's order (unfiltered: `select` filters later)."""
+        found = []
+        for img in batch:
+            boxes = model.reader.readtext(img, canvas_size=self.cfg.canvas_size, min_size=self.cfg.min_size)
+            found.append([(box_of(p), t.strip(), float(c)) for p, t, c in boxes if t.strip()])
+        vecs = encode_sets(model.encoder, [[t for _, t, _ in f] for f in found], self.cfg.text_batch_size)
         return [
-            ItemResult(v, [element(index=i, text=t, box=box_of(p), score=c) for i, (p, t, c) in enumerate(k)])
-            for k, v in zip(kept, vecs)
+            ItemResult(v, [element(index=i, text=t, box=b, score=c) for i, (b, t, c) in enumerate(f)])
+            for f, v in zip(found, vecs)
         ]
 
 
@@ -120,5 +126,13 @@ def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | Non
     return image_array(row, root)
 
 
+def cache_input(row: dict[str, Any], cfg: OcrConfig) -> str | None:
+    """What an item's result depends on besides the extractor: its image's content."""
+    from pipeline import schema
+
+    return row.get(schema.IMAGE_SHA256)
+
+
+FILTER_PARAMS = ("min_confidence", "max_boxes")  # applied by `select` to the cached unfiltered set
 CONFIG_CLASS = OcrConfig
 HANDLER_CLASS = OcrHandler

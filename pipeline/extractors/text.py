@@ -166,5 +166,10 @@ def prepare(row: dict[str, Any], cfg: TextConfig | ListConfig, root: Path) -> li
     return items or None
 
 
+def cache_input(row: dict[str, Any], cfg: TextConfig | ListConfig) -> Any:
+    """What an item's result depends on besides the extractor: its column's value."""
+    return row.get(cfg.column)
+
+
 CONFIG_CLASS = TextConfig
 HANDLER_CLASS = TextHandler
