@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import shutil
 import sys
@@ -80,7 +81,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="dmms-bench-"))
     params = runtime.load_overlaid([REPO / "params.yaml", REPO / "examples" / "movie-posters.yaml"])
     runtime.configure_logging("WARNING")
-    job = section(params, "extract.job", extract.JobConfig)
+    # no per-item cache: every variant computes every item
+    job = dataclasses.replace(section(params, "extract.job", extract.JobConfig), cache_dir=None)
     raw = subset(Path(args.posters), args.n, work)
     params["dataset"]["dir"] = str(raw)
     manifest = work / "ingest" / "manifest.parquet"

@@ -45,10 +45,22 @@ class ExtractionError(runtime.UserError):
 
 
 @dataclass(frozen=True)
+class DaskConfig:
+    """The Dask cluster of runner `dask` (pipeline.dask_runner)."""
+
+    address: str | None = None  # scheduler address, e.g. tcp://host:8786; null: a local cluster for the run
+    workers: int = 2  # worker processes of the local cluster
+    threads_per_worker: int = 1  # and torch threads in each (OMP_NUM_THREADS)
+
+
+DASK_RUNNER = "pipeline.dask_runner.DaskRunner"
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """How Beam runs the extraction jobs (shared by every modality)."""
 
-    runner: str = "FnApiRunner"  # local, never waits on the network; or FlinkRunner, SparkRunner, ...
+    runner: str = "FnApiRunner"  # local, never waits on the network; dask; or FlinkRunner, SparkRunner, ...
     direct_num_workers: int = 1
     direct_running_mode: str = "in_memory"  # in_memory | multi_threading | multi_processing
     num_shards: int = 1  # shards written by Beam before the final merge
@@ -57,11 +69,21 @@ class JobConfig:
     options: dict[str, Any] = field(default_factory=dict)  # any other Beam option, passed as --key=value
     cache_dir: str | None = None  # the per-item extraction cache; null: off (every item is computed)
     merge_buffer_mb: int = 256  # rows held in memory while sorting the features by id; more spill to disk
+    dask: DaskConfig = field(default_factory=DaskConfig)
+
+
+def runner_flags(job: JobConfig) -> list[str]:
+    """--runner and the runner's own flags (`dask`: this project's Dask runner and its cluster)."""
+    if job.runner.lower() != "dask":
+        return [f"--runner={job.runner}"]
+    flags = [f"--runner={DASK_RUNNER}", f"--dask_local_workers={job.dask.workers}",
+             f"--dask_threads_per_worker={job.dask.threads_per_worker}"]
+    return flags + ([f"--dask_client_address={job.dask.address}"] if job.dask.address else [])
 
 
 def beam_options(job: JobConfig, extra: Sequence[str] = ()) -> PipelineOptions:
     """Pipeline options from params (runner, local workers, pass-through options) plus extra flags."""
-    flags = [f"--runner={job.runner}", f"--direct_num_workers={job.direct_num_workers}",
+    flags = [*runner_flags(job), f"--direct_num_workers={job.direct_num_workers}",
              f"--direct_running_mode={job.direct_running_mode}"]
     for key, value in job.options.items():
         if isinstance(value, bool):
@@ -355,10 +377,11 @@ def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, j
 
 
 def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, Any], dim: int, work: Path,
-             stats: MetaStats | None, extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None
-             ) -> Iterator[pa.Table]:
+             stats: MetaStats | None, extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None,
+             workers: dict[str, int]) -> Iterator[pa.Table]:
     """Run the Beam job on the manifest rows `todo`; returns its feature shards' rows (a stream) after
-    writing its dead letters to work/dead.parquet."""
+    writing its dead letters to work/dead.parquet. `workers` receives the tasks each worker ran, where the
+    runner reports them (the Dask runner does)."""
     manifest = work / "todo.parquet"
     pq.write_table(todo, manifest)
     shards = work / "shards"
@@ -366,7 +389,9 @@ def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, An
     log.info("%s: extracting %d items on %s", spec.name, todo.num_rows, job.runner)
     p = test_pipeline or beam.Pipeline(options=beam_options(job, extra_beam_args))
     build(p, str(manifest), spec, mmeta["dataset"]["dir"], dim, str(shards), job, todo.num_rows, stats)
-    p.run().wait_until_finish()
+    result = p.run()
+    result.wait_until_finish()
+    workers.update(getattr(result, "worker_task_counts", None) or {})
     dead = list(_read_shards(shards, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA))
     dead = pa.concat_tables(dead) if dead else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
     pq.write_table(dead.sort_by(schema.ID), work / "dead.parquet")
@@ -402,10 +427,11 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
     log.info("%s: %d items, %d in the cache, %d to compute with %s (%s, dim %d)", spec.name, len(ids), reused,
              sum(todo), described["model_id"], spec.kind, dim)
     dead = schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
+    workers: dict[str, int] = {}
     if any(todo):
         key_of = dict(zip(ids, keys))
         rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
-                        test_pipeline)
+                        test_pipeline, workers)
         part, _ = store.write_part(
             t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
             for t in rows)
@@ -436,6 +462,8 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
 
     computed = len(counts.written) - reused
     metrics = counts.metrics(dead, computed, reused, job.cache_dir, time.perf_counter() - t0)
+    if workers:
+        metrics["worker_tasks"] = dict(sorted(workers.items()))  # tasks per cluster worker
     runtime.write_json(metrics_path, metrics)
     log.info("%s: %d in, %d written (%d computed, %d reused; %d empty sets, %d elements), %d failed in %.1f s "
              "(%.1f items/s)", spec.name, len(ids), metrics["written"], computed, reused, metrics["empty_sets"],
