@@ -21,11 +21,12 @@ Importable with torch, pyarrow, numpy and pyyaml only (like training).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -175,17 +176,16 @@ def explain_method(model: torch.nn.Module) -> str:
 
 def element_metadata(dirs: dict[str, Path], bundle: dict[str, Any], ids: list[str]) -> dict[str, dict[str, list]]:
     """modality -> id -> the element records of extraction (text, box, score, ...), plus one record
-    per categorical meta column ("column: value") after the vector elements."""
+    per categorical meta column ("column: value") after the vector elements. Reads only the rows of
+    `ids` (feature files are sorted by id, so Parquet's row-group statistics skip the others)."""
     out: dict[str, dict[str, list]] = {}
-    wanted = set(ids)
     for m, folder in dirs.items():
-        table = pq.read_table(Path(folder) / "features.parquet", columns=[schema.ID, ELEMENTS, CATEGORY_IDS])
+        table = pq.read_table(Path(folder) / "features.parquet", columns=[schema.ID, ELEMENTS, CATEGORY_IDS],
+                              filters=[(schema.ID, "in", list(ids))] if ids else None)
         vocab = bundle["provenance"].get(m, {}).get("categorical") or {}
         per_id = {}
         for item_id, elements, cats in zip(table[schema.ID].to_pylist(), table[ELEMENTS].to_pylist(),
                                            table[CATEGORY_IDS].to_pylist()):
-            if item_id not in wanted:
-                continue
             recs = list(elements or [])
             for c, (col, values) in enumerate(vocab.items()):
                 cid = (cats or [0] * len(vocab))[c]
@@ -375,12 +375,40 @@ def predict_nothing(model: torch.nn.Module, bundle: dict[str, Any], cfg: Predict
     return Prediction(scored, [], summarise(scored, [], bundle))
 
 
-def write_outputs(prediction: Prediction, out_dir: Path, element_meta: dict[str, dict[str, list]]) -> None:
-    """The four tables, summary.json and the two SVG plots under `out_dir` (`element_meta`: see
-    element_metadata)."""
+def _slice(scored: Scored, start: int, stop: int) -> Scored:
+    """Items start..stop of `scored` (their elements renumbered from 0)."""
+    def rows(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[start:stop]
+
+    el = scored.elements
+    keep = (el["item"] >= start) & (el["item"] < stop) if "item" in el else None
+    elements = {k: (v[keep] - start if k == "item" else v[keep]) for k, v in el.items()} if keep is not None else {}
+    return dataclasses.replace(
+        scored, ids=scored.ids[start:stop], splits=scored.splits[start:stop], probs=scored.probs[start:stop],
+        predicted=scored.predicted[start:stop], modality_share=rows(scored.modality_share),
+        label_modality=rows(scored.label_modality), drop=rows(scored.drop), elements=elements)
+
+
+def write_outputs(prediction: Prediction, out_dir: Path, element_meta: Callable[[list[str]], dict[str, dict[str, list]]],
+                  chunk_items: int = 4096) -> None:
+    """The four tables, summary.json and the two SVG plots under `out_dir`. The tables are built and
+    written `chunk_items` items at a time (`element_meta(ids)`: see element_metadata), so their memory
+    does not grow with the number of items."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tables(prediction.scored, prediction.truth, element_meta).items():
-        pq.write_table(table, out_dir / f"{name}.parquet", compression="zstd")
+    scored, n = prediction.scored, len(prediction.scored.ids)
+    writers: dict[str, pq.ParquetWriter] = {}
+    try:
+        for start in range(0, max(n, 1), chunk_items):
+            part = _slice(scored, start, start + chunk_items)
+            chunk = tables(part, None if prediction.truth is None else prediction.truth[start:start + chunk_items],
+                           element_meta(part.ids) if part.ids else {})
+            for name, table in chunk.items():
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", table.schema, compression="zstd")
+                writers[name].write_table(table)
+    finally:
+        for w in writers.values():
+            w.close()
     runtime.write_json(out_dir / "summary.json", prediction.summary)
     for name, svg in summary_plots(prediction.summary).items():
         (out_dir / name).write_text(svg, encoding="utf-8")
@@ -436,7 +464,7 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
     summary = prediction.summary
     summary["seconds"] = time.perf_counter() - t0
     with runtime.staged_output(out_dir) as work:
-        write_outputs(prediction, work, element_metadata(inputs.dirs, inputs.bundle, prediction.scored.ids))
+        write_outputs(prediction, work, lambda ids: element_metadata(inputs.dirs, inputs.bundle, ids))
     if metrics_path is not None:
         runtime.write_json(metrics_path, summary)
     if plot_csv is not None:

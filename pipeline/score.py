@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -158,10 +159,10 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
             inputs = load_scoring_inputs(model_path, manifest, work / "features", cfg.device)
             positions = np.array([i for i, item in enumerate(inputs.ids) if item not in failed], dtype=np.int64)
             prediction = predict_items(inputs, positions, cfg)
-            element_meta = element_metadata(inputs.dirs, bundle, prediction.scored.ids)
+            element_meta = functools.partial(element_metadata, inputs.dirs, bundle)
         else:
             log.warning("no row of %s can be scored: every one is a dead letter", input_dir)
-            prediction, element_meta = predict_nothing(model, bundle, cfg), {}
+            prediction, element_meta = predict_nothing(model, bundle, cfg), lambda ids: {}
         summary = prediction.summary
         dead = dead_letters(manifest, work / "ingest" / "rejects.parquet", failed)
         pq.write_table(pa.Table.from_pylist(dead, schema=schema.SCORE_DEAD_LETTER_SCHEMA),

@@ -129,3 +129,24 @@ def test_report_sample_covers_every_predicted_label_first():
     assert picked[:2] == [1, 3], "the most confident A, then the most confident B"
     assert len(picked) == 3 and len(set(picked)) == 3
     assert choose(pred, ["A", "B"], 10) == choose(pred, ["A", "B"], 10) and len(choose(pred, ["A", "B"], 10)) == 4
+
+
+def test_tables_written_in_chunks_equal_one_chunk(trained, tmp_path, monkeypatch):
+    """predict writes its tables a chunk of items at a time; the chunking changes nothing."""
+    import pipeline.predict as P
+
+    _, whole = predict_with(trained, "max", tmp_path / "whole")
+    original = P.write_outputs
+    monkeypatch.setattr(P, "write_outputs", lambda pred, out, meta: original(pred, out, meta, chunk_items=7))
+    _, chunked = predict_with(trained, "max", tmp_path / "chunked")
+    for name in whole:
+        a, b = whole[name].to_pylist(), chunked[name].to_pylist()
+        assert len(a) == len(b) and len(a) > 7, name
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys()
+            for k in ra:
+                if isinstance(ra[k], float):
+                    assert np.isclose(ra[k], rb[k], atol=1e-6, equal_nan=True), (name, k)
+                else:
+                    assert ra[k] == rb[k], (name, k)
+    assert len(pq.ParquetFile(tmp_path / "chunked" / "elements.parquet").metadata.to_dict()["row_groups"]) > 1
