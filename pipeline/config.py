@@ -51,6 +51,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
 MOVED = {
     "train.seed": "base.seed (one seed for every stage that draws random numbers)",
     "base.log_level": "the --log-level option or $DMMS_LOG_LEVEL (logging changes no output, so it is not a param)",
+    "demo.size": "demo.items (DVC 3 leaves any param named `size` out of its run-cache key, so changing it "
+                 "restored the old dataset)",
 }
 
 
@@ -147,7 +149,7 @@ def section(params: Mapping[str, Any], name: str, cls: Any) -> Any:
 class BaseConfig:
     """Settings shared by the stages: `seed` governs every random choice of processing (training's
     initialisation, shuffling and dropout). The demo's own `demo.seed` picks which demo dataset is
-    generated: it is part of the data, like `demo.size`."""
+    generated: it is part of the data, like `demo.items`."""
 
     seed: int = 0
 
@@ -257,7 +259,7 @@ class DemoConfig:
     """The embedded demo dataset generator."""
 
     seed: int = 7
-    size: int = 300
+    items: int = 300  # not `size`: DVC leaves params named size out of its run-cache key
     width: int = 256
     height: int = 384
     label_noise: float = 0.05
@@ -269,8 +271,8 @@ class DemoConfig:
     def validate(self, where: str) -> None:
         if self.unlabelled < 0 or not 0 <= self.unlabelled_broken <= self.unlabelled:
             raise ConfigError(f"{where}: unlabelled must be >= 0 and unlabelled_broken in [0, unlabelled]")
-        if self.size < 1:
-            raise ConfigError(f"{where}.size: expected >= 1, found {self.size}")
+        if self.items < 1:
+            raise ConfigError(f"{where}.items: expected >= 1, found {self.items}")
         if self.width < 128 or self.height < 128:
             raise ConfigError(f"{where}: width and height must be >= 128 so faces and words fit")
         if not 0 <= self.label_noise < 0.5 or not 0 <= self.missing_description <= 1:

@@ -247,8 +247,8 @@ def generate(cfg: DemoConfig, out_dir: Path, unlabelled_dir: Path | None = None)
 
     rows, planted_rows = [], []
     positives = {name: 0 for name in PLANTED}
-    width = len(str(cfg.size))
-    for i in range(cfg.size):
+    width = len(str(cfg.items))
+    for i in range(cfg.items):
         row, jpeg, info, noisy = _next_item(rng, material, cfg)
         item_id = f"demo-{i:0{width}d}"
         (images / f"{item_id}.jpg").write_bytes(jpeg)
@@ -263,7 +263,7 @@ def generate(cfg: DemoConfig, out_dir: Path, unlabelled_dir: Path | None = None)
     _write_csv(out_dir / "planted_items.csv", PLANTED_COLUMNS, planted_rows)
     summary = {
         "seed": cfg.seed,
-        "size": cfg.size,
+        "items": cfg.items,
         "label_noise": cfg.label_noise,
         "labels": {name: {**PLANTED[name], "positives": positives[name]} for name in PLANTED},
         "planted_word": PLANTED_WORD,
@@ -272,7 +272,7 @@ def generate(cfg: DemoConfig, out_dir: Path, unlabelled_dir: Path | None = None)
         "space_backgrounds": list(SPACE_BACKGROUNDS),
     }
     (out_dir / "planted_labels.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("wrote %d demo items to %s; positives per label: %s", cfg.size, out_dir, positives)
+    log.info("wrote %d demo items to %s; positives per label: %s", cfg.items, out_dir, positives)
     if unlabelled_dir is not None:
         summary["unlabelled"] = _unlabelled(rng, material, cfg, unlabelled_dir)
     return summary

@@ -398,6 +398,45 @@ def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, An
     return _read_shards(shards, "features", features.feature_schema(dim))
 
 
+def _compute_missing(spec: Modality, job: JobConfig, manifest: pa.Table, keys: list[str], found: dict[str, Any],
+                     store: cache.FeatureCache, mmeta: dict[str, Any], dim: int, work: Path, stats: MetaStats | None,
+                     extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None,
+                     workers: dict[str, int]) -> pa.Table:
+    """Run the Beam job on the items whose key is not `found`, store their results as a new cache part
+    and add them to `found`; returns the job's dead letters."""
+    todo = [k not in found for k in keys]
+    if not any(todo):
+        return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
+    key_of = dict(zip(manifest[schema.ID].to_pylist(), keys))
+    rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
+                    test_pipeline, workers)
+    part, _ = store.write_part(
+        t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string())) for t in rows)
+    if part is not None:
+        found.update({k: v for k, v in store.locate(keys, [part]).items() if k not in found})
+    return pq.read_table(work / "dead.parquet")
+
+
+def _assemble(spec: Modality, ids: list[str], keys: list[str], found: dict[str, Any], dead: pa.Table, dim: int,
+              meta: dict[str, Any], job: JobConfig, work: Path, out_dir: Path) -> Counts:
+    """features.parquet from the cache: every item that did not fail, filtered, sorted by id in bounded
+    memory and written last and atomically (a folder holding features.parquet is a finished extraction)."""
+    failed = set(dead[schema.ID].to_pylist())
+    ids_by_key: dict[str, list[str]] = {}
+    for item_id, key in zip(ids, keys):
+        if item_id not in failed and key in found:
+            ids_by_key.setdefault(key, []).append(item_id)
+    counts = Counts(spec, ids)
+    sorter = ExternalSort(schema.ID, job.merge_buffer_mb << 20, work)
+    for table in cache.gather({k: found[k] for k in ids_by_key}, ids_by_key, dim):
+        sorter.add(apply_filter(table, spec))
+    with features.FeatureWriter(out_dir / "features.parquet", dim, meta) as writer:
+        for table in sorter.sorted():
+            writer.write(table)
+            counts.add(table)
+    return counts
+
+
 def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, metrics_path: Path,
                    extra_beam_args: Sequence[str] = (), test_pipeline: beam.Pipeline | None = None,
                    expect: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -422,42 +461,17 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
     work.mkdir(parents=True)
     store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else work / "cache", spec.kind, fp, dim)
     found = store.locate(keys)
-    todo = [k not in found for k in keys]
-    reused = len(keys) - sum(todo)
+    reused = sum(k in found for k in keys)
     log.info("%s: %d items, %d in the cache, %d to compute with %s (%s, dim %d)", spec.name, len(ids), reused,
-             sum(todo), described["model_id"], spec.kind, dim)
-    dead = schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
+             len(ids) - reused, described["model_id"], spec.kind, dim)
     workers: dict[str, int] = {}
-    if any(todo):
-        key_of = dict(zip(ids, keys))
-        rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
-                        test_pipeline, workers)
-        part, _ = store.write_part(
-            t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
-            for t in rows)
-        dead = pq.read_table(work / "dead.parquet")
-        if part is not None:
-            found.update({k: v for k, v in store.locate(keys, [part]).items() if k not in found})
-
-    failed = set(dead[schema.ID].to_pylist())
-    ids_by_key: dict[str, list[str]] = {}
-    for item_id, key in zip(ids, keys):
-        if item_id not in failed and key in found:
-            ids_by_key.setdefault(key, []).append(item_id)
-    meta = {"modality": spec.name, "kind": spec.kind, **{k: v for k, v in described.items() if k != "stats"},
-            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg)}
-    if stats is not None:
-        meta["stats"] = stats.fitted
+    dead = _compute_missing(spec, job, manifest, keys, found, store, mmeta, dim, work, stats, extra_beam_args,
+                            test_pipeline, workers)
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
-    counts = Counts(spec, ids)
-    sorter = ExternalSort(schema.ID, job.merge_buffer_mb << 20, work)
-    for table in cache.gather({k: found[k] for k in ids_by_key}, ids_by_key, dim):
-        sorter.add(apply_filter(table, spec))
-    # last, and atomically: a folder holding features.parquet is a finished extraction
-    with features.FeatureWriter(out_dir / "features.parquet", dim, meta) as writer:
-        for table in sorter.sorted():
-            writer.write(table)
-            counts.add(table)
+    meta = {"modality": spec.name, "kind": spec.kind, **{k: v for k, v in described.items() if k != "stats"},
+            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg),
+            **({"stats": stats.fitted} if stats is not None else {})}
+    counts = _assemble(spec, ids, keys, found, dead, dim, meta, job, work, out_dir)
     shutil.rmtree(work, ignore_errors=True)
 
     computed = len(counts.written) - reused

@@ -62,7 +62,7 @@ def ingest_config(**over: Any) -> IngestConfig:
 
 def copy_project(root: Path, **params_over: dict[str, Any]) -> Path:
     """A copy of the pipeline (dvc.yaml, params.yaml, pipeline/, stages/) in `root`, with params
-    sections updated key by key from `params_over` (e.g. demo={"size": 16})."""
+    sections updated key by key from `params_over` (e.g. demo={"items": 16})."""
     import shutil
 
     import yaml

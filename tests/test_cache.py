@@ -117,7 +117,7 @@ MODALITIES = ("image", "ocr", "title")
 def grown(tmp_path_factory):
     """A tiny demo dataset ingested twice: its first 8 items, then all 12 (8 old + 4 new)."""
     root = tmp_path_factory.mktemp("grown")
-    demo.generate(from_dict(DemoConfig, {"size": 12, "seed": 5}, "demo"), root / "raw")
+    demo.generate(from_dict(DemoConfig, {"items": 12, "seed": 5}, "demo"), root / "raw")
     params = load_params(REPO / "params.yaml")
     params["dataset"]["dir"] = str(root / "raw")
     for m in params["extract"]["modalities"].values():

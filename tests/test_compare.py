@@ -75,7 +75,7 @@ def test_runs_are_read_from_dvc_exp_show_and_named_by_what_they_change():
 def test_a_dvc_experiments_queue_feeds_the_same_table(tmp_path):
     """A git + DVC copy of the pipeline on a 16-item demo; two queued experiments with other seeds, run
     by `dvc queue start`, then `dmms compare --experiments dvc` reads them into the table."""
-    root = copy_project(tmp_path / "proj", demo={"size": 24, "unlabelled": 2, "unlabelled_broken": 0},
+    root = copy_project(tmp_path / "proj", demo={"items": 24, "unlabelled": 2, "unlabelled_broken": 0},
                         train={"epochs": 3, "patience": 3})
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

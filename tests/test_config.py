@@ -33,8 +33,8 @@ def test_keys_of_earlier_versions_say_where_they_went():
 
 
 def test_wrong_types_and_values_are_errors():
-    with pytest.raises(ConfigError, match="demo.size: expected <class 'int'>"):
-        from_dict(DemoConfig, {"size": "many"}, "demo")
+    with pytest.raises(ConfigError, match="demo.items: expected <class 'int'>"):
+        from_dict(DemoConfig, {"items": "many"}, "demo")
     with pytest.raises(ConfigError, match="dataset.labels.kind"):
         from_dict(DatasetConfig, {"dir": "x", "labels": {"kind": "regression"}}, "dataset")
     with pytest.raises(ConfigError, match="fractions"):

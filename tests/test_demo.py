@@ -14,7 +14,7 @@ from pipeline.ingest import run_ingest
 
 
 def gen(tmp_path: Path, name: str, **over) -> Path:
-    cfg = from_dict(DemoConfig, {"size": 24, **over}, "demo")
+    cfg = from_dict(DemoConfig, {"items": 24, **over}, "demo")
     out = tmp_path / name
     demo.generate(cfg, out)
     return out
@@ -38,8 +38,8 @@ def test_same_seed_gives_byte_identical_dataset(tmp_path):
 
 
 def test_rerun_rewrites_the_folder_completely(tmp_path):
-    out = gen(tmp_path, "a", size=30)
-    gen(tmp_path, "a", size=10)
+    out = gen(tmp_path, "a", items=30)
+    gen(tmp_path, "a", items=10)
     assert len(list((out / "images").glob("*.jpg"))) == 10 and len(read_csv(out / "manifest.csv")) == 10
 
 
@@ -57,7 +57,7 @@ def truth_of(item: dict[str, str], summary: dict) -> dict[str, bool]:
 
 @pytest.mark.parametrize("noise", [0.0, 0.1])
 def test_labels_follow_the_planted_map(tmp_path, noise):
-    out = gen(tmp_path, "d", size=80, label_noise=noise)
+    out = gen(tmp_path, "d", items=80, label_noise=noise)
     summary = json.loads((out / "planted_labels.json").read_text())
     assert {k: v["modality"] for k, v in summary["labels"].items()} == {
         "Ensemble": "faces", "Horror": "ocr", "Romance": "description",
@@ -85,7 +85,7 @@ def test_labels_follow_the_planted_map(tmp_path, noise):
 
 
 def test_repo_mapping_ingests_the_demo_without_rejects(tmp_path):
-    out = gen(tmp_path, "d", size=20)
+    out = gen(tmp_path, "d", items=20)
     params = load_params(REPO / "params.yaml")
     params["dataset"]["dir"] = str(out)
     ds = section(params, "dataset", DatasetConfig)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import copy_project
+from conftest import REPO, copy_project
 from test_layout import stages
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the pipeline reproduced once on a tiny demo dataset."""
-    root = copy_project(tmp_path_factory.mktemp("dvcproj"), demo={"size": 16, "unlabelled": 4, "unlabelled_broken": 0})
+    root = copy_project(tmp_path_factory.mktemp("dvcproj"), demo={"items": 16, "unlabelled": 4, "unlabelled_broken": 0})
     run(DVC + ["init", "--no-scm", "-q"], root)
     run(DVC + ["config", "core.analytics", "false"], root)
     first = run(DVC + ["repro"], root)
@@ -184,3 +184,20 @@ def test_dataset_dir_is_a_path_dep(project):
     finally:
         manifest.write_text(text)
     assert status(project) == set()
+
+
+def test_no_param_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
+    """DVC 3 computes the run-cache key of a stage with every dict key named `size` or `nfiles` left
+    out (they are file metadata to it), params included: a param of that name could change and DVC would
+    restore the outputs of a run made with another value instead of running the stage."""
+    from dvc_data.hashfile.meta import Meta
+
+    banned = {Meta.PARAM_SIZE, Meta.PARAM_NFILES}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                assert key not in banned, f"params key {'.'.join([*path, key])} is invisible to DVC's run cache"
+                walk(value, [*path, key])
+
+    walk(yaml.safe_load((REPO / "params.yaml").read_text()), [])

@@ -195,7 +195,7 @@ def test_ocr_handler_reads_a_drawn_word():
 def tiny(tmp_path_factory):
     """A tiny demo dataset, ingested: (params, manifest path)."""
     root = tmp_path_factory.mktemp("tiny")
-    demo.generate(from_dict(DemoConfig, {"size": 10, "seed": 3}, "demo"), root / "raw")
+    demo.generate(from_dict(DemoConfig, {"items": 10, "seed": 3}, "demo"), root / "raw")
     params = load_params(REPO / "params.yaml")
     params["dataset"]["dir"] = str(root / "raw")
     params["extract"]["job"]["cache_dir"] = str(root / "cache")
