@@ -28,7 +28,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Paths in params: a relative one in an overlay file resolves against that file's folder (in the first
 # file, params.yaml, against the working directory, where DVC runs the stages). `*` matches any key.
-PATH_KEYS = ("dataset.dir", "score.input", "extract.modalities.*.weights", "extract.modalities.*.backbone_weights",
+PATH_KEYS = ("dataset.dir", "score.input", "extract.job.cache_dir", "extract.modalities.*.weights", "extract.modalities.*.backbone_weights",
              "extract.modalities.*.vggface2_weights", "extract.modalities.*.model_dir")
 # Third-party chatter hidden unless --verbose: progress bars of model loading, hub and tokenizer notes.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}

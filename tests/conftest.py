@@ -132,3 +132,13 @@ def demo_run(tmp_path_factory):
                           root / "features", root / "predictions")
     return SimpleNamespace(root=root, params=params, manifest=manifest, model=root / "model" / "model.pt",
                            train=train, summary=summary)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_data_untouched():
+    """No test may write the repository's own per-item cache (params.yaml's relative cache_dir resolves
+    against the working directory): each sets cache_dir under its tmp_path."""
+    cache = REPO / "data" / "cache"
+    existed = cache.exists()
+    yield
+    assert existed or not cache.exists(), f"a test wrote {cache}; give it a cache_dir under tmp_path"

@@ -20,7 +20,7 @@ def dmms(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def test_demo_then_ingest_from_the_console_command(tmp_path):
-    (tmp_path / "small.yaml").write_text("demo: {items: 8}\n")
+    (tmp_path / "small.yaml").write_text("demo: {items: 8}\nextract: {job: {cache_dir: cache}}\n")
     params = ["--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "small.yaml")]
     made = dmms("demo", *params, "--out", str(tmp_path / "raw"))
     assert made.returncode == 0, made.stderr
@@ -59,7 +59,7 @@ def test_bad_bundles_bad_paths_and_full_disks_are_one_line_each(tmp_path, capsys
                "--features", str(tmp_path), "--out", str(tmp_path / "p"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'notes.txt'} is not a model bundle")
-    (tmp_path / "small.yaml").write_text("demo: {items: 8}\n")
+    (tmp_path / "small.yaml").write_text("demo: {items: 8}\nextract: {job: {cache_dir: cache}}\n")
     params = ["--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "small.yaml")]
     assert dmms("demo", *params, "--out", str(tmp_path / "raw")).returncode == 0
     (tmp_path / "afile").write_text("")
@@ -87,7 +87,7 @@ def test_commands_print_only_the_projects_lines_unless_verbose(tmp_path):
     """Every stderr line of ingest, extract (every modality), train and score on a small demo comes from
     the project; with --verbose, what the libraries say comes back."""
     (tmp_path / "small.yaml").write_text("demo: {items: 16, unlabelled: 4, unlabelled_broken: 1}\n"
-                                         "train: {epochs: 2}\n")
+                                         "train: {epochs: 2}\nextract: {job: {cache_dir: cache}}\n")
     params = ["--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "small.yaml")]
     assert dmms("demo", *params, "--out", str(tmp_path / "raw"), "--unlabelled-out", str(tmp_path / "new")).returncode == 0
     manifest = str(tmp_path / "ingest" / "manifest.parquet")
