@@ -28,9 +28,11 @@ default partitions, twice per worker thread.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -140,30 +142,65 @@ class _Receivers(dict):
         return self._Drop()
 
 
+class _Warm:
+    """A set-up DoFn of one ParDo, kept by a worker process between bundles: its runner and the output
+    list its receivers fill."""
+
+    def __init__(self, spec: _ParDoSpec, side_values: Sequence[list]):
+        self.spec, self.out = spec, []
+        self.receivers = _Receivers({tag: _Collect(self.out, tag) for tag in spec.tags})
+        side_inputs = [SideInputMap(view, options, [_in_global_window(v) for v in values])
+                       for (view, options), values in zip(spec.views, side_values)]
+        self.runner = DoFnRunner(spec.fn, spec.args, spec.kwargs, side_inputs, spec.windowing,
+                                 tagged_receivers=self.receivers, step_name=spec.label,
+                                 state=DoFnState(CounterFactory()))
+        self.runner.setup()
+
+
+# Set-up DoFns without side inputs, idle between bundles, per worker process and pickled ParDo: a DoFn
+# that loads a model in `setup` (RunInference) loads it once per worker process, not once per bundle.
+# A bundle takes one out (or sets up a new one when all are busy), so concurrent bundles never share
+# one. Beam's contract allows this: setup once per instance, start/finish_bundle around each bundle,
+# teardown best effort (here at process exit).
+_IDLE: dict[str, list[_Warm]] = {}
+_IDLE_LOCK = threading.Lock()
+
+
 def _run_bundle(elements: Iterable, blob: bytes, *side_values: list) -> list:
-    """Run one bundle of a ParDo: setup, start_bundle, process every element, finish_bundle, teardown.
+    """Run one bundle of a ParDo: start_bundle, process every element, finish_bundle, on a DoFn set up
+    once per worker process (one with side inputs is set up and torn down around each bundle).
 
     Mends (c): Beam's runner collects the outputs before `finish_bundle` runs, so what a DoFn emits
     there (the last batch of BatchElements, the Arrow tables WriteToParquet builds) is lost. Here the
     outputs are taken after `finish_bundle`. A single-output ParDo returns its values; a multi-output
     one returns (tag, value) pairs that `_BagBuilder.output` separates (mends (b)).
     """
-    spec: _ParDoSpec = pickler.loads(blob)
-    out: list[tuple[str | None, Any]] = []
-    receivers = _Receivers({tag: _Collect(out, tag) for tag in spec.tags})
-    side_inputs = [SideInputMap(view, options, [_in_global_window(v) for v in values])
-                   for (view, options), values in zip(spec.views, side_values)]
-    runner = DoFnRunner(spec.fn, spec.args, spec.kwargs, side_inputs, spec.windowing,
-                        tagged_receivers=receivers, step_name=spec.label, state=DoFnState(CounterFactory()))
-    runner.setup()
+    key = hashlib.sha256(blob).hexdigest()
+    reusable = not side_values
+    warm = None
+    if reusable:
+        with _IDLE_LOCK:
+            idle = _IDLE.get(key)
+            warm = idle.pop() if idle else None
+    if warm is None:
+        warm = _Warm(pickler.loads(blob), side_values)
     try:
-        runner.start()
+        warm.runner.start()
         for element in elements:
-            runner.process(_in_global_window(element))
-        runner.finish()
+            warm.runner.process(_in_global_window(element))
+        warm.runner.finish()
+    except BaseException:
+        reusable = False  # a DoFn that failed mid-bundle is not trusted with another one
+        raise
     finally:
-        runner.teardown()
-    if spec.tags == [None]:
+        out = list(warm.out)
+        warm.out.clear()
+        if reusable:
+            with _IDLE_LOCK:
+                _IDLE.setdefault(key, []).append(warm)
+        else:
+            warm.runner.teardown()
+    if warm.spec.tags == [None]:
         return [value for _, value in out]
     return out
 

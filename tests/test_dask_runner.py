@@ -220,3 +220,33 @@ def test_without_an_address_a_local_cluster_runs_the_job_and_is_shut_down(tmp_pa
             psutil.Process(pid).wait(timeout=60)
         except psutil.NoSuchProcess:
             pass
+
+
+class CountSetups(beam.DoFn):
+    """Records each setup (a model load in RunInference) as a file named after the worker process."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def setup(self):
+        Path(self.folder, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+
+    def process(self, element):
+        yield os.getpid()
+
+
+def test_a_dofn_is_set_up_once_per_worker_process_not_per_bundle(cluster, tmp_path):
+    setups, out = tmp_path / "setups", tmp_path / "out"
+    setups.mkdir()
+    out.mkdir()
+    p = beam.Pipeline(options=options(cluster, "--dask_npartitions=8"))  # 8 bundles over 2 workers
+    (p | beam.Create(list(range(40))) | beam.Reshuffle() | beam.ParDo(CountSetups(str(setups)))
+     | beam.ParDo(Collect(str(out))))
+    run(p)
+    pids = collected(out)
+    assert len(pids) == 40
+    per_process: dict[str, int] = {}
+    for f in setups.iterdir():
+        per_process[f.name.split("-")[0]] = per_process.get(f.name.split("-")[0], 0) + 1
+    assert set(per_process) == {str(pid) for pid in set(pids)} and len(per_process) == 2
+    assert all(n == 1 for n in per_process.values()), f"setups per worker process: {per_process}"
