@@ -8,7 +8,8 @@ unfiltered result and the filters run when the features are assembled. The item 
 sha256 the manifest records, or the text / list / meta values.
 
 Layout: <root>/<kind>-<fingerprint[:16]>/part-<uuid>.parquet, one part per run that computed
-something, rows (key, vectors, elements, category_ids). A part is written aside and renamed when
+something, rows (key, vectors, elements, category_ids), and extractor.json saying which extractor
+and params the folder holds (a folder of an extractor no longer used can be deleted). A part is written aside and renamed when
 complete, so a killed or failed write never leaves a readable part; readers see only `part-*.parquet`.
 The whole folder can be deleted at any time (the next run computes everything again).
 """
@@ -60,9 +61,9 @@ def raw_schema(dim: int) -> pa.Schema:
 class FeatureCache:
     """One extractor's folder of cache parts."""
 
-    def __init__(self, root: Path, kind: str, fp: str, dim: int):
+    def __init__(self, root: Path, kind: str, fp: str, dim: int, about: dict[str, Any] | None = None):
         self.folder = Path(root) / f"{kind}-{fp[:16]}"
-        self.fp, self.dim = fp, dim
+        self.fp, self.dim, self.about = fp, dim, about or {}
 
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
@@ -89,6 +90,11 @@ class FeatureCache:
         """Write one part from a stream of raw tables (key first); returns (part, rows) or (None, 0) when
         the stream is empty. Complete or absent: written aside, renamed when closed."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        about = self.folder / "extractor.json"  # for people: which extractor and params this folder holds
+        if not about.exists():
+            aside_about = self.folder / f".extractor-{uuid.uuid4().hex}.json"
+            aside_about.write_text(json.dumps({"fingerprint": self.fp, **self.about}, indent=1, sort_keys=True, default=str))
+            os.replace(aside_about, about)
         name = f"part-{uuid.uuid4().hex}.parquet"
         aside = self.folder / f".{name}.partial"
         sch, rows, writer = raw_schema(self.dim), 0, None

@@ -459,7 +459,8 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
     shutil.rmtree(out_dir, ignore_errors=True)
     work = out_dir / "_work"
     work.mkdir(parents=True)
-    store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else work / "cache", spec.kind, fp, dim)
+    store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else work / "cache", spec.kind, fp, dim,
+                               {"described": described, "params": to_dict(spec.cfg)})
     found = store.locate(keys)
     reused = sum(k in found for k in keys)
     log.info("%s: %d items, %d in the cache, %d to compute with %s (%s, dim %d)", spec.name, len(ids), reused,
