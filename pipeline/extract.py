@@ -304,12 +304,12 @@ def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> Iterator[pa.Table
 
 
 def item_inputs(spec: Modality, manifest: pa.Table, stats: MetaStats | None) -> list[Any]:
-    """Each row's input for this modality, the item half of its cache key."""
-    if spec.kind == "meta":
-        cols = [*stats.numeric, *stats.categorical]
-        return [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))] if cols else \
-            [[] for _ in range(manifest.num_rows)]
-    return [spec.module.cache_input(row, spec.cfg) for row in manifest.to_pylist()]
+    """Each row's input for this modality, the item half of its cache key (read column by column: only
+    the columns the modality reads)."""
+    cols = [*stats.numeric, *stats.categorical] if spec.kind == "meta" else [spec.module.cache_column(spec.cfg)]
+    if not cols:
+        return [[] for _ in range(manifest.num_rows)]
+    return [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))]
 
 
 def apply_filter(table: pa.Table, spec: Modality) -> pa.Table:

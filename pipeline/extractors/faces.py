@@ -193,11 +193,11 @@ def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | N
     return image_array(row, root)
 
 
-def cache_input(row: dict[str, Any], cfg: FacesConfig) -> str | None:
-    """What an item's result depends on besides the extractor: its image's content."""
+def cache_column(cfg: FacesConfig) -> str:
+    """The manifest column an item's result depends on besides the extractor: its image's content."""
     from pipeline import schema
 
-    return row.get(schema.IMAGE_SHA256)
+    return schema.IMAGE_SHA256
 
 
 FILTER_PARAMS = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set

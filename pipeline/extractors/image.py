@@ -192,11 +192,11 @@ def prepare(row: dict[str, Any], cfg: ImageConfig, root: Path) -> np.ndarray | N
     return image_to_array(records.load_rgb(root / row[schema.IMAGE]), cfg.resize, cfg.image_size)
 
 
-def cache_input(row: dict[str, Any], cfg: ImageConfig) -> str | None:
-    """What an item's result depends on besides the extractor: its image's content."""
+def cache_column(cfg: ImageConfig) -> str:
+    """The manifest column an item's result depends on besides the extractor: its image's content."""
     from pipeline import schema
 
-    return row.get(schema.IMAGE_SHA256)
+    return schema.IMAGE_SHA256
 
 
 CONFIG_CLASS = ImageConfig

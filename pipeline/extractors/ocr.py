@@ -126,11 +126,11 @@ def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | Non
     return image_array(row, root)
 
 
-def cache_input(row: dict[str, Any], cfg: OcrConfig) -> str | None:
-    """What an item's result depends on besides the extractor: its image's content."""
+def cache_column(cfg: OcrConfig) -> str:
+    """The manifest column an item's result depends on besides the extractor: its image's content."""
     from pipeline import schema
 
-    return row.get(schema.IMAGE_SHA256)
+    return schema.IMAGE_SHA256
 
 
 FILTER_PARAMS = ("min_confidence", "max_boxes")  # applied by `select` to the cached unfiltered set

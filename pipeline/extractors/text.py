@@ -166,9 +166,9 @@ def prepare(row: dict[str, Any], cfg: TextConfig | ListConfig, root: Path) -> li
     return items or None
 
 
-def cache_input(row: dict[str, Any], cfg: TextConfig | ListConfig) -> Any:
-    """What an item's result depends on besides the extractor: its column's value."""
-    return row.get(cfg.column)
+def cache_column(cfg: TextConfig | ListConfig) -> str:
+    """The manifest column an item's result depends on besides the extractor: the text or list."""
+    return cfg.column
 
 
 CONFIG_CLASS = TextConfig
