@@ -161,14 +161,14 @@ def test_a_scoring_run_that_fails_leaves_the_previous_outputs_whole(demo_run, tm
     out = tmp_path / "out"
     score(demo_run, demo_run.root / "unlabelled", out, write_report=False)
     before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    real = predict.pq.write_table
 
-    def disk_full(table, where, *args, **kwargs):
-        if str(where).endswith("label_importance.parquet"):  # half-way through writing the tables
-            raise OSError(errno.ENOSPC, "No space left on device", str(where))
-        return real(table, where, *args, **kwargs)
+    class DiskFull(predict.pq.ParquetWriter):
+        def write_table(self, table, *args, **kwargs):
+            if str(self.where).endswith("label_importance.parquet"):  # half-way through writing the tables
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.where))
+            return super().write_table(table, *args, **kwargs)
 
-    monkeypatch.setattr(predict.pq, "write_table", disk_full)
+    monkeypatch.setattr(predict.pq, "ParquetWriter", DiskFull)
     with pytest.raises(OSError, match="No space left"):
         score(demo_run, demo_run.root / "unlabelled", out, write_report=False)
     after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

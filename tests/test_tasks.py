@@ -39,7 +39,7 @@ TRAIN = {"epochs": 40, "patience": 40, "batch_size": 16, "lr": 0.01, "device": "
 def source(tmp_path_factory) -> tuple[Path, list[dict[str, str]], dict[str, dict[str, str]]]:
     """A 64-item demo dataset without label noise: (folder, manifest rows, planted by id)."""
     root = tmp_path_factory.mktemp("tasks") / "raw"
-    demo.generate(from_dict(DemoConfig, {"size": 64, "seed": 11, "label_noise": 0.0}, "demo"), root)
+    demo.generate(from_dict(DemoConfig, {"items": 64, "seed": 11, "label_noise": 0.0}, "demo"), root)
     rows = list(csv.DictReader(open(root / "manifest.csv", encoding="utf-8")))
     planted = {r["id"]: r for r in csv.DictReader(open(root / "planted_items.csv", encoding="utf-8"))}
     return root, rows, planted
