@@ -79,6 +79,24 @@ def copy_project(root: Path, **params_over: dict[str, Any]) -> Path:
     return root
 
 
+def ingested_demo(root: Path, items: int, seed: int, cache_dir: Path | None) -> tuple[dict[str, Any], Path]:
+    """A tiny demo dataset generated under `root` and ingested with the shipped params (extractors on
+    the CPU, the per-item cache at `cache_dir`): (params, manifest path)."""
+    from pipeline import demo
+    from pipeline.config import DemoConfig, load_params, section
+    from pipeline.ingest import run_ingest
+
+    demo.generate(from_dict(DemoConfig, {"items": items, "seed": seed}, "demo"), root / "raw")
+    params = load_params(REPO / "params.yaml")
+    params["dataset"]["dir"] = str(root / "raw")
+    params["extract"]["job"]["cache_dir"] = str(cache_dir) if cache_dir else None
+    for m in params["extract"]["modalities"].values():
+        if "device" in m:
+            m["device"] = "cpu"
+    run_ingest(section(params, "dataset", DatasetConfig), ingest_config(), root / "ingest", root / "ingest.json")
+    return params, root / "ingest" / "manifest.parquet"
+
+
 def extract_modality(params: dict[str, Any], name: str, manifest: Path, out_dir: Path, metrics: Path) -> dict[str, Any]:
     """Run the extraction of modality `name` as its stage does, with the typed sections of `params`."""
     from pipeline import extract

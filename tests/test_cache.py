@@ -2,7 +2,6 @@
 not rerun detectors, killed writes are never read back, and the cache can be turned off."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -13,13 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
-from pipeline import cache, demo, features, schema
-from pipeline.config import DatasetConfig, DemoConfig, from_dict, load_params, section
+from conftest import ingested_demo
+from pipeline import cache, features, schema
+from pipeline.config import from_dict
 from pipeline.extract import JobConfig, modality, run_extraction
-from pipeline.ingest import run_ingest
 from pipeline.sorting import ExternalSort
-from test_ingest import ingest_config
 
 # ------------------------------------------------------------------ pieces, no models
 
@@ -117,14 +114,7 @@ MODALITIES = ("image", "ocr", "title")
 def grown(tmp_path_factory):
     """A tiny demo dataset ingested twice: its first 8 items, then all 12 (8 old + 4 new)."""
     root = tmp_path_factory.mktemp("grown")
-    demo.generate(from_dict(DemoConfig, {"items": 12, "seed": 5}, "demo"), root / "raw")
-    params = load_params(REPO / "params.yaml")
-    params["dataset"]["dir"] = str(root / "raw")
-    for m in params["extract"]["modalities"].values():
-        if "device" in m:
-            m["device"] = "cpu"
-    run_ingest(section(params, "dataset", DatasetConfig), ingest_config(), root / "ingest", root / "ingest.json")
-    full = root / "ingest" / "manifest.parquet"
+    params, full = ingested_demo(root, items=12, seed=5, cache_dir=None)  # run() sets each run's cache
     table = pq.read_table(full)
     first = root / "first" / "manifest.parquet"
     first.parent.mkdir()

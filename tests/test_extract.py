@@ -14,12 +14,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from conftest import REPO, extract_modality, ingest_config
-from pipeline import demo, features, records, schema
-from pipeline.config import ConfigError, DatasetConfig, DemoConfig, from_dict, load_params, section
+from conftest import extract_modality, ingested_demo
+from pipeline import features, records, schema
+from pipeline.config import ConfigError, from_dict, section
 from pipeline.extract import ExtractionError, JobConfig, beam_options, build, modality
 from pipeline.extractors import base, faces, image, meta, ocr, text
-from pipeline.ingest import run_ingest
 
 MODALITIES = ("image", "faces", "ocr", "title", "description", "tags", "meta")
 
@@ -195,15 +194,7 @@ def test_ocr_handler_reads_a_drawn_word():
 def tiny(tmp_path_factory):
     """A tiny demo dataset, ingested: (params, manifest path)."""
     root = tmp_path_factory.mktemp("tiny")
-    demo.generate(from_dict(DemoConfig, {"items": 10, "seed": 3}, "demo"), root / "raw")
-    params = load_params(REPO / "params.yaml")
-    params["dataset"]["dir"] = str(root / "raw")
-    params["extract"]["job"]["cache_dir"] = str(root / "cache")
-    run_ingest(section(params, "dataset", DatasetConfig), ingest_config(), root / "ingest", root / "ingest.json")
-    for m in params["extract"]["modalities"].values():
-        if "device" in m:
-            m["device"] = "cpu"
-    return params, root / "ingest" / "manifest.parquet"
+    return ingested_demo(root, items=10, seed=3, cache_dir=root / "cache")
 
 
 @pytest.mark.slow
