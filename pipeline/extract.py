@@ -378,10 +378,10 @@ def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, j
 
 def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, Any], dim: int, work: Path,
              stats: MetaStats | None, extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None,
-             workers: dict[str, int]) -> Iterator[pa.Table]:
-    """Run the Beam job on the manifest rows `todo`; returns its feature shards' rows (a stream) after
-    writing its dead letters to work/dead.parquet. `workers` receives the tasks each worker ran, where the
-    runner reports them (the Dask runner does)."""
+             workers: dict[str, int]) -> tuple[pa.Table, Iterator[pa.Table]]:
+    """Run the Beam job on the manifest rows `todo`; returns its dead letters (sorted by id) and its
+    feature shards' rows (a stream). `workers` receives the tasks each worker ran, where the runner
+    reports them (the Dask runner does)."""
     manifest = work / "todo.parquet"
     pq.write_table(todo, manifest)
     shards = work / "shards"
@@ -394,8 +394,7 @@ def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, An
     workers.update(getattr(result, "worker_task_counts", None) or {})
     dead = list(_read_shards(shards, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA))
     dead = pa.concat_tables(dead) if dead else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
-    pq.write_table(dead.sort_by(schema.ID), work / "dead.parquet")
-    return _read_shards(shards, "features", features.feature_schema(dim))
+    return dead.sort_by(schema.ID), _read_shards(shards, "features", features.feature_schema(dim))
 
 
 def _compute_missing(spec: Modality, job: JobConfig, manifest: pa.Table, keys: list[str], found: dict[str, Any],
@@ -408,13 +407,13 @@ def _compute_missing(spec: Modality, job: JobConfig, manifest: pa.Table, keys: l
     if not any(todo):
         return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
     key_of = dict(zip(manifest[schema.ID].to_pylist(), keys))
-    rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
-                    test_pipeline, workers)
+    dead, rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
+                          test_pipeline, workers)
     part, _ = store.write_part(
         t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string())) for t in rows)
     if part is not None:
         found.update({k: v for k, v in store.locate(keys, [part]).items() if k not in found})
-    return pq.read_table(work / "dead.parquet")
+    return dead
 
 
 def _assemble(spec: Modality, ids: list[str], keys: list[str], found: dict[str, Any], dead: pa.Table, dim: int,
