@@ -16,6 +16,7 @@ The whole folder can be deleted at any time (the next run computes everything ag
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -129,12 +130,12 @@ def gather(locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[st
         wanted = sorted(by_part[part])
         pf = pq.ParquetFile(part, page_checksum_verification=True)
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-        groups = np.searchsorted(starts, [r for r, _ in wanted], side="right") - 1
-        for g in sorted(set(groups.tolist())):
-            local = [(r - int(starts[g]), k) for (r, k), gg in zip(wanted, groups.tolist()) if gg == g]
+        groups = (np.searchsorted(starts, [r for r, _ in wanted], side="right") - 1).tolist()
+        for g, members in itertools.groupby(zip(groups, wanted), key=lambda gw: gw[0]):
             table = pf.read_row_group(g).cast(raw_schema(dim))
             take, ids = [], []
-            for r, key in local:
+            for _, (row, key) in members:
+                r = row - int(starts[g])
                 for item_id in ids_by_key[key]:
                     take.append(r)
                     ids.append(item_id)
