@@ -108,3 +108,11 @@ def image_array(row: dict[str, Any], root: Path) -> np.ndarray | None:
     if row.get(schema.IMAGE) is None:
         return None
     return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)
+
+
+def image_cache_column(cfg: Any) -> str:
+    """`cache_column` of every image-reading extractor: an item's result depends, besides the extractor,
+    on its image's content, which ingest records as the manifest's image sha256."""
+    from pipeline import schema
+
+    return schema.IMAGE_SHA256

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, image_array, require_file,
+    ItemResult, MissingModelError, SetModelHandler, image_array, image_cache_column, require_file,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
 from pipeline.features import element, file_sha256
@@ -193,11 +193,7 @@ def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | N
     return image_array(row, root)
 
 
-def cache_column(cfg: FacesConfig) -> str:
-    """The manifest column an item's result depends on besides the extractor: its image's content."""
-    from pipeline import schema
-
-    return schema.IMAGE_SHA256
+cache_column = image_cache_column  # the manifest's image sha256
 
 
 FILTER_PARAMS = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set

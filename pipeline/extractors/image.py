@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, require_file,
+    ItemResult, MissingModelError, SetModelHandler, image_cache_column, require_file,
 )
 from pipeline.features import element, file_sha256
 from pipeline.runtime import resolve_device
@@ -192,11 +192,7 @@ def prepare(row: dict[str, Any], cfg: ImageConfig, root: Path) -> np.ndarray | N
     return image_to_array(records.load_rgb(root / row[schema.IMAGE]), cfg.resize, cfg.image_size)
 
 
-def cache_column(cfg: ImageConfig) -> str:
-    """The manifest column an item's result depends on besides the extractor: its image's content."""
-    from pipeline import schema
-
-    return schema.IMAGE_SHA256
+cache_column = image_cache_column  # the manifest's image sha256
 
 
 CONFIG_CLASS = ImageConfig

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.extractors.base import ItemResult, SetModelHandler, image_array, require_file
+from pipeline.extractors.base import (
+    ItemResult, SetModelHandler, image_array, image_cache_column, require_file,
+)
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
 from pipeline.features import element, file_sha256
 from pipeline.runtime import resolve_device
@@ -126,11 +128,7 @@ def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | Non
     return image_array(row, root)
 
 
-def cache_column(cfg: OcrConfig) -> str:
-    """The manifest column an item's result depends on besides the extractor: its image's content."""
-    from pipeline import schema
-
-    return schema.IMAGE_SHA256
+cache_column = image_cache_column  # the manifest's image sha256
 
 
 FILTER_PARAMS = ("min_confidence", "max_boxes")  # applied by `select` to the cached unfiltered set
