@@ -23,7 +23,7 @@ from pipeline.features import FeatureMismatchError, file_sha256
 from pipeline.model import ModelConfig, build_model
 from pipeline.setdata import FeatureStore, read_manifest_labels
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: meta statistics as ordered lists (format 1 is migrated on load)
 
 
 def provenance(store: FeatureStore) -> dict[str, dict[str, Any]]:
@@ -65,6 +65,8 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a bundle
         raise runtime.UserError(f"{path} is not a model bundle written by train ({type(exc).__name__}: "
                                 f"{str(exc)[:160]})") from None
+    if isinstance(bundle, dict) and bundle.get("format") == 1:
+        bundle = migrate_format_1(bundle, path)
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         found = bundle.get("format") if isinstance(bundle, dict) else type(bundle).__name__
         raise runtime.UserError(f"{path}: bundle format {found!r} not supported (expected {BUNDLE_FORMAT})")
@@ -78,6 +80,39 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     return model.to(device).eval(), bundle
 
 
+def _ordered_meta_stats(rec: dict[str, Any], fields: dict[str, Any] | None) -> dict[str, Any]:
+    """Format-1 meta statistics (objects keyed by column, read back in sorted order) as the ordered lists
+    of format 2, in the order extraction encoded them: the params' column lists, or (null) the manifest's."""
+    stats, params = rec["stats"], rec.get("params") or {}
+    order = {}
+    for role in ("numeric", "categorical"):
+        chosen = params.get(role)
+        if chosen is None:
+            if not fields or role not in fields:
+                raise KeyError(f"{role} column order (neither the params nor the manifest fields record it)")
+            chosen = fields[role]
+        order[role] = [c for c in chosen if c in stats[role]]
+    return {"numeric": [{"column": c, **stats["numeric"][c]} for c in order["numeric"]],
+            "categorical": [{"column": c, "values": list(stats["categorical"][c])} for c in order["categorical"]]}
+
+
+def migrate_format_1(bundle: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A format-1 bundle as format 2: its meta statistics as ordered lists (and their checksum recomputed
+    the way extraction now computes it). Its model is unchanged: the embedding tables keep their sizes."""
+    bundle = {**bundle, "provenance": {m: dict(rec) for m, rec in bundle.get("provenance", {}).items()}}
+    for m, rec in bundle["provenance"].items():
+        if isinstance(rec.get("stats"), dict) and isinstance(rec["stats"].get("numeric"), dict):
+            try:
+                rec["stats"] = _ordered_meta_stats(rec, bundle.get("fields"))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise runtime.UserError(f"{path}: a bundle of an earlier version whose meta modality {m!r} cannot be "
+                                        f"read ({exc}); retrain the model with this version (dvc repro train)") from None
+            rec.pop("categorical", None)
+            rec["weights_sha256"] = features.json_sha256(rec["stats"])  # as extractors.meta computes it
+    bundle["format"] = BUNDLE_FORMAT
+    return bundle
+
+
 def check_store_matches(bundle: dict[str, Any], store: FeatureStore) -> None:
     """Refuse features whose extractor, model, weights, dimension or meta statistics differ from the bundle's."""
     problems = []
@@ -87,7 +122,7 @@ def check_store_matches(bundle: dict[str, Any], store: FeatureStore) -> None:
             problems.append(f"{m}: missing")
             continue
         problems += [f"{m}.{d}" for d in features.provenance_diffs(
-            rec, meta, features.MATCH_KEYS, "model has", "features have")]
+            rec, meta, features.keys_to_match(rec, features.MATCH_KEYS), "model has", "features have")]
     if problems:
         raise FeatureMismatchError("features do not match the model bundle: " + "; ".join(problems))
 

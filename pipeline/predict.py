@@ -37,7 +37,7 @@ from pipeline import metrics as M
 from pipeline import plots, runtime, schema
 from pipeline.bundle import ScoringInputs, load_scoring_inputs, to_probs
 from pipeline.config import ConfigError
-from pipeline.features import CATEGORY_IDS, ELEMENTS
+from pipeline.features import CATEGORY_IDS, ELEMENTS, vocabularies
 from pipeline.importance import METHODS, explain
 from pipeline.model import SetModel
 from pipeline.setdata import FeatureStore, label_matrix
@@ -182,12 +182,12 @@ def element_metadata(dirs: dict[str, Path], bundle: dict[str, Any], ids: list[st
     for m, folder in dirs.items():
         table = pq.read_table(Path(folder) / "features.parquet", columns=[schema.ID, ELEMENTS, CATEGORY_IDS],
                               filters=[(schema.ID, "in", list(ids))] if ids else None)
-        vocab = bundle["provenance"].get(m, {}).get("categorical") or {}
+        vocab = vocabularies(bundle["provenance"].get(m, {}), f"bundle.provenance.{m}")
         per_id = {}
         for item_id, elements, cats in zip(table[schema.ID].to_pylist(), table[ELEMENTS].to_pylist(),
                                            table[CATEGORY_IDS].to_pylist()):
             recs = list(elements or [])
-            for c, (col, values) in enumerate(vocab.items()):
+            for c, (col, values) in enumerate(vocab):
                 cid = (cats or [0] * len(vocab))[c]
                 recs.append({schema.TEXT: f"{col}: {values[cid - 1] if cid else '(missing or unseen)'}"})
             per_id[item_id] = recs

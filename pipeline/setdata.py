@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import schema
-from pipeline.features import CATEGORY_IDS, VECTORS, FeatureMismatchError, read_features
+from pipeline.features import CATEGORY_IDS, VECTORS, FeatureMismatchError, read_features, vocabularies
 from pipeline.model import ModalityBatch, SetBatch
 
 
@@ -67,7 +67,7 @@ class FeatureStore:
             if meta["modality"] != name:
                 raise FeatureMismatchError(f"{folder}: holds modality {meta['modality']!r}, expected {name!r}")
             manifests.add(meta["manifest_sha256"])
-            n_cat = len(meta.get("categorical", {}))
+            n_cat = len(vocabularies(meta, str(folder)))
             packed[name] = _packed_from_table(table, ids, meta["dim"], n_cat)
             metas[name] = meta
         if len(manifests) > 1:
@@ -81,7 +81,7 @@ class FeatureStore:
 
     @property
     def categories(self) -> dict[str, list[int]]:
-        return {m: [len(v) for v in meta.get("categorical", {}).values()] for m, meta in self.meta.items()}
+        return {m: [len(values) for _, values in vocabularies(meta)] for m, meta in self.meta.items()}
 
     def to(self, device: str | torch.device) -> "FeatureStore":
         mods = {m: PackedModality(p.vectors.to(device), p.offsets.to(device),

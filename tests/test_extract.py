@@ -68,11 +68,11 @@ def test_meta_statistics_come_from_train_only():
     table = pa.table({"split": ["train", "train", "test", "train"], "year": [1990.0, 2010.0, 5000.0, None],
                       "country": ["US", "FR", "XX", "US"]})
     stats = meta.fit(table, "split", ["year"], ["country"], 10)
-    assert stats["numeric"]["year"] == {"mean": 2000.0, "std": 10.0, "n": 2}
-    assert stats["categorical"]["country"] == ["FR", "US"]
-    r = meta.encode({"year": 2020.0, "country": "XX"}, ["year"], ["country"], stats)
+    assert stats["numeric"] == [{"column": "year", "mean": 2000.0, "std": 10.0, "n": 2}]
+    assert stats["categorical"] == [{"column": "country", "values": ["FR", "US"]}]
+    r = meta.encode({"year": 2020.0, "country": "XX"}, stats)
     assert r.vectors.tolist() == [[2.0, 0.0]] and r.category_ids == [0]
-    r = meta.encode({"year": None, "country": "US"}, ["year"], ["country"], stats)
+    r = meta.encode({"year": None, "country": "US"}, stats)
     assert r.vectors.tolist() == [[0.0, 1.0]] and r.category_ids == [2]
 
 
@@ -245,7 +245,7 @@ def test_every_modality_writes_reconciled_sets(tiny, tmp_path, modality):
         assert all([e["text"] for e in rows[i]["elements"]] == src[i] for i in rows)
         assert metrics["empty_sets"] == sum(1 for t in src.values() if not t), "an item with no tags is an empty set"
     if modality == "meta":
-        assert all(len(r["category_ids"]) == 1 for r in rows.values()) and meta_["stats"]["numeric"]["year"]["n"] > 0
+        assert all(len(r["category_ids"]) == 1 for r in rows.values()) and meta_["stats"]["numeric"][0]["n"] > 0
 
 
 @pytest.mark.slow
