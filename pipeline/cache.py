@@ -1,28 +1,49 @@
 """The per-item extraction cache: what an extractor made of one item's input, reused by every later run.
 
 An entry's key is sha256(extractor fingerprint, item input). The fingerprint covers everything that
-changes an extractor's output: kind, model id, weights checksum, dimension, its output-changing
-params and (meta) the fitted statistics; not batch sizes or the device, and not the params that only
-filter results (OCR confidence, face probability, how many are kept), because entries hold the
-unfiltered result and the filters run when the features are assembled. The item input is the image
-sha256 the manifest records, or the text / list / meta values.
+can change an extractor's output beyond float noise:
+- the extractor's provenance (`described`): kind, model id, the sha256 of the weights and of every file
+  of a model folder (tokenizer, config, code), the dimension and (meta) the fitted statistics in column
+  order;
+- its params, except those that only change how fast it runs (batch sizes, device) and those that only
+  filter results (OCR confidence, face probability, how many are kept): entries hold the unfiltered
+  result and the filters run when the features are assembled;
+- the software that computes it (`software`): the versions of the libraries the extractor runs
+  (module LIBRARIES), the Python version, a digest of the project's modules that shape the output
+  (module SOURCES: their syntax tree without docstrings, so a comment or formatting change keeps the
+  cache and any code change drops it), and CACHE_FORMAT for the stored row layout.
+The thread count is not in it either: it changes floats by ~1e-6, not results. The item input is the
+image sha256 the manifest records (the job checks the bytes it reads against it), or the text / list
+values, or the meta values with their column names.
 
-Layout: <root>/<kind>-<fingerprint[:16]>/part-<uuid>.parquet, one part per run that computed
-something, rows (key, vectors, elements, category_ids), and extractor.json saying which extractor
-and params the folder holds (a folder of an extractor no longer used can be deleted). A part is written aside and renamed when
-complete, so a killed or failed write never leaves a readable part; readers see only `part-*.parquet`.
-The whole folder can be deleted at any time (the next run computes everything again).
+Layout: <root>/<kind>-<fingerprint[:16]>/part-<UTC time>-<random>.parquet, one part per run that
+computed something, rows (key, vectors, elements, category_ids), and extractor.json saying which
+extractor and params the folder holds. A part is written aside and renamed when complete, so a
+killed or failed write never leaves a readable part; readers see only `part-*.parquet`. When a key is
+stored twice (two runs computed it at once), the part whose name sorts first wins, so the entry used
+never changes once written. A part that cannot be read, or whose pages fail their checksums, is moved
+to <folder>/quarantine/ with the reason beside it and its items computed again. The whole folder can
+be deleted at any time (the next run computes everything again); `dmms cache` lists, prunes and
+compacts it.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import itertools
 import json
 import logging
 import os
+import platform
+import socket
+import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,13 +58,58 @@ KEY = "key"
 # params that change how fast an extractor runs, never what it outputs
 RUNTIME_PARAMS = frozenset({"batch_size", "text_batch_size", "crop_batch_size", "device"})
 PART_ROW_GROUP = 1024
+# the stored row layout and the glue around the extractors (to_row, filters); bump when either changes
+# what an entry holds
+CACHE_FORMAT = 2
+STALE_PARTIAL_S = 3600  # a write aside untouched this long is from a process that died
+QUARANTINE = "quarantine"
+ABOUT = "extractor.json"
 
 
-def fingerprint(described: dict[str, Any], params: dict[str, Any], filter_params: Iterable[str]) -> str:
-    """sha256 over an extractor's provenance (`described`: kind, model, weights, dim, statistics) and
-    its params minus the runtime-only and filter-only ones."""
+# ------------------------------------------------------------------ keys
+
+
+def installed_version(distribution: str) -> str:
+    """The installed version of a distribution, or 'absent' (an extractor that runs without it)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@functools.lru_cache(maxsize=None)
+def _module_digest(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ValueError(f"cannot find the source of module {name}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):  # docstrings say, they do not compute
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def code_digest(modules: Sequence[str]) -> str:
+    """sha256 over the syntax trees (docstrings removed) of the project modules that shape an output."""
+    return hashlib.sha256("\n".join(f"{m}:{_module_digest(m)}" for m in sorted(modules)).encode()).hexdigest()
+
+
+def software(libraries: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+    """What computes an extractor's output besides its model: library versions, Python, project code."""
+    return {"libraries": {d: installed_version(d) for d in sorted(libraries)},
+            "python": ".".join(platform.python_version_tuple()[:2]),
+            "code": code_digest(sources), "cache_format": CACHE_FORMAT}
+
+
+def fingerprint(described: dict[str, Any], params: dict[str, Any], filter_params: Iterable[str],
+                soft: dict[str, Any]) -> str:
+    """sha256 over an extractor's provenance (`described`), its params minus the runtime-only and
+    filter-only ones, and the software that runs it (`soft`, see software())."""
     skip = RUNTIME_PARAMS | set(filter_params)
-    payload = {"described": described, "params": {k: v for k, v in params.items() if k not in skip}}
+    payload = {"described": described, "params": {k: v for k, v in params.items() if k not in skip},
+               "software": soft}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -59,45 +125,139 @@ def raw_schema(dim: int) -> pa.Schema:
     return pa.schema([pa.field(KEY, pa.string(), nullable=False), *[f for f in sch if f.name != schema.ID]])
 
 
+# ------------------------------------------------------------------ one extractor's folder
+
+_READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
+
+
+def _part_name() -> str:
+    """A part's file name: UTC time first, so names sort by when they were written (first wins)."""
+    return f"part-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class FeatureCache:
     """One extractor's folder of cache parts."""
 
     def __init__(self, root: Path, kind: str, fp: str, dim: int, about: dict[str, Any] | None = None):
         self.folder = Path(root) / f"{kind}-{fp[:16]}"
         self.fp, self.dim, self.about = fp, dim, about or {}
+        self.quarantined: list[str] = []  # parts moved aside in this process, with their reason
+
+    @classmethod
+    def at(cls, folder: Path, dim: int) -> "FeatureCache":
+        """The cache of an existing extractor folder (maintenance: `dmms cache compact`)."""
+        store = cls(folder.parent, "", "", dim)
+        store.folder = folder
+        return store
 
     def parts(self) -> list[Path]:
+        """The complete parts, in name order (the order in which duplicates are resolved)."""
         return sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
 
+    def quarantine(self, part: Path, reason: str) -> None:
+        """Move a damaged part aside (never read again, kept for a look) and say so, naming it."""
+        aside = self.folder / QUARANTINE
+        aside.mkdir(exist_ok=True)
+        try:
+            os.replace(part, aside / part.name)
+        except FileNotFoundError:
+            return  # another process moved it first
+        (aside / f"{part.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        self.quarantined.append(f"{part.name}: {reason}")
+        log.warning("cache part %s is damaged (%s): moved to %s; its items are computed again", part, reason, aside)
+
+    def clean_partials(self) -> list[Path]:
+        """Remove the writes aside of processes that died: older than STALE_PARTIAL_S, or of a process of
+        this machine that no longer runs. A write in progress elsewhere is left alone."""
+        removed = []
+        host = socket.gethostname()
+        for path in self.folder.glob(".part-*.partial") if self.folder.is_dir() else []:
+            bits = path.name.split("~")  # .part-<...>.parquet~<host>~<pid>.partial
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_PARTIAL_S
+            except FileNotFoundError:
+                continue
+            if len(bits) == 3 and bits[1] == host and bits[2].removesuffix(".partial").isdigit():
+                stale = stale or not _pid_alive(int(bits[2].removesuffix(".partial")))
+            if stale:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            log.info("cache %s: removed %d write(s) left by killed runs", self.folder, len(removed))
+        return removed
+
     def locate(self, keys: Iterable[str], parts: list[Path] | None = None) -> dict[str, tuple[Path, int]]:
-        """Where each of `keys` is stored (part, row), for the keys present (in `parts`, default all); reads
-        the key columns only. A part that cannot be read is skipped with a warning (computed again)."""
+        """Where each of `keys` is stored (part, row), for the keys present (in `parts`, default all; the
+        first part in name order wins); reads the key columns only. A part whose keys cannot be read is
+        quarantined."""
         wanted = pa.array(sorted(set(keys)), pa.string())
         found: dict[str, tuple[Path, int]] = {}
         if not len(wanted):
             return found
-        for part in self.parts() if parts is None else parts:
+        for part in self.parts() if parts is None else sorted(parts):
             try:
-                part_keys = pq.read_table(part, columns=[KEY])[KEY]
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                log.warning("cache part %s is unreadable (%s); its items are computed again", part, exc)
+                part_keys = pq.ParquetFile(part, page_checksum_verification=True).read(columns=[KEY])[KEY]
+            except FileNotFoundError:
+                continue  # compacted or quarantined by another process meanwhile
+            except _READ_ERRORS as exc:
+                self.quarantine(part, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             hits = np.flatnonzero(pc.is_in(part_keys, value_set=wanted).to_numpy(zero_copy_only=False))
             for row, key in zip(hits.tolist(), part_keys.take(pa.array(hits)).to_pylist()):
                 found.setdefault(key, (part, row))
         return found
 
+    def verify(self, parts: Iterable[Path]) -> list[Path]:
+        """Read every page of `parts` with its checksum, a row group at a time; quarantine the parts that
+        fail and return them."""
+        bad = []
+        for part in sorted(set(parts)):
+            try:
+                pf = pq.ParquetFile(part, page_checksum_verification=True)
+                for g in range(pf.num_row_groups):
+                    table = pf.read_row_group(g).cast(raw_schema(self.dim))
+                    if table.num_rows != pf.metadata.row_group(g).num_rows:
+                        raise ValueError(f"row group {g} holds {table.num_rows} rows, its footer says "
+                                         f"{pf.metadata.row_group(g).num_rows}")
+            except _READ_ERRORS as exc:
+                self.quarantine(part, f"corrupt: {type(exc).__name__}: {str(exc)[:200]}")
+                bad.append(part)
+        return bad
+
+    def locate_verified(self, keys: Sequence[str]) -> dict[str, tuple[Path, int]]:
+        """locate(), with every part that holds a wanted entry verified first: entries of a damaged part
+        are looked up again in the others (a duplicate may live there) or reported missing."""
+        while True:
+            found = self.locate(keys)
+            if not self.verify({part for part, _ in found.values()}):
+                return found
+
+    def write_about(self) -> None:
+        """extractor.json: for people, which extractor, params and software this folder holds."""
+        about = self.folder / ABOUT
+        if about.exists():
+            return
+        aside = self.folder / f".extractor-{uuid.uuid4().hex}.json"
+        aside.write_text(json.dumps({"fingerprint": self.fp, **self.about}, indent=1, sort_keys=True, default=str))
+        os.replace(aside, about)
+
     def write_part(self, tables: Iterable[pa.Table]) -> tuple[Path | None, int]:
         """Write one part from a stream of raw tables (key first); returns (part, rows) or (None, 0) when
         the stream is empty. Complete or absent: written aside, renamed when closed."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        about = self.folder / "extractor.json"  # for people: which extractor and params this folder holds
-        if not about.exists():
-            aside_about = self.folder / f".extractor-{uuid.uuid4().hex}.json"
-            aside_about.write_text(json.dumps({"fingerprint": self.fp, **self.about}, indent=1, sort_keys=True, default=str))
-            os.replace(aside_about, about)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        aside = self.folder / f".{name}.partial"
+        self.write_about()
+        name = _part_name()
+        aside = self.folder / f".{name}~{socket.gethostname()}~{os.getpid()}.partial"
         sch, rows, writer = raw_schema(self.dim), 0, None
         try:
             for table in tables:
@@ -119,6 +279,14 @@ class FeatureCache:
         return self.folder / name, rows
 
 
+class PartError(Exception):
+    """A cache part that failed while being read (after it was verified)."""
+
+    def __init__(self, part: Path, exc: BaseException):
+        super().__init__(f"{part}: {type(exc).__name__}: {str(exc)[:200]}")
+        self.part = part
+
+
 def gather(locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[str]], dim: int,
            batch_rows: int = PART_ROW_GROUP) -> Iterator[pa.Table]:
     """The raw rows of `locations` as feature tables (key replaced by every id that has that key), part by
@@ -128,11 +296,17 @@ def gather(locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[st
         by_part.setdefault(part, []).append((row, key))
     for part in sorted(by_part):
         wanted = sorted(by_part[part])
-        pf = pq.ParquetFile(part, page_checksum_verification=True)
+        try:
+            pf = pq.ParquetFile(part, page_checksum_verification=True)
+        except _READ_ERRORS as exc:
+            raise PartError(part, exc) from None
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
         groups = (np.searchsorted(starts, [r for r, _ in wanted], side="right") - 1).tolist()
         for g, members in itertools.groupby(zip(groups, wanted), key=lambda gw: gw[0]):
-            table = pf.read_row_group(g).cast(raw_schema(dim))
+            try:
+                table = pf.read_row_group(g).cast(raw_schema(dim))
+            except _READ_ERRORS as exc:
+                raise PartError(part, exc) from None
             take, ids = [], []
             for _, (row, key) in members:
                 r = row - int(starts[g])
@@ -142,3 +316,78 @@ def gather(locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[st
             for start in range(0, len(take), batch_rows):
                 chunk = table.take(pa.array(take[start:start + batch_rows])).drop_columns([KEY])
                 yield chunk.add_column(0, schema.ID, pa.array(ids[start:start + batch_rows], pa.string()))
+
+
+# ------------------------------------------------------------------ maintenance (`dmms cache`)
+
+
+def describe_folder(folder: Path) -> dict[str, Any]:
+    """One extractor folder as `dmms cache list` shows it: kind, model, params, parts, entries, bytes."""
+    about: dict[str, Any] = {}
+    try:
+        about = json.loads((folder / ABOUT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    parts = sorted(folder.glob("part-*.parquet"))
+    entries, unreadable = 0, 0
+    for part in parts:
+        try:
+            entries += pq.ParquetFile(part).metadata.num_rows
+        except _READ_ERRORS:
+            unreadable += 1
+    described = about.get("described") or {}
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {"folder": folder.name, "fingerprint": about.get("fingerprint"), "kind": folder.name.rsplit("-", 1)[0],
+            "model_id": described.get("model_id"), "dim": described.get("dim"), "params": about.get("params"),
+            "software": about.get("software"), "parts": len(parts), "entries": entries, "unreadable_parts": unreadable,
+            "quarantined": len(list((folder / QUARANTINE).glob("part-*.parquet"))),
+            "bytes": sum(p.stat().st_size for p in files),
+            "last_written": max((p.stat().st_mtime for p in parts), default=None)}
+
+
+def folders(root: Path) -> list[Path]:
+    """The extractor folders under a cache root."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if Path(root).is_dir() else []
+
+
+def compact(store: FeatureCache) -> dict[str, int]:
+    """Merge every part of `store` into one, an entry per key (the one in use: first part in name order
+    wins), streamed a row group at a time. Damaged parts are quarantined, not merged. The merged part
+    takes the first part's place in name order, so the entry used for a key never changes. Returns
+    counts before and after. Run it while no extraction writes to this folder."""
+    store.clean_partials()
+    store.verify(store.parts())
+    parts = store.parts()
+    if len(parts) < 2:
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        return {"parts_before": len(parts), "parts_after": len(parts), "entries_before": rows, "entries_after": rows}
+    seen: set[str] = set()
+    keep: dict[Path, np.ndarray] = {}
+    before = 0
+    for part in parts:
+        keys = pq.read_table(part, columns=[KEY])[KEY].to_pylist()
+        before += len(keys)
+        mask = np.zeros(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            if key not in seen:
+                seen.add(key)
+                mask[i] = True
+        keep[part] = mask
+
+    def rows() -> Iterator[pa.Table]:
+        for part in parts:
+            pf, at = pq.ParquetFile(part, page_checksum_verification=True), 0
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g).cast(raw_schema(store.dim))
+                yield table.filter(pa.array(keep[part][at:at + table.num_rows]))
+                at += table.num_rows
+
+    merged, after = store.write_part(rows())
+    # named after the first part, so it sorts where that part did: before every other part
+    target = parts[0].with_name(parts[0].stem.removesuffix("-compacted") + "-compacted.parquet")
+    os.replace(merged, target)
+    for part in parts:
+        if part != target:
+            part.unlink()
+    return {"parts_before": len(parts), "parts_after": 1, "entries_before": before, "entries_after": after}

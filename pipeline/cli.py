@@ -17,6 +17,7 @@ COMMANDS = {
     "report": ("pipeline.stages.report", "the static HTML report of predictions and importances"),
     "score": ("pipeline.stages.score", "score a new dataset folder with a trained model (ingest, extract, predict)"),
     # tools, not stages
+    "cache": ("pipeline.commands.cache", "list, prune and compact the per-item extraction cache"),
     "compare": ("pipeline.commands.compare", "train variants over several seeds (or read a DVC sweep): mean, spread, "
                                              "paired differences"),
 }

@@ -208,22 +208,21 @@ class ProgressFn(beam.DoFn):
         self.progress.close()
 
 
-def build(p: beam.Pipeline, manifest: str, spec: Modality, root: str, dim: int, tmp: str, job: JobConfig,
-          total: int, stats: MetaStats | None = None) -> tuple[Any, Any]:
+def build(p: beam.Pipeline, manifest: str, spec: Modality, root: str, described: dict[str, Any], tmp: str,
+          job: JobConfig, total: int, stats: MetaStats | None = None) -> tuple[Any, Any]:
     """Add the extraction transforms for one modality to pipeline `p`; returns (rows, dead letters)."""
-    module = spec.module
+    module, dim = spec.module, described["dim"]
     rows = p | "ReadManifest" >> beam.io.ReadFromParquet(manifest) | "Spread" >> beam.Reshuffle()
     prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(spec.name, module.__name__, spec.cfg, root)).with_outputs(
         "dead", main="ready")
     if spec.kind == "meta":
-        numeric, categorical, fitted = stats.numeric, stats.categorical, stats.fitted
-        results = prepared.ready | "EncodeMeta" >> beam.MapTuple(
-            lambda i, row: (i, module.encode(row, numeric, categorical, fitted)))
+        encoder = module.Encoder(stats.fitted)
+        results = prepared.ready | "EncodeMeta" >> beam.MapTuple(lambda i, row: (i, encoder(row)))
     else:
         handler = module.HANDLER_CLASS(spec.cfg)
         handler.empty_dim = dim
+        handler.expect = described  # each worker checks the model files it loads against these checksums
         results = prepared.ready | "RunInference" >> RunInference(KeyedModelHandler(handler))
-    # one fused chain from the manifest to the writer: rows stream, nothing is buffered in between
     converted = results | "ToRow" >> beam.ParDo(ToRowFn(spec.name)).with_outputs("dead", main="rows")
     rows = converted.rows | "Progress" >> beam.ParDo(ProgressFn(spec.name, total, job.log_every_s))
     dead = (prepared.dead, converted.dead) | "MergeDead" >> beam.Flatten()
@@ -263,13 +262,13 @@ def describe(spec: Modality, manifest: pa.Table, mmeta: dict[str, Any],
         if spec.kind == "meta":
             if expect is not None:  # scoring: the training statistics, on the columns they were fitted on
                 fitted = expect["stats"]
-                cfg = dataclasses.replace(cfg, numeric=tuple(fitted["numeric"]), categorical=tuple(fitted["categorical"]))
+                cfg = dataclasses.replace(cfg, numeric=tuple(module.numeric_columns(fitted)),
+                                          categorical=tuple(module.categorical_columns(fitted)))
             numeric, categorical = module.columns(cfg, fields)
             if expect is None:
                 fitted = module.fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories)
             stats = MetaStats(numeric, categorical, fitted)
-            described = module.describe(cfg, numeric, fitted)
-            described["categorical"] = {c: fitted["categorical"][c] for c in categorical}
+            described = module.describe(cfg, fitted)
         else:
             described = describe_model(spec)
     except (MissingModelError, ValueError) as exc:
@@ -288,8 +287,9 @@ def describe_model(spec: Modality) -> dict[str, Any]:
 
 
 def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]) -> None:
-    """Refuse an extractor whose model, weights or dimension differ from a bundle's record of it."""
-    diffs = features.provenance_diffs(expect, described, features.EXTRACTOR_KEYS, "model has", "this installation has")
+    """Refuse an extractor whose model, weights, model files or dimension differ from a bundle's record of it."""
+    diffs = features.provenance_diffs(expect, described, features.keys_to_match(expect, features.EXTRACTOR_KEYS),
+                                      "model has", "this installation has")
     if diffs:
         raise features.FeatureMismatchError(
             f"{name}: the extractor here is not the one the model was trained with ({'; '.join(diffs)}). "
@@ -309,7 +309,10 @@ def item_inputs(spec: Modality, manifest: pa.Table, stats: MetaStats | None) -> 
     cols = [*stats.numeric, *stats.categorical] if spec.kind == "meta" else [spec.module.cache_column(spec.cfg)]
     if not cols:
         return [[] for _ in range(manifest.num_rows)]
-    return [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))]
+    rows = [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))]
+    if spec.kind == "meta":  # the column names go into the key with the values: (name, value) pairs in order
+        return [spec.module.item_input(values, stats.fitted) for values in rows]
+    return rows
 
 
 def apply_filter(table: pa.Table, spec: Modality) -> pa.Table:
@@ -376,8 +379,8 @@ def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, j
                               f"see {out_dir / 'dead_letters.parquet'}")
 
 
-def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, Any], dim: int, work: Path,
-             stats: MetaStats | None, extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None,
+def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, Any], described: dict[str, Any],
+             work: Path, stats: MetaStats | None, extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None,
              workers: dict[str, int]) -> tuple[pa.Table, Iterator[pa.Table]]:
     """Run the Beam job on the manifest rows `todo`; returns its dead letters (sorted by id) and its
     feature shards' rows (a stream). `workers` receives the tasks each worker ran, where the runner
@@ -388,52 +391,111 @@ def _compute(spec: Modality, job: JobConfig, todo: pa.Table, mmeta: dict[str, An
     shards.mkdir()
     log.info("%s: extracting %d items on %s", spec.name, todo.num_rows, job.runner)
     p = test_pipeline or beam.Pipeline(options=beam_options(job, extra_beam_args))
-    build(p, str(manifest), spec, mmeta["dataset"]["dir"], dim, str(shards), job, todo.num_rows, stats)
+    build(p, str(manifest), spec, mmeta["dataset"]["dir"], described, str(shards), job, todo.num_rows, stats)
     result = p.run()
     result.wait_until_finish()
     workers.update(getattr(result, "worker_task_counts", None) or {})
     dead = list(_read_shards(shards, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA))
     dead = pa.concat_tables(dead) if dead else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
-    return dead.sort_by(schema.ID), _read_shards(shards, "features", features.feature_schema(dim))
+    return dead.sort_by(schema.ID), _read_shards(shards, "features", features.feature_schema(described["dim"]))
 
 
-def _compute_missing(spec: Modality, job: JobConfig, manifest: pa.Table, keys: list[str], found: dict[str, Any],
-                     store: cache.FeatureCache, mmeta: dict[str, Any], dim: int, work: Path, stats: MetaStats | None,
-                     extra_beam_args: Sequence[str], test_pipeline: beam.Pipeline | None,
-                     workers: dict[str, int]) -> pa.Table:
-    """Run the Beam job on the items whose key is not `found`, store their results as a new cache part
-    and add them to `found`; returns the job's dead letters."""
-    todo = [k not in found for k in keys]
-    if not any(todo):
-        return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
-    key_of = dict(zip(manifest[schema.ID].to_pylist(), keys))
-    dead, rows = _compute(spec, job, manifest.filter(pa.array(todo)), mmeta, dim, work, stats, extra_beam_args,
-                          test_pipeline, workers)
-    part, _ = store.write_part(
-        t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string())) for t in rows)
-    if part is not None:
-        found.update({k: v for k, v in store.locate(keys, [part]).items() if k not in found})
-    return dead
-
-
-def _assemble(spec: Modality, ids: list[str], keys: list[str], found: dict[str, Any], dead: pa.Table, dim: int,
-              meta: dict[str, Any], job: JobConfig, work: Path, out_dir: Path) -> Counts:
-    """features.parquet from the cache: every item that did not fail, filtered, sorted by id in bounded
-    memory and written last and atomically (a folder holding features.parquet is a finished extraction)."""
-    failed = set(dead[schema.ID].to_pylist())
-    ids_by_key: dict[str, list[str]] = {}
+def _fan_out(dead: pa.Table, ids: list[str], keys: list[str]) -> pa.Table:
+    """The dead letters of every item whose key is the key of a failed item (identical inputs are computed
+    once, for the first item that has them, so they fail together)."""
+    if not dead.num_rows:
+        return dead
+    key_of = dict(zip(ids, keys))
+    by_key = {key_of[r[schema.ID]]: r for r in dead.to_pylist()}
+    rows = []
     for item_id, key in zip(ids, keys):
-        if item_id not in failed and key in found:
-            ids_by_key.setdefault(key, []).append(item_id)
-    counts = Counts(spec, ids)
-    sorter = ExternalSort(schema.ID, job.merge_buffer_mb << 20, work)
-    for table in cache.gather({k: found[k] for k in ids_by_key}, ids_by_key, dim):
-        sorter.add(apply_filter(table, spec))
-    with features.FeatureWriter(out_dir / "features.parquet", dim, meta) as writer:
-        for table in sorter.sorted():
-            writer.write(table)
-            counts.add(table)
-    return counts
+        first = by_key.get(key)
+        if first is not None:
+            same = "" if first[schema.ID] == item_id else f" (same input as {first[schema.ID]})"
+            rows.append({**first, schema.ID: item_id, schema.ERROR: first[schema.ERROR] + same})
+    return pa.Table.from_pylist(rows, schema=schema.EXTRACT_DEAD_LETTER_SCHEMA).sort_by(schema.ID)
+
+
+@dataclass
+class Run:
+    """One extraction run's state: what it extracts, from which manifest, with which cache."""
+
+    spec: Modality
+    job: JobConfig
+    manifest: pa.Table
+    mmeta: dict[str, Any]
+    described: dict[str, Any]
+    stats: MetaStats | None
+    store: cache.FeatureCache
+    work: Path
+    ids: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    workers: dict[str, int] = field(default_factory=dict)
+
+    def compute_missing(self, found: dict[str, Any], extra_beam_args: Sequence[str],
+                        test_pipeline: beam.Pipeline | None) -> tuple[pa.Table, int]:
+        """Run the Beam job once per distinct key that is not `found`, store the results as a new cache
+        part and add them to `found`; returns (the dead letters of every item, the items sent to the job)."""
+        todo, seen = [], set()
+        for key in self.keys:
+            todo.append(key not in found and key not in seen)
+            seen.add(key)
+        if not any(todo):
+            return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table(), 0
+        key_of = dict(zip(self.ids, self.keys))
+        dead, rows = _compute(self.spec, self.job, self.manifest.filter(pa.array(todo)), self.mmeta, self.described,
+                              self.work, self.stats, extra_beam_args, test_pipeline, self.workers)
+        part, _ = self.store.write_part(
+            t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
+            for t in rows)
+        if part is not None:
+            found.update({k: v for k, v in self.store.locate(self.keys, [part]).items() if k not in found})
+        return _fan_out(dead, self.ids, self.keys), sum(todo)
+
+    def assemble(self, found: dict[str, Any], dead: pa.Table, meta: dict[str, Any], out_dir: Path) -> Counts:
+        """features.parquet from the cache: every item that did not fail, filtered, sorted by id in bounded
+        memory and written last and atomically (a folder holding features.parquet is a finished extraction)."""
+        failed = set(dead[schema.ID].to_pylist())
+        ids_by_key: dict[str, list[str]] = {}
+        for item_id, key in zip(self.ids, self.keys):
+            if item_id not in failed and key in found:
+                ids_by_key.setdefault(key, []).append(item_id)
+        counts = Counts(self.spec, self.ids)
+        sorter = ExternalSort(schema.ID, self.job.merge_buffer_mb << 20, self.work)
+        try:
+            for table in cache.gather({k: found[k] for k in ids_by_key}, ids_by_key, self.described["dim"]):
+                sorter.add(apply_filter(table, self.spec))
+        except cache.PartError as exc:  # damaged after it was verified: moved aside, so the next run heals
+            self.store.quarantine(exc.part, f"unreadable during a run: {exc}")
+            raise ExtractionError(f"{self.spec.name}: cache part {exc} failed while its entries were read; it was moved "
+                                  "aside: run again to compute its items") from None
+        with features.FeatureWriter(out_dir / "features.parquet", self.described["dim"], meta) as writer:
+            for table in sorter.sorted():
+                writer.write(table)
+                counts.add(table)
+        return counts
+
+
+def fingerprint(spec: Modality, described: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The cache fingerprint of an extractor (pipeline.cache) and the software it covers."""
+    soft = cache.software(spec.module.LIBRARIES, spec.module.SOURCES)
+    return cache.fingerprint(described, to_dict(spec.cfg), getattr(spec.module, "FILTER_PARAMS", ()), soft), soft
+
+
+def current_fingerprints(specs: Sequence[Modality], manifest_path: Path | None) -> dict[str, str | None]:
+    """Modality -> the fingerprint its extractor has here (what `dmms cache prune` keeps); None for a meta
+    modality without a manifest (its statistics are fitted on one)."""
+    out: dict[str, str | None] = {}
+    table = mmeta = None
+    if manifest_path is not None:
+        table, mmeta = schema.read_manifest(manifest_path)
+    for spec in specs:
+        if spec.kind == "meta" and table is None:
+            out[spec.name] = None
+            continue
+        described = describe(spec, table, mmeta)[0] if spec.kind == "meta" else describe_model(spec)
+        out[spec.name] = fingerprint(spec, described)[0]
+    return out
 
 
 def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, metrics_path: Path,
@@ -441,46 +503,49 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
                    expect: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract modality `spec` for every manifest row; writes features, dead letters and counts.
 
-    Items already in the cache (job.cache_dir) are reused; only the others go to the Beam job.
-    `expect` is a model bundle's provenance of this modality (scoring new data): the extractor,
-    model, weights and dimension must match it before any item is processed, and a meta modality
-    reuses the bundle's training statistics instead of fitting new ones.
+    Items already in the cache (job.cache_dir) are reused; only the others go to the Beam job, each
+    distinct input once. `expect` is a model bundle's provenance of this modality (scoring new data):
+    the extractor, model, weights and dimension must match it before any item is processed, and a meta
+    modality reuses the bundle's training statistics instead of fitting new ones.
     """
     _quiet()
     t0 = time.perf_counter()
     manifest, mmeta = schema.read_manifest(manifest_path)
     ids = manifest[schema.ID].to_pylist()
     described, stats = describe(spec, manifest, mmeta, expect)
-    dim = described["dim"]
-    fp = cache.fingerprint(described, to_dict(spec.cfg), getattr(spec.module, "FILTER_PARAMS", ()))
+    fp, soft = fingerprint(spec, described)
     keys = [cache.item_key(fp, v) for v in item_inputs(spec, manifest, stats)]
 
     shutil.rmtree(out_dir, ignore_errors=True)
     work = out_dir / "_work"
     work.mkdir(parents=True)
-    store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else work / "cache", spec.kind, fp, dim,
-                               {"described": described, "params": to_dict(spec.cfg)})
-    found = store.locate(keys)
+    store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else work / "cache", spec.kind, fp,
+                               described["dim"], {"described": described, "params": to_dict(spec.cfg), "software": soft})
+    run = Run(spec, job, manifest, mmeta, described, stats, store, work, ids, keys)
+    store.clean_partials()
+    found = store.locate_verified(keys)
     reused = sum(k in found for k in keys)
-    log.info("%s: %d items, %d in the cache, %d to compute with %s (%s, dim %d)", spec.name, len(ids), reused,
-             len(ids) - reused, described["model_id"], spec.kind, dim)
-    workers: dict[str, int] = {}
-    dead = _compute_missing(spec, job, manifest, keys, found, store, mmeta, dim, work, stats, extra_beam_args,
-                            test_pipeline, workers)
+    log.info("%s: %d items (%d distinct inputs), %d in the cache, %d to compute with %s (%s, dim %d)", spec.name,
+             len(ids), len(set(keys)), reused, len(ids) - reused, described["model_id"], spec.kind, described["dim"])
+    dead, sent = run.compute_missing(found, extra_beam_args, test_pipeline)
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
     meta = {"modality": spec.name, "kind": spec.kind, **{k: v for k, v in described.items() if k != "stats"},
-            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg),
+            "manifest_sha256": features.file_sha256(manifest_path), "params": to_dict(spec.cfg), "software": soft,
             **({"stats": stats.fitted} if stats is not None else {})}
-    counts = _assemble(spec, ids, keys, found, dead, dim, meta, job, work, out_dir)
+    counts = run.assemble(found, dead, meta, out_dir)
     shutil.rmtree(work, ignore_errors=True)
 
     computed = len(counts.written) - reused
     metrics = counts.metrics(dead, computed, reused, job.cache_dir, time.perf_counter() - t0)
-    if workers:
-        metrics["worker_tasks"] = dict(sorted(workers.items()))  # tasks per cluster worker
+    metrics["sent_to_job"] = sent  # distinct inputs computed (computed counts every item that got a result)
+    if store.quarantined:
+        metrics["cache_quarantined"] = store.quarantined
+    if run.workers:
+        metrics["worker_tasks"] = dict(sorted(run.workers.items()))  # tasks per cluster worker
     runtime.write_json(metrics_path, metrics)
-    log.info("%s: %d in, %d written (%d computed, %d reused; %d empty sets, %d elements), %d failed in %.1f s "
-             "(%.1f items/s)", spec.name, len(ids), metrics["written"], computed, reused, metrics["empty_sets"],
-             metrics["elements"], metrics["failed"], metrics["seconds"], metrics["items_per_s"] or 0.0)
+    log.info("%s: %d in, %d written (%d computed from %d distinct inputs, %d reused; %d empty sets, %d elements), "
+             "%d failed in %.1f s (%.1f items/s)", spec.name, len(ids), metrics["written"], computed, sent, reused,
+             metrics["empty_sets"], metrics["elements"], metrics["failed"], metrics["seconds"],
+             metrics["items_per_s"] or 0.0)
     _reconcile(spec, ids, counts.written, dead, job, out_dir)
     return metrics

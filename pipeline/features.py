@@ -40,14 +40,35 @@ ELEMENT_KEYS = tuple(f.name for f in ELEMENT_TYPE)
 # Provenance: the one list of what a feature file records about how it was made. Its subsets:
 # what makes two extractions interchangeable (checked before scoring extracts anything), what meta fits
 # on the train split, and what a model bundle keeps of each modality (checked again at prediction).
-EXTRACTOR_KEYS = ("extractor", "model_id", "weights_sha256", "dim")
-FITTED_KEYS = ("categorical", "stats")  # meta: train vocabulary and standardisation statistics
+EXTRACTOR_KEYS = ("extractor", "model_id", "weights_sha256", "model_files_sha256", "dim")
+FITTED_KEYS = ("stats",)  # meta: standardisation statistics and vocabularies, in column order
 MATCH_KEYS = (*EXTRACTOR_KEYS, *FITTED_KEYS)  # features used with a model must agree with it on these
-PROVENANCE_KEYS = ("modality", "kind", *EXTRACTOR_KEYS, "manifest_sha256", "params", "embedder", *FITTED_KEYS)
+PROVENANCE_KEYS = ("modality", "kind", *EXTRACTOR_KEYS, "manifest_sha256", "params", "embedder", *FITTED_KEYS, "software")
+# recorded since model folders are digested whole; a bundle written before lacks it and is checked without it
+ADDED_KEYS = frozenset({"model_files_sha256"})
+
+
+def keys_to_match(recorded: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """`keys`, less the ones added later that the `recorded` provenance (a bundle's) predates."""
+    return [k for k in keys if k in recorded or k not in ADDED_KEYS]
 
 
 class FeatureMismatchError(UserError, ValueError):
     """Feature files whose provenance does not match what the caller expects."""
+
+
+def vocabularies(meta: Mapping[str, Any], where: str = "features") -> list[tuple[str, list[str]]]:
+    """(column, train vocabulary) of each categorical meta column, in the order of the item's category
+    ids; [] for a modality without categorical columns. Statistics in the unordered layout of earlier
+    versions are refused: their column order is not recorded."""
+    stats = meta.get("stats")
+    if not stats:
+        return []
+    cats = stats.get("categorical")
+    if not isinstance(cats, list):
+        raise FeatureMismatchError(f"{where}: meta statistics in the layout of an earlier version, which does not "
+                                   "record the column order; run the meta extraction again")
+    return [(c["column"], list(c["values"])) for c in cats]
 
 
 def feature_schema(dim: int) -> pa.Schema:
@@ -76,6 +97,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def json_sha256(value: Any) -> str:
+    """sha256 of a JSON value (object keys sorted; lists keep their order)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def tree_sha256(folder: str | Path) -> str:
+    """sha256 over every file under `folder` (relative path and content; symlinks followed, as a model
+    cache's snapshot links its blobs): weights, tokenizer, config and code of a model folder alike.
+    Hidden entries and __pycache__ are left out (they are not model content)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts))
+    for path in files:
+        h.update(f"{path.relative_to(root).as_posix()}\x00{file_sha256(path)}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 

@@ -6,6 +6,7 @@ A record that cannot be used raises RejectError with a reason from schema.REJECT
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import re
@@ -248,8 +249,26 @@ def parse_labels(value: Any, kind: str, separator: str, positive_name: str, colu
     )
 
 
-def load_rgb(path: Path) -> Image.Image:
+class ContentChangedError(ValueError):
+    """A file whose bytes are no longer those ingest recorded."""
+
+
+def read_checked(path: Path, sha256: str | None) -> bytes:
+    """A file's bytes, checked against the sha256 ingest recorded (None: unchecked): what an extractor
+    computes from them is stored under that sha256, so other bytes must never get that far."""
+    with open_regular(path) as fh:
+        data = fh.read()
+    if sha256 is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
+            raise ContentChangedError(f"{path} changed since ingest (sha256 {found[:16]}..., the manifest recorded "
+                                      f"{sha256[:16]}...): run ingest again")
+    return data
+
+
+def load_rgb(path: Path, sha256: str | None = None) -> Image.Image:
     """Decode an image for extraction: EXIF orientation applied, converted to 8-bit RGB, fully loaded.
+    With `sha256` (the manifest's), bytes that differ from it are refused (ContentChangedError).
 
     High bit-depth greyscale (16-bit PNG, 32-bit integer or float TIFF) is scaled to 0..255 instead of
     clipped (a plain conversion turns a 16-bit image white); transparency is composited over white;
@@ -257,7 +276,7 @@ def load_rgb(path: Path) -> Image.Image:
     """
     from PIL import ImageOps
 
-    with open_regular(path) as fh, Image.open(fh) as img:
+    with Image.open(io.BytesIO(read_checked(path, sha256))) as img:
         img = ImageOps.exif_transpose(img)
         img.load()
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):

