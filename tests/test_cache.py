@@ -346,7 +346,7 @@ def same_titles(tmp_path_factory):
     return root / "ingest" / "manifest.parquet"
 
 
-TITLE = {"kind": "text", "column": "title", "device": "cpu"}
+TITLE = {"kind": "text", "column": "title", "split_sentences": False, "max_length": 32, "device": "cpu"}  # as params.yaml
 
 
 def title_run(manifest, out: Path, cache_dir):
@@ -447,3 +447,39 @@ def test_every_worker_checks_the_model_files_it_loads():
         handler.load_model()
     handler.expect = image.describe(cfg)
     assert handler.load_model().dim == 1280
+
+
+@pytest.mark.slow
+def test_dmms_cache_lists_prunes_and_compacts(same_titles, tmp_path, capsys):
+    from conftest import REPO
+    from pipeline import cli
+
+    store = tmp_path / "cache"
+    title_run(same_titles, tmp_path / "a", store)
+    title_run(same_titles, tmp_path / "b", store)  # all reused: no second part
+    [used] = [p for p in store.iterdir()]
+    # a folder of an extractor no longer configured (another model), and a meta folder
+    stale = cache.FeatureCache(store, "text", "e" * 64, 3, {"described": {"model_id": "old-model", "dim": 3}})
+    stale.write_part([raw_rows(["x", "y"])])
+    stale.write_part([raw_rows(["y", "z"])])
+    meta_folder = cache.FeatureCache(store, "meta", "d" * 64, 3, {"described": {"model_id": "standardise", "dim": 3}})
+    meta_folder.write_part([raw_rows(["m"])])
+    overlay = tmp_path / "overlay.yaml"  # the shipped params, with title read the way title_run reads it
+    overlay.write_text("extract: {modalities: {title: {device: cpu}}}\n")
+    base = ["--params", str(REPO / "params.yaml"), "--params", str(overlay), "--cache-dir", str(store)]
+    cli.main(["cache", "list", *base])
+    out = capsys.readouterr().out
+    assert "3 folder(s), 9 entries" in out
+    line = {ln.split()[0]: ln for ln in out.splitlines()[1:-1]}
+    assert line[used.name].endswith("title") and line[stale.folder.name].endswith("no")
+    assert "give --manifest" in line[meta_folder.folder.name]
+    cli.main(["cache", "prune", "--dry-run", *base])
+    assert "would delete" in capsys.readouterr().out and stale.folder.exists()
+    cli.main(["cache", "compact", *base])
+    assert f"{stale.folder.name}: 2 part(s), 4 entries -> 1 part(s), 3 entries" in capsys.readouterr().out
+    cli.main(["cache", "prune", *base])
+    out = capsys.readouterr().out
+    assert "1 folder(s) deleted" in out and not stale.folder.exists()
+    assert used.exists() and meta_folder.folder.exists(), "meta is kept when no manifest tells its fingerprint"
+    m, _ = title_run(same_titles, tmp_path / "c", store)
+    assert m["reused"] == 103, "pruning and compacting kept every entry in use"
