@@ -112,14 +112,24 @@ def train_one_epoch(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx: torch.Tensor, task: str,
-             thresholds: np.ndarray | float = 0.5) -> dict[str, float]:
-    """Loss and the field's metrics on `idx`."""
+             thresholds: np.ndarray | float = 0.5, crit: nn.Module | None = None) -> dict[str, float]:
+    """Loss and the field's metrics on `idx`; `crit` is the training loss (with its class weights), so a
+    val loss is the same loss as the train loss it is plotted with."""
     if idx.numel() == 0:
         return {}
     out_logits = logits(model, store, idx)
     out = M.evaluate(task, y[idx].cpu().numpy(), to_probs(task, out_logits).cpu().numpy(), thresholds)
-    out["loss"] = float(_loss(task, loss_fn(task), out_logits, y[idx]))
+    out["loss"] = float(_loss(task, crit or loss_fn(task), out_logits, y[idx]))
     return out
+
+
+def labels_without_positives(data: "TrainData", split: str) -> list[str]:
+    """The labels no item of `split` carries (their AP is undefined there; mAP averages the others)."""
+    idx = data.index[split]
+    if not idx.numel():
+        return []
+    counts = data.y[idx].sum(0).cpu().numpy()
+    return [name for name, c in zip(data.names, counts) if c == 0]
 
 
 def frequency_baseline(task: str, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict[str, float]:
@@ -173,15 +183,21 @@ def load_train_data(cfg: TrainConfig, manifest: Path, features_root: Path, devic
     return TrainData(task, names, store.to(device), label_matrix(labels, names).to(device), index, mmeta)
 
 
+def training_loss(cfg: TrainConfig, data: TrainData) -> nn.Module:
+    """The loss training minimises (class-weighted from the train split when train.imbalance asks); val
+    and test losses are this loss too."""
+    weights = class_weights(data.task, data.y[data.index["train"]], cfg.pos_weight_cap) \
+        if cfg.imbalance == "pos_weight" else None
+    return loss_fn(data.task, weights)
+
+
 def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -> dict[str, Any]:
     """Epochs until `cfg.epochs` or early stopping on val `cfg.monitor`; leaves the best weights in
     `model` and returns the curve, the best epoch and the training throughput."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     drop_gen = torch.Generator(device=data.y.device).manual_seed(seed + 1)
-    weights = class_weights(data.task, data.y[data.index["train"]], cfg.pos_weight_cap) \
-        if cfg.imbalance == "pos_weight" else None
-    crit = loss_fn(data.task, weights)
+    crit = training_loss(cfg, data)
     higher = cfg.monitor != "loss"
     best, best_state, best_epoch, stale = -math.inf if higher else math.inf, None, 0, 0
     curve, t_train, n_seen = [], 0.0, 0
@@ -196,11 +212,11 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
         dt = time.perf_counter() - t0
         t_train += dt
         n_seen += train_idx.numel()
-        val = evaluate(model, data.store, data.y, val_idx, data.task)
+        val = evaluate(model, data.store, data.y, val_idx, data.task, crit=crit)
         score = val[cfg.monitor]
         curve.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
                       f"val_{cfg.monitor}": round(score, 6)})
-        if score > best if higher else score < best:
+        if math.isfinite(score) and (score > best if higher else score < best):  # NaN never improves
             best, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
@@ -212,7 +228,12 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
             log.info("early stop: no val %s improvement for %d epochs (best %.4f at epoch %d)",
                      cfg.monitor, cfg.patience, best, best_epoch)
             break
-    model.load_state_dict(best_state)
+    if best_state is None:  # e.g. val mAP is NaN in every epoch: no val item carries any label
+        log.warning("val %s was never a number (no val positives?): keeping the last epoch's weights (%d)",
+                    cfg.monitor, len(curve))
+        best_epoch = len(curve)
+    else:
+        model.load_state_dict(best_state)
     return {"curve": curve, "best_epoch": best_epoch, "items_per_s": n_seen / t_train}
 
 
@@ -257,8 +278,14 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
     log.info("train on %s: %d/%d/%d items, %d labels (%s), modalities %s, %.1f MB of features on the device",
              device, *(data.index[s].numel() for s in ("train", "val", "test")), len(data.names), data.task,
              sorted(data.store.dims), data.store.nbytes() / 1e6)
+    for split in ("val", "test"):
+        missing = labels_without_positives(data, split)
+        if missing:  # their AP is undefined there: mAP and the F1 averages are over the other labels
+            log.warning("%s has no positive item for label(s) %s: their AP is undefined there and left out of mAP",
+                        split, missing)
     model = build_model(cfg.model, data.store.dims, data.store.categories, len(data.names)).to(device)
     run = train_loop(cfg, model, data, seed)
+    crit = training_loss(cfg, data)
     thresholds = thresholds_for(cfg, model, data)
     y_np = data.y.cpu().numpy()
     test = data.index["test"]
@@ -267,8 +294,11 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
         "pooling": cfg.model.pooling, "modalities": sorted(data.store.dims), "epochs_run": len(run["curve"]),
         "best_epoch": run["best_epoch"], "train_items_per_s": round(run["items_per_s"], 1), "seed": seed,
         "thresholds": threshold_record(cfg, data, thresholds),
-        "val": evaluate(model, data.store, data.y, data.index["val"], data.task, thresholds),
-        "test": evaluate(model, data.store, data.y, test, data.task, thresholds),
+        "loss": "the training loss" + (" with per-label positive weights (train.imbalance: pos_weight)"
+                                      if cfg.imbalance == "pos_weight" else ""),
+        "val": evaluate(model, data.store, data.y, data.index["val"], data.task, thresholds, crit),
+        "test": evaluate(model, data.store, data.y, test, data.task, thresholds, crit),
+        "labels_without_positives": {s: labels_without_positives(data, s) for s in ("val", "test")},
         "test_label_frequency_baseline": frequency_baseline(
             data.task, y_np, data.index["train"].cpu().numpy(), test.cpu().numpy()) if test.numel() else {},
     }

@@ -352,3 +352,47 @@ def test_dropout_changes_training_not_prediction(tmp_path):
     idx = torch.arange(len(ids))
     assert torch.equal(predict(net, store, idx, "multilabel"), predict(net, store, idx, "multilabel")), \
         "prediction uses every element, every time"
+
+
+def test_val_loss_is_the_training_loss(tmp_path):
+    """With positive weights, the curve's val loss and the metrics' losses are the weighted training loss."""
+    manifest = write_synthetic(tmp_path)
+    cfg = train_cfg(epochs=3, imbalance="pos_weight", patience=10)
+    result = fit(cfg, manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    data = train_mod.load_train_data(cfg, manifest, tmp_path / "features", torch.device("cpu"))
+    model, _ = load_bundle(tmp_path / "model" / "model.pt")
+    val = data.index["val"]
+    logits = train_mod.logits(model, data.store, val)
+    weighted = float(train_mod.training_loss(cfg, data)(logits, data.y[val]))
+    plain = float(train_mod.loss_fn(data.task)(logits, data.y[val]))
+    assert abs(weighted - plain) > 1e-3, "the weights matter on this data"
+    assert abs(result["val"]["loss"] - weighted) < 1e-5
+    assert result["loss"].startswith("the training loss with per-label positive weights")
+    curve = (tmp_path / "c.csv").read_text().splitlines()
+    assert curve[0].startswith("epoch,train_loss,val_loss")
+
+
+def test_a_val_split_without_positives_trains_and_says_so(tmp_path, caplog):
+    """No val item carries a label: val mAP is NaN in every epoch; training keeps the last weights and the
+    metrics and the log name the labels without val positives."""
+    import logging
+
+    manifest = write_synthetic(tmp_path)
+    table = pq.read_table(manifest)
+    labels = [[] if s == "val" else lab for s, lab in zip(table["split"].to_pylist(), table["labels"].to_pylist())]
+    table = table.set_column(table.schema.get_field_index("labels"), "labels",
+                             pa.array(labels, table.schema.field("labels").type))
+    pq.write_table(table, manifest)
+    for m in ("a", "b"):  # the features recorded the manifest's checksum: record the new one
+        path = tmp_path / "features" / m / "features.parquet"
+        got, meta = features.read_features(path)
+        meta = {k: v for k, v in meta.items() if k in features.PROVENANCE_KEYS or k == "modality"}
+        features.write_feature_table(got, meta["dim"], {**meta, "manifest_sha256": features.file_sha256(manifest)}, path)
+    cfg = train_cfg(epochs=3, monitor="mean_average_precision", tune_thresholds=False)
+    with caplog.at_level(logging.WARNING):
+        result = fit(cfg, manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    assert result["labels_without_positives"]["val"] == ["A", "B"]
+    assert result["best_epoch"] == result["epochs_run"] == 3
+    assert "val has no positive item for label(s) ['A', 'B']" in caplog.text
+    assert "never a number" in caplog.text
+    assert (tmp_path / "model" / "model.pt").is_file()
