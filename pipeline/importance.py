@@ -5,7 +5,7 @@ per-element parts, pooled[b] = sum over the item's elements e of A[e]:
 
 - max pooling (flat or hierarchical; both take the maximum over all elements): A[e, d] = pooled[b, d]
   when element e holds the maximum of dimension d, else 0 (the paper's element-wise argmax; a tie,
-  within TIE_RTOL/TIE_ATOL of the maximum, splits the dimension equally between the tied elements). The unconditional importance
+  within pooling.TIE_RTOL/TIE_ATOL of the maximum, splits the dimension equally). The unconditional importance
   is the share of the D dimensions each modality won ("argmax"), and each element's number of won
   dimensions says which face, text box or sentence mattered.
 - sum and mean pooling: A[e] is the element's own (scaled) vector, so no element "wins" a dimension;
@@ -15,7 +15,9 @@ per-element parts, pooled[b] = sum over the item's elements e of A[e]:
 Label-conditional importance, for every label l: the gradient of l's logit at the pooled vector
 times each element's part, positive part only, summed over dimensions (sum_d relu(g[l, d] * A[e, d])),
 as a share of the item's total. So "why Horror?" and "why Comedy?" can differ for one item.
-The concat baseline has no set to decompose; prediction falls back to ablation there.
+The decomposition itself belongs to the pooling (pipeline.pooling: `Pooling.decompose`), so a new
+pooling brings its own. The concat baseline has no set to decompose; prediction falls back to
+ablation there.
 """
 from __future__ import annotations
 
@@ -23,14 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.model import SetBatch, SetModel, segment_pool
-
-METHODS = {"max": "argmax", "sum": "contribution", "mean": "contribution"}
-# Max-pooling ties: elements within this distance of a dimension's maximum share it equally. Float noise
-# between kernels is ~1e-7 relative, so equal inputs always tie; values 1e-4 apart never do. The parts
-# still add up exactly to the pooled vector (each tied element gets its share of the maximum itself).
-TIE_RTOL = 1e-5
-TIE_ATOL = 1e-6
+from pipeline.model import SetBatch, SetModel
 
 
 @dataclass
@@ -49,35 +44,9 @@ class Importance:
 
 def decompose(model: SetModel, x: torch.Tensor, seg: torch.Tensor, mod: torch.Tensor,
               size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(pooled (B, D), parts A (N, D) with pooled[b] = sum of A over b's elements, wins (N, D) or None).
-
-    `wins` is each element's (fractional, on ties) ownership of each dimension, max pooling only.
-    """
-    how, M = model.cfg.pooling, len(model.modalities)
-    B = size
-    if how == "max":
-        pooled, _ = segment_pool(x, seg, B, "max")
-        top = pooled[seg]
-        # a tie is a value within float noise of the maximum, not exact equality: the same input in two rows
-        # of one matmul can come out a few ulps apart, depending on the CPU's kernel (seen: 6e-8)
-        hit = (x >= top - (TIE_ATOL + TIE_RTOL * top.abs())).to(x.dtype)  # (N, D)
-        ties = torch.zeros_like(pooled).index_add_(0, seg, hit)
-        wins = hit / ties[seg].clamp(min=1)
-        return pooled, wins * pooled[seg], wins
-    if not model.cfg.hierarchical:
-        pooled, counts = segment_pool(x, seg, B, how)
-        scale = 1 / counts.clamp(min=1)[seg] if how == "mean" else torch.ones_like(seg, dtype=x.dtype)
-        return pooled, x * scale[:, None], None
-    # hierarchical: pool inside each modality, then across the modalities present
-    _, counts = segment_pool(x, seg * M + mod, B * M, how)  # counts (B*M,)
-    if how == "sum":
-        scale = torch.ones_like(seg, dtype=x.dtype)
-    else:
-        present = (counts.view(B, M) > 0).sum(1).to(x.dtype)  # (B,)
-        scale = 1 / (counts[seg * M + mod].clamp(min=1) * present[seg].clamp(min=1))
-    parts = x * scale[:, None]
-    pooled = torch.zeros(B, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, parts)
-    return pooled, parts, None
+    """(pooled (B, D), parts A (N, D) with pooled[b] = sum of A over b's elements, wins (N, D) or None),
+    as the model's pooling decomposes it."""
+    return model.pooling.decompose(x, seg, mod, size, len(model.modalities), model.cfg.hierarchical)
 
 
 def label_element_contributions(model: SetModel, pooled: torch.Tensor, parts: torch.Tensor,
@@ -117,7 +86,7 @@ def explain(model: SetModel, batch: SetBatch, label_conditional: bool = True,
         x, seg, mod = elements if elements is not None else model.elements(batch)
         pooled, parts, wins = decompose(model, x, seg, mod, B)
     D = max(model.cfg.dim, 1)
-    method = METHODS[model.cfg.pooling]
+    method = model.pooling.method
     if wins is not None:
         element_wins = wins.sum(1)
         element_share = element_wins / D

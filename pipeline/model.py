@@ -4,7 +4,8 @@ Every element of every modality is re-encoded into one D-dimensional space, all 
 item form one set, the set is pooled (max, sum or mean) into a fixed vector, and an MLP predicts.
 Sets are packed, not padded: a batch is each modality's elements concatenated, plus the index of
 the item each element belongs to (segment ids), and pooling is a scatter reduction, so a batch
-costs what its elements cost. Imports torch only, so it runs on a machine with nothing else.
+costs what its elements cost. The pooling is an object (pipeline.pooling) chosen by name.
+Imports torch (and this package's torch-only modules), so it runs on a machine with nothing else.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-POOLINGS = ("max", "sum", "mean")
+from pipeline import pooling as poolings
+from pipeline.pooling import Pooling
+
 ARCHITECTURES = ("set", "concat")
 
 
@@ -25,7 +28,7 @@ class ModelConfig:
     dim: int = 256  # D: the common space
     encoder_depth: int = 2  # layers of each modality's encoder MLP
     activation: str = "relu"  # relu | gelu | tanh
-    pooling: str = "max"  # max | sum | mean
+    pooling: str = "max"  # max | sum | mean, or any pooling registered in pipeline.pooling
     hierarchical: bool = False  # pool inside each modality first, then across modalities
     head_hidden: tuple[int, ...] = (256,)
     dropout: float = 0.2
@@ -35,8 +38,8 @@ class ModelConfig:
 
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"{where}.architecture: expected one of {ARCHITECTURES}, found {self.architecture!r}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"{where}.pooling: expected one of {POOLINGS}, found {self.pooling!r}")
+        if self.pooling not in poolings.REGISTRY:
+            raise ConfigError(f"{where}.pooling: expected one of {poolings.names()}, found {self.pooling!r}")
         if self.activation not in _ACTIVATIONS:
             raise ConfigError(f"{where}.activation: expected one of {sorted(_ACTIVATIONS)}, found {self.activation!r}")
         if self.dim < 1 or self.encoder_depth < 1 or not 0 <= self.dropout < 1:
@@ -75,24 +78,6 @@ def mlp(sizes: list[int], activation: str, dropout: float, last_activation: bool
     return nn.Sequential(*layers)
 
 
-def segment_pool(x: torch.Tensor, segment: torch.Tensor, size: int, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool rows of x (N, D) into `size` segments; returns (pooled (size, D), counts (size,)).
-
-    A segment with no rows pools to zeros: an item with no elements gets a defined output.
-    """
-    D = x.shape[1]
-    counts = torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(
-        0, segment, torch.ones_like(segment, dtype=x.dtype))
-    if how == "max":
-        pooled = torch.zeros(size, D, dtype=x.dtype, device=x.device)
-        pooled = pooled.scatter_reduce(0, segment[:, None].expand(-1, D), x, reduce="amax", include_self=False)
-        return pooled, counts
-    pooled = torch.zeros(size, D, dtype=x.dtype, device=x.device).index_add_(0, segment, x)
-    if how == "mean":
-        pooled = pooled / counts.clamp(min=1)[:, None]
-    return pooled, counts
-
-
 class SetModel(nn.Module):
     """Per-modality encoders into one D-dim space, set pooling over all elements, an MLP head.
 
@@ -103,6 +88,7 @@ class SetModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: dict[str, int], categories: dict[str, list[int]], n_labels: int):
         super().__init__()
         self.cfg = cfg
+        self.pooling: Pooling = poolings.get(cfg.pooling)
         self.modalities = sorted(dims)
         self.encoders = nn.ModuleDict({
             m: mlp([dims[m]] + [cfg.dim] * cfg.encoder_depth, cfg.activation, 0.0, last_activation=True)
@@ -158,19 +144,7 @@ class SetModel(nn.Module):
 
     def pool(self, x: torch.Tensor, segment: torch.Tensor, modality: torch.Tensor, size: int) -> torch.Tensor:
         """(N, D) elements -> (B, D) pooled vectors (flat, or hierarchical by modality)."""
-        how = self.cfg.pooling
-        if not self.cfg.hierarchical:
-            return segment_pool(x, segment, size, how)[0]
-        M = len(self.modalities)
-        inner, counts = segment_pool(x, segment * M + modality, size * M, how)  # (B*M, D)
-        present = (counts > 0).to(x.dtype)
-        inner = inner.view(size, M, -1)
-        if how == "max":  # absent modalities must not win: mask them below every present value
-            masked = inner.masked_fill(present.view(size, M, 1) == 0, float("-inf"))
-            out = masked.amax(dim=1)
-            return torch.where(torch.isinf(out), torch.zeros_like(out), out)
-        total = inner.sum(dim=1)
-        return total / present.view(size, M).sum(1).clamp(min=1)[:, None] if how == "mean" else total
+        return self.pooling.pool(x, segment, modality, size, len(self.modalities), self.cfg.hierarchical)
 
     def forward(self, batch: SetBatch) -> torch.Tensor:
         """Logits (B, n_labels)."""
@@ -201,7 +175,7 @@ class ConcatModel(nn.Module):
                 if mb is None or not mb.vectors.shape[0]:
                     parts.append(torch.zeros(batch.size, self.dims[m], device=device))
                 else:
-                    parts.append(segment_pool(mb.vectors, mb.segment, batch.size, "mean")[0])
+                    parts.append(poolings.MeanPooling().reduce(mb.vectors, mb.segment, batch.size))
             if m in self.embeddings:
                 for c, table in enumerate(self.embeddings[m]):
                     ids = mb.category_ids[:, c] if mb is not None and mb.category_ids is not None else \

@@ -38,7 +38,7 @@ from pipeline import plots, runtime, schema
 from pipeline.bundle import ScoringInputs, load_scoring_inputs, to_probs
 from pipeline.config import ConfigError
 from pipeline.features import CATEGORY_IDS, ELEMENTS, vocabularies
-from pipeline.importance import METHODS, explain
+from pipeline.importance import explain
 from pipeline.model import SetModel
 from pipeline.setdata import FeatureStore, label_matrix
 
@@ -71,7 +71,7 @@ class Scored:
     splits: list[str]
     labels: list[str]
     modalities: list[str]
-    method: str
+    method: dict[str, str]  # explain_method: method, unit, text
     probs: np.ndarray  # (n, L)
     predicted: np.ndarray  # (n, L) bool
     modality_share: np.ndarray | None  # (n, M)
@@ -164,9 +164,17 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
     )
 
 
-def explain_method(model: torch.nn.Module) -> str:
-    """What the importances of `model` are: argmax, contribution (set models) or ablation (concat)."""
-    return METHODS[model.cfg.pooling] if isinstance(model, SetModel) else "ablation"
+ABLATION = {"method": "ablation", "unit": "drop in probability",
+            "text": "concat baseline: no set to decompose; importance is the drop in probability when a "
+                    "modality is removed at inference"}
+
+
+def explain_method(model: torch.nn.Module) -> dict[str, str]:
+    """What the importances of `model` are, as its pooling describes them (method: argmax or contribution,
+    the unit of an element's share, one sentence for the report), or ablation (the concat baseline)."""
+    if not isinstance(model, SetModel):
+        return ABLATION
+    return {"method": model.pooling.method, "unit": model.pooling.unit, "text": model.pooling.description}
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +240,7 @@ def importance_table(scored: Scored) -> pa.Table:
         top = [mods[int(np.argmax(r))] for r in d] if d is not None else [None] * n
         shares = [pa.nulls(n, pa.float32()) for _ in mods]
     cols = [pa.array(scored.ids, pa.string()), pa.array(scored.splits, pa.string()),
-            pa.array([scored.method] * n, pa.string()), pa.array(top, pa.string()), *shares]
+            pa.array([scored.method["method"]] * n, pa.string()), pa.array(top, pa.string()), *shares]
     return pa.Table.from_arrays(cols, schema=schema.importance_schema(mods))
 
 
@@ -323,7 +331,8 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: dict
     known = np.array([t is not None for t in truth]) if has_truth else np.zeros(len(scored.ids), bool)
     y = label_matrix(truth, L).numpy() if has_truth else None
     out: dict[str, Any] = {
-        "items": len(scored.ids), "method": scored.method, "labels": L, "modalities": mods,
+        "items": len(scored.ids), "method": scored.method["method"], "method_unit": scored.method["unit"],
+        "method_text": scored.method["text"], "labels": L, "modalities": mods,
         "modality_kinds": {m: bundle["provenance"].get(m, {}).get("kind") for m in mods},
         "splits": {s: int((splits == s).sum()) for s in sorted(set(scored.splits))},
         "metrics": {},
@@ -427,7 +436,7 @@ def summary_plots(summary: dict[str, Any]) -> dict[str, str]:
         f"Mean {what} per label over its {src} positives", {lab: by_label[lab].get(top) for lab in rows})}
     if "modality_share" in summary:
         colours = {m: plots.colour(i) for i, m in enumerate(mods)}
-        unit = "dimensions won" if summary["method"] == "argmax" else "pooled mass"
+        unit = summary["method_unit"]
         out["modality_importance.svg"] = plots.bars(summary["modality_share"],
                                                     f"Mean share of {unit} per modality", colours)
     return out
@@ -469,6 +478,6 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
         runtime.write_json(metrics_path, summary)
     if plot_csv is not None:
         write_plot_csv(summary, plot_csv)
-    log.info("wrote predictions and %s importances of %d items to %s in %.1f s", prediction.scored.method,
+    log.info("wrote predictions and %s importances of %d items to %s in %.1f s", prediction.scored.method["method"],
              len(positions), out_dir, summary["seconds"])
     return summary

@@ -26,16 +26,6 @@ log = logging.getLogger(__name__)
 # Extractor kinds whose elements carry image boxes -> css class. The kind comes from the features'
 # provenance (summary.json modality_kinds), so a modality keeps its boxes under any name.
 BOXED_KINDS = {"faces": "face", "ocr": "ocr"}
-METHOD_TEXT = {
-    "argmax": "max pooling: a modality's share is the fraction of the D pooled dimensions whose maximum "
-              "came from one of its elements (element-wise argmax)",
-    "contribution": "sum/mean pooling: a modality's share is its fraction of the pooled vector's L1 mass "
-                    "(argmax importance needs max pooling)",
-    "ablation": "concat baseline: no set to decompose; importance is the drop in probability when a "
-                "modality is removed at inference",
-}
-
-
 @dataclass(frozen=True)
 class ReportConfig:
     """Settings of the HTML report (params report, and score.report)."""
@@ -193,7 +183,7 @@ def _importance_blocks(inp: _Inputs, item: str, top_label: str | None) -> list[s
     if method == "ablation":
         return [f"<h4>Why {escape(str(top_label))}? (drop without each modality)</h4>" +
                 _bar_rows({m: lr[schema.drop_column(m)] or 0.0 for m in mods}, colours, "{:+.2f}")]
-    unit = "dimensions won" if method == "argmax" else "pooled mass"
+    unit = inp.summary["method_unit"]  # as the model's pooling describes its shares
     blocks = [f"<h4>All of the item ({unit})</h4>" +
               _bar_rows({m: inp.importance[item][schema.share_column(m)] or 0.0 for m in mods}, colours)]
     if lr is not None and lr[schema.share_column(mods[0])] is not None:
@@ -282,7 +272,7 @@ def _page(title: str, summary: dict[str, Any], pred_dir: Path, cards: list[str],
 <body>
 <h1>{escape(title)}</h1>
 <p class="muted">{summary['items']} items scored; {len(cards)} shown below (of {pool} in {escape(scope)}).
-Importance method: {escape(METHOD_TEXT.get(summary['method'], summary['method']))}.</p>
+Importance method: {escape(summary['method_text'])}.</p>
 {ct}{mt}
 <h2>Which modality drives each label</h2>
 <div class="plots">{svgs}</div>

@@ -14,7 +14,8 @@ from pipeline import features, metrics, schema, setdata
 from pipeline import train as train_mod
 from pipeline.config import from_dict
 from pipeline.features import FeatureMismatchError
-from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model, segment_pool
+from pipeline import pooling
+from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model
 from pipeline.setdata import FeatureStore, PackedModality
 from pipeline.bundle import check_store_matches, load_bundle, predict
 from pipeline.predict import PredictConfig, run_predict
@@ -91,9 +92,9 @@ def test_packed_pooling_equals_a_padded_reference():
     ref_max[counts == 0] = 0
     ref_sum = (pad * mask[..., None]).sum(1)
     ref_mean = ref_sum / counts.clamp(min=1)[:, None]
-    assert torch.allclose(segment_pool(x, seg, 5, "max")[0], ref_max)
-    assert torch.allclose(segment_pool(x, seg, 5, "sum")[0], ref_sum, atol=1e-6)
-    assert torch.allclose(segment_pool(x, seg, 5, "mean")[0], ref_mean, atol=1e-6)
+    assert torch.allclose(pooling.get("max").reduce(x, seg, 5), ref_max)
+    assert torch.allclose(pooling.get("sum").reduce(x, seg, 5), ref_sum, atol=1e-6)
+    assert torch.allclose(pooling.get("mean").reduce(x, seg, 5), ref_mean, atol=1e-6)
 
 
 def test_store_batches_gather_the_right_elements():
