@@ -5,10 +5,12 @@ weights, the model and training config, the task, label names and thresholds, th
 categorical vocabulary sizes of each modality, the provenance of every feature set it was trained on,
 and the dataset contract of training (so a new folder can be scored the same way).
 
-Train writes bundles; predict and score load them. Importable with torch, pyarrow, numpy and pyyaml.
+Train writes bundles; predict and score load them as a typed `Bundle` (with a `ModalityRecord` per
+modality); nothing else reads the saved mapping. Importable with torch, pyarrow, numpy and pyyaml.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,38 +28,113 @@ from pipeline.setdata import FeatureStore, read_manifest_labels
 BUNDLE_FORMAT = 2  # 2: meta statistics as ordered lists (format 1 is migrated on load)
 
 
-def provenance(store: FeatureStore) -> dict[str, dict[str, Any]]:
-    """What the bundle records of each modality's features (checked again at prediction time)."""
-    return {m: {k: meta[k] for k in features.PROVENANCE_KEYS if k in meta} for m, meta in store.meta.items()}
+@dataclass(frozen=True)
+class ModalityRecord:
+    """What a bundle records of one modality's features (features.PROVENANCE_KEYS), checked again at
+    prediction and handed to extraction when scoring new data."""
+
+    modality: str
+    kind: str
+    dim: int
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # the extractor's, as extraction read them
+    extractor: str | None = None
+    model_id: str | None = None
+    weights_sha256: str | None = None
+    model_files_sha256: str | None = None  # absent from bundles written before model folders were digested
+    manifest_sha256: str | None = None
+    embedder: str | None = None  # faces
+    stats: dict[str, Any] | None = None  # meta: statistics in column order
+    software: dict[str, Any] | None = None  # libraries, Python and code version the features were made with
+
+    @classmethod
+    def from_meta(cls, name: str, meta: dict[str, Any]) -> ModalityRecord:
+        """The record of a feature set's provenance (unknown keys are not kept)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"modality": name, **{k: meta[k] for k in features.PROVENANCE_KEYS if k in meta and k in known}})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recorded keys (None and empty params left out, as a provenance mapping): what comparisons
+        and extraction read."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != {}}
+
+    def vocabularies(self) -> list[tuple[str, list[str]]]:
+        """(column, train vocabulary) of each categorical meta column, in category-id order."""
+        return features.vocabularies(self.as_dict(), f"bundle.provenance.{self.modality}")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A trained model: its weights and everything needed to rebuild, check and apply it to new data.
+
+    Saved as plain data (`to_file`, loaded with torch's weights_only); `load` checks the format and
+    migrates earlier ones."""
+
+    model_config: ModelConfig
+    train_config: dict[str, Any]
+    task: str
+    label_names: list[str]
+    thresholds: list[float]  # one per label
+    dims: dict[str, int]  # modality -> vector dimension
+    categories: dict[str, list[int]]  # modality -> vocabulary size of each categorical column
+    provenance: dict[str, ModalityRecord]
+    dataset: dict[str, Any] | None = None  # the dataset contract of training (scoring reads new folders with it)
+    fields: dict[str, list[str]] | None = None  # the manifest's columns by role
+    state_dict: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    format: int = BUNDLE_FORMAT
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted(self.provenance)
+
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The model with its weights, in eval mode on `device`."""
+        model = build_model(self.model_config, self.dims, self.categories, len(self.label_names))
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+    def to_file(self, path: Path) -> None:
+        """Save as plain tensors and data (no pickled classes)."""
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        raw["model_config"] = to_dict(self.model_config)
+        raw["provenance"] = {m: rec.as_dict() for m, rec in self.provenance.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(raw, path)
+
+    @classmethod
+    def from_raw(cls, raw: Any, path: Path) -> Bundle:
+        """A bundle from what torch.load returned: format checked (format 1 migrated), types built."""
+        if isinstance(raw, dict) and raw.get("format") == 1:
+            raw = migrate_format_1(raw, path)
+        if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise runtime.UserError(f"{path}: bundle format {found!r} not supported (this version reads "
+                                    f"{BUNDLE_FORMAT} and migrates 1); retrain the model with this version")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in raw.items() if k in known},
+                      "model_config": from_dict(ModelConfig, raw["model_config"], "bundle.model_config"),
+                      "provenance": {m: ModalityRecord.from_meta(m, rec) for m, rec in raw["provenance"].items()}})
 
 
 def save_bundle(path: Path, model: nn.Module, model_cfg: ModelConfig, train_config: dict[str, Any],
                 store: FeatureStore, task: str, labels: Sequence[str], thresholds: np.ndarray | float,
-                manifest_meta: dict[str, Any] | None = None) -> None:
+                manifest_meta: dict[str, Any] | None = None) -> Bundle:
     """Weights plus everything needed to rebuild and check the model, and to score new data the same
-    way (the dataset contract and manifest fields of training); plain tensors and data only."""
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_config": to_dict(model_cfg),
-        "train_config": train_config,
-        "task": task,
-        "label_names": list(labels),
-        "thresholds": [float(t) for t in np.broadcast_to(thresholds, (len(labels),))],
-        "dims": store.dims,
-        "categories": store.categories,
-        "provenance": provenance(store),
-        "dataset": (manifest_meta or {}).get("dataset"),
-        "fields": (manifest_meta or {}).get("fields"),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(bundle, path)
+    way (the dataset contract and manifest fields of training)."""
+    bundle = Bundle(
+        model_config=model_cfg, train_config=train_config, task=task, label_names=list(labels),
+        thresholds=[float(t) for t in np.broadcast_to(thresholds, (len(labels),))],
+        dims=store.dims, categories=store.categories,
+        provenance={m: ModalityRecord.from_meta(m, meta) for m, meta in store.meta.items()},
+        dataset=(manifest_meta or {}).get("dataset"), fields=(manifest_meta or {}).get("fields"),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+    bundle.to_file(path)
+    return bundle
 
 
-def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Bundle]:
     """Rebuild a model from a bundle (weights_only: no arbitrary code is unpickled)."""
     try:
-        bundle = torch.load(path, map_location=device, weights_only=True)
+        raw = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise runtime.UserError(f"model bundle not found: {path}") from None
     except IsADirectoryError:
@@ -65,19 +142,13 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a bundle
         raise runtime.UserError(f"{path} is not a model bundle written by train ({type(exc).__name__}: "
                                 f"{str(exc)[:160]})") from None
-    if isinstance(bundle, dict) and bundle.get("format") == 1:
-        bundle = migrate_format_1(bundle, path)
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        found = bundle.get("format") if isinstance(bundle, dict) else type(bundle).__name__
-        raise runtime.UserError(f"{path}: bundle format {found!r} not supported (expected {BUNDLE_FORMAT})")
     try:
-        cfg = from_dict(ModelConfig, bundle["model_config"], "bundle.model_config")
-        model = build_model(cfg, bundle["dims"], bundle["categories"], len(bundle["label_names"]))
-        model.load_state_dict(bundle["state_dict"])
+        bundle = Bundle.from_raw(raw, path)
+        model = bundle.build_model(device)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise runtime.UserError(f"{path}: the model bundle is incomplete or damaged ({type(exc).__name__}: "
                                 f"{str(exc)[:160]})") from None
-    return model.to(device).eval(), bundle
+    return model, bundle
 
 
 def _ordered_meta_stats(rec: dict[str, Any], fields: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,31 +167,32 @@ def _ordered_meta_stats(rec: dict[str, Any], fields: dict[str, Any] | None) -> d
             "categorical": [{"column": c, "values": list(stats["categorical"][c])} for c in order["categorical"]]}
 
 
-def migrate_format_1(bundle: dict[str, Any], path: Path) -> dict[str, Any]:
+def migrate_format_1(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     """A format-1 bundle as format 2: its meta statistics as ordered lists (and their checksum recomputed
     the way extraction now computes it). Its model is unchanged: the embedding tables keep their sizes."""
-    bundle = {**bundle, "provenance": {m: dict(rec) for m, rec in bundle.get("provenance", {}).items()}}
-    for m, rec in bundle["provenance"].items():
+    raw = {**raw, "provenance": {m: dict(rec) for m, rec in raw.get("provenance", {}).items()}}
+    for m, rec in raw["provenance"].items():
         if isinstance(rec.get("stats"), dict) and isinstance(rec["stats"].get("numeric"), dict):
             try:
-                rec["stats"] = _ordered_meta_stats(rec, bundle.get("fields"))
+                rec["stats"] = _ordered_meta_stats(rec, raw.get("fields"))
             except (KeyError, TypeError, AttributeError) as exc:
                 raise runtime.UserError(f"{path}: a bundle of an earlier version whose meta modality {m!r} cannot be "
                                         f"read ({exc}); retrain the model with this version (dvc repro train)") from None
             rec.pop("categorical", None)
             rec["weights_sha256"] = features.json_sha256(rec["stats"])  # as extractors.meta computes it
-    bundle["format"] = BUNDLE_FORMAT
-    return bundle
+    raw["format"] = BUNDLE_FORMAT
+    return raw
 
 
-def check_store_matches(bundle: dict[str, Any], store: FeatureStore) -> None:
+def check_store_matches(bundle: Bundle, store: FeatureStore) -> None:
     """Refuse features whose extractor, model, weights, dimension or meta statistics differ from the bundle's."""
     problems = []
-    for m, rec in bundle["provenance"].items():
+    for m, record in bundle.provenance.items():
         meta = store.meta.get(m)
         if meta is None:
             problems.append(f"{m}: missing")
             continue
+        rec = record.as_dict()
         problems += [f"{m}.{d}" for d in features.provenance_diffs(
             rec, meta, features.keys_to_match(rec, features.MATCH_KEYS), "model has", "features have")]
     if problems:
@@ -164,7 +236,7 @@ class ScoringInputs:
     """A loaded bundle with the manifest's items and the matching features, on the model's device."""
 
     model: nn.Module
-    bundle: dict[str, Any]
+    bundle: Bundle
     store: FeatureStore
     dirs: dict[str, Path]  # modality -> feature folder
     ids: list[str]
@@ -176,8 +248,7 @@ def load_scoring_inputs(model_path: Path, manifest: Path, features_root: Path, d
     """The bundle's model, the manifest's items and the matching feature store (mismatches refused)."""
     model, bundle = load_bundle(model_path, runtime.resolve_device(device))
     ids, splits, labels, _ = read_manifest_labels(manifest)
-    dirs = feature_dirs(features_root, list(bundle["provenance"]),
-                        f"the model's modalities {sorted(bundle['provenance'])}:")
+    dirs = feature_dirs(features_root, bundle.modalities, f"the model's modalities {bundle.modalities}:")
     store = FeatureStore.load(dirs, ids)
     check_store_matches(bundle, store)
     check_same_manifest(store, manifest, features_root)

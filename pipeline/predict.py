@@ -35,9 +35,9 @@ import torch
 
 from pipeline import metrics as M
 from pipeline import plots, runtime, schema
-from pipeline.bundle import ScoringInputs, load_scoring_inputs, to_probs
+from pipeline.bundle import Bundle, ScoringInputs, load_scoring_inputs, to_probs
 from pipeline.config import ConfigError
-from pipeline.features import CATEGORY_IDS, ELEMENTS, vocabularies
+from pipeline.features import CATEGORY_IDS, ELEMENTS
 from pipeline.importance import explain
 from pipeline.model import SetModel
 from pipeline.setdata import FeatureStore, label_matrix
@@ -131,11 +131,11 @@ def _set_batch(model: SetModel, store: FeatureStore, idx: torch.Tensor, start: i
 
 
 @torch.no_grad()
-def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureStore, positions: np.ndarray,
+def score_store(model: torch.nn.Module, bundle: Bundle, store: FeatureStore, positions: np.ndarray,
                 splits: list[str], cfg: PredictConfig) -> Scored:
     """Probabilities, decisions and importances for items `positions` of `store` (on the model's device);
     `splits` are those items' splits."""
-    task, labels = bundle["task"], bundle["label_names"]
+    task, labels = bundle.task, bundle.label_names
     mods = list(model.modalities)
     is_set = isinstance(model, SetModel)
     device = next(model.parameters()).device
@@ -156,7 +156,7 @@ def score_store(model: torch.nn.Module, bundle: dict[str, Any], store: FeatureSt
     P = cat(out.probs, (n, L))
     return Scored(
         ids=[store.ids[i] for i in positions], splits=list(splits), labels=list(labels), modalities=mods,
-        method=explain_method(model), probs=P, predicted=M.decide(task, P, bundle["thresholds"]),
+        method=explain_method(model), probs=P, predicted=M.decide(task, P, np.asarray(bundle.thresholds)),
         modality_share=cat(out.shares, (n, Mn)) if is_set else None,
         label_modality=cat(out.label_modality, (n, L, Mn)) if is_set and cfg.label_conditional else None,
         drop=cat(out.drops, (n, L, Mn)) if cfg.ablation else None,
@@ -182,7 +182,7 @@ def explain_method(model: torch.nn.Module) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def element_metadata(dirs: dict[str, Path], bundle: dict[str, Any], ids: list[str]) -> dict[str, dict[str, list]]:
+def element_metadata(dirs: dict[str, Path], bundle: Bundle, ids: list[str]) -> dict[str, dict[str, list]]:
     """modality -> id -> the element records of extraction (text, box, score, ...), plus one record
     per categorical meta column ("column: value") after the vector elements. Reads only the rows of
     `ids` (feature files are sorted by id, so Parquet's row-group statistics skip the others)."""
@@ -190,7 +190,7 @@ def element_metadata(dirs: dict[str, Path], bundle: dict[str, Any], ids: list[st
     for m, folder in dirs.items():
         table = pq.read_table(Path(folder) / "features.parquet", columns=[schema.ID, ELEMENTS, CATEGORY_IDS],
                               filters=[(schema.ID, "in", list(ids))] if ids else None)
-        vocab = vocabularies(bundle["provenance"].get(m, {}), f"bundle.provenance.{m}")
+        vocab = bundle.provenance[m].vocabularies() if m in bundle.provenance else []
         per_id = {}
         for item_id, elements, cats in zip(table[schema.ID].to_pylist(), table[ELEMENTS].to_pylist(),
                                            table[CATEGORY_IDS].to_pylist()):
@@ -322,7 +322,7 @@ def _by_label(scored: Scored, y: np.ndarray | None, known: np.ndarray) -> dict[s
     return by_label
 
 
-def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: dict[str, Any]) -> dict[str, Any]:
+def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: Bundle) -> dict[str, Any]:
     """Dataset-level numbers: items per split, metrics where labels are known, mean modality shares,
     each modality's extractor kind, and per label its mean importances (see _by_label)."""
     L, mods = scored.labels, scored.modalities
@@ -333,7 +333,7 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: dict
     out: dict[str, Any] = {
         "items": len(scored.ids), "method": scored.method["method"], "method_unit": scored.method["unit"],
         "method_text": scored.method["text"], "labels": L, "modalities": mods,
-        "modality_kinds": {m: bundle["provenance"].get(m, {}).get("kind") for m in mods},
+        "modality_kinds": {m: bundle.provenance[m].kind if m in bundle.provenance else None for m in mods},
         "splits": {s: int((splits == s).sum()) for s in sorted(set(scored.splits))},
         "metrics": {},
         "predicted_per_label": {lab: int(scored.predicted[:, j].sum()) for j, lab in enumerate(L)},
@@ -342,8 +342,7 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: dict
         for s in sorted(set(scored.splits)):
             rows = (splits == s) & known
             if rows.any():
-                out["metrics"][s] = M.evaluate(bundle["task"], y[rows], scored.probs[rows],
-                                               np.asarray(bundle["thresholds"]))
+                out["metrics"][s] = M.evaluate(bundle.task, y[rows], scored.probs[rows], np.asarray(bundle.thresholds))
     unlabelled = sorted(set(scored.splits) - set(out["metrics"]))
     if not scored.ids:
         out["metrics_note"] = "no item was scored, so there are no metrics"
@@ -377,7 +376,7 @@ def predict_items(inputs: ScoringInputs, positions: np.ndarray, cfg: PredictConf
     return Prediction(scored, truth, summarise(scored, truth, inputs.bundle))
 
 
-def predict_nothing(model: torch.nn.Module, bundle: dict[str, Any], cfg: PredictConfig) -> Prediction:
+def predict_nothing(model: torch.nn.Module, bundle: Bundle, cfg: PredictConfig) -> Prediction:
     """The prediction of no items (scoring a folder none of whose rows could be scored): empty tables
     with the model's columns and a summary with zero counts."""
     scored = score_store(model, bundle, None, np.zeros(0, dtype=np.int64), [], cfg)
@@ -468,7 +467,7 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
                          dtype=np.int64)
     log.info("predicting %d of %d items (%s) with %s pooling on %s", len(positions), len(inputs.ids),
              "all splits" if cfg.splits is None else ", ".join(cfg.splits),
-             inputs.bundle["model_config"]["pooling"], next(inputs.model.parameters()).device)
+             inputs.bundle.model_config.pooling, next(inputs.model.parameters()).device)
     prediction = predict_items(inputs, positions, cfg)
     summary = prediction.summary
     summary["seconds"] = time.perf_counter() - t0

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import extract, runtime, schema
-from pipeline.bundle import load_bundle, load_scoring_inputs
+from pipeline.bundle import Bundle, load_bundle, load_scoring_inputs
 from pipeline.config import ConfigError, DatasetConfig, IngestConfig, from_dict
 from pipeline.extract import JobConfig, run_extraction
 from pipeline.features import FeatureMismatchError
@@ -55,12 +55,11 @@ class ScoreConfig(PredictConfig):
             raise ConfigError(f"{where}.splits: scoring scores every row of the folder; remove the key")
 
 
-def scoring_contract(bundle: dict[str, Any], input_dir: Path, overrides: dict[str, Any]) -> DatasetConfig:
+def scoring_contract(bundle: Bundle, input_dir: Path, overrides: dict[str, Any]) -> DatasetConfig:
     """The bundle's dataset contract pointed at `input_dir`, with `overrides` applied (labels optional)."""
-    if not bundle.get("dataset"):
-        raise UserError("the model bundle records no dataset contract (it was written by an older version); "
-                        "retrain it to score new datasets")
-    raw = runtime.merge(copy.deepcopy(bundle["dataset"]), overrides)
+    if not bundle.dataset:
+        raise UserError("the model bundle records no dataset contract; retrain it to score new datasets")
+    raw = runtime.merge(copy.deepcopy(bundle.dataset), overrides)
     raw["dir"] = str(input_dir)
     raw.setdefault("labels", {})["required_in"] = []
     raw.setdefault("split", {})["column"] = None
@@ -99,17 +98,17 @@ def read_source(contract: DatasetConfig, allow_missing: bool,
     return contract, frozenset(missing), rows
 
 
-def extractor_specs(bundle: dict[str, Any]) -> dict[str, extract.Modality]:
+def extractor_specs(bundle: Bundle) -> dict[str, extract.Modality]:
     """The bundle's extractors, each checked against this installation (model, weights, dimension)
     before anything is read or extracted, so every mismatch is found up front."""
-    specs = {m: extract.modality(m, prov["params"], f"bundle.provenance.{m}.params")
-             for m, prov in bundle["provenance"].items()}
+    specs = {m: extract.modality(m, prov.params, f"bundle.provenance.{m}.params")
+             for m, prov in bundle.provenance.items()}
     problems = []
     for name, spec in specs.items():
         if spec.kind == "meta":  # no model: it reuses the bundle's statistics
             continue
         try:
-            extract.check_extractor(name, bundle["provenance"][name], extract.describe_model(spec))
+            extract.check_extractor(name, bundle.provenance[name].as_dict(), extract.describe_model(spec))
         except (FeatureMismatchError, extract.ExtractionError) as exc:
             problems.append(str(exc))
     if problems:
@@ -117,7 +116,7 @@ def extractor_specs(bundle: dict[str, Any]) -> dict[str, extract.Modality]:
     return specs
 
 
-def extract_all(specs: dict[str, extract.Modality], bundle: dict[str, Any], job: JobConfig, manifest: Path,
+def extract_all(specs: dict[str, extract.Modality], bundle: Bundle, job: JobConfig, manifest: Path,
                 features_root: Path, extra_beam_args: Sequence[str] = ()
                 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
     """Run each of the bundle's extractors on the manifest, as its extract stage would, as a batch job
@@ -129,7 +128,7 @@ def extract_all(specs: dict[str, extract.Modality], bundle: dict[str, Any], job:
     for name, spec in specs.items():
         folder = features_root / name
         metrics = run_extraction(spec, job, manifest, folder, folder / "counts.json", extra_beam_args,
-                                 expect=bundle["provenance"][name])
+                                 expect=bundle.provenance[name].as_dict())
         done[name] = {k: metrics[k] for k in ("computed", "reused", "failed")}
         for row in pq.read_table(folder / "dead_letters.parquet").to_pylist():
             failed.setdefault(row[schema.ID], []).append(row)
@@ -150,7 +149,7 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
         manifest = work / "ingest" / "manifest.parquet"
         counts = run_ingest(contract, dataclasses.replace(ingest_cfg, max_reject_fraction=1.0), work / "ingest",
                             work / "ingest" / "counts.json", fixed_split=schema.SCORE_SPLIT,
-                            vocabulary=bundle["label_names"], rows=rows, check_limits=False)
+                            vocabulary=bundle.label_names, rows=rows, check_limits=False)
         log.info("scoring %d items of %s with %s", counts["accepted"], input_dir, model_path)
         failed: dict[str, list[dict[str, Any]]] = {}
         extraction: dict[str, dict[str, int]] = {}

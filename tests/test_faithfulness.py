@@ -39,13 +39,13 @@ def test_removing_the_planted_modality_lowers_the_label_most(demo_run):
     """Ablation computed here through bundle.predict(drop=...), independently of the predict stage."""
     inputs = load_scoring_inputs(demo_run.model, demo_run.manifest, demo_run.root / "features", "cpu")
     model, bundle, store, ids, labels = inputs.model, inputs.bundle, inputs.store, inputs.ids, inputs.labels
-    y = label_matrix(labels, bundle["label_names"]).numpy() > 0
+    y = label_matrix(labels, bundle.label_names).numpy() > 0
     idx = torch.arange(len(ids))
-    full = predict(model, store, idx, bundle["task"]).numpy()
-    drops = {m: full - predict(model, store, idx, bundle["task"], drop=frozenset({m})).numpy()
+    full = predict(model, store, idx, bundle.task).numpy()
+    drops = {m: full - predict(model, store, idx, bundle.task, drop=frozenset({m})).numpy()
              for m in model.modalities}
     for label, modality in planted(demo_run).items():
-        j = bundle["label_names"].index(label)
+        j = bundle.label_names.index(label)
         mean_drop = {m: float(d[y[:, j], j].mean()) for m, d in drops.items()}
         others = max(v for m, v in mean_drop.items() if m != modality)
         assert mean_drop[modality] > others, f"{label}: planted {modality}, drops {mean_drop}"

@@ -69,8 +69,9 @@ def test_the_layout_follows_the_configured_column_order(trained):
     assert [c for c, _ in features.vocabularies(fmeta)] == CATEGORICAL
     assert features.vocabularies(fmeta)[0][1] == sorted({s for s in STUDIOS})  # the studio vocabulary, first
     _, bundle = bundle_mod.load_bundle(root / "model" / "model.pt")
-    assert bundle["categories"]["meta"] == [len(STUDIOS), len(COUNTRIES)]
-    assert [s["column"] for s in bundle["provenance"]["meta"]["stats"]["numeric"]] == NUMERIC
+    assert bundle.categories["meta"] == [len(STUDIOS), len(COUNTRIES)]
+    assert [s["column"] for s in bundle.provenance["meta"].stats["numeric"]] == NUMERIC
+    assert [c for c, _ in bundle.provenance["meta"].vocabularies()] == CATEGORICAL
 
 
 def test_scoring_the_training_rows_gives_predicts_probabilities(trained, tmp_path):
@@ -151,6 +152,6 @@ def test_a_format_1_bundle_is_migrated_in_the_order_it_was_trained(trained, tmp_
                                                         "categorical": dict(sorted(old_stats["categorical"].items()))}}}
     torch.save(old, tmp_path / "old.pt")
     _, migrated = bundle_mod.load_bundle(tmp_path / "old.pt")
-    assert migrated["format"] == bundle_mod.BUNDLE_FORMAT
-    assert migrated["provenance"]["meta"]["stats"] == rec["stats"]
-    assert migrated["provenance"]["meta"]["weights_sha256"] == rec["weights_sha256"]
+    assert migrated.format == bundle_mod.BUNDLE_FORMAT
+    assert migrated.provenance["meta"].stats == rec["stats"]
+    assert migrated.provenance["meta"].weights_sha256 == rec["weights_sha256"]

@@ -1,6 +1,7 @@
 """The set model: invariances, empty and missing sets, packed == padded pooling, training, bundles."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -197,14 +198,15 @@ def test_bundle_round_trip_and_feature_mismatch(tmp_path):
     fit(train_cfg(epochs=3, model={"dim": 8, "pooling": "mean", "hierarchical": True}), manifest,
         tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
     net, bundle = load_bundle(tmp_path / "model" / "model.pt")
-    assert bundle["label_names"] == ["A", "B"] and bundle["provenance"]["a"]["model_id"] == "gen-a"
+    assert bundle.label_names == ["A", "B"] and bundle.provenance["a"].model_id == "gen-a"
+    assert bundle.model_config.pooling == "mean" and bundle.model_config.hierarchical and bundle.format == 2
     ids = pq.read_table(manifest)["id"].to_pylist()
     store = FeatureStore.load({m: tmp_path / "features" / m for m in ("a", "b")}, ids)
     check_store_matches(bundle, store)
     p1 = predict(net, store, torch.arange(len(ids)), "multilabel")
     net2, _ = load_bundle(tmp_path / "model" / "model.pt")
     assert torch.equal(p1, predict(net2, store, torch.arange(len(ids)), "multilabel"))
-    bundle["provenance"]["a"]["model_id"] = "other-encoder"
+    bundle.provenance["a"] = dataclasses.replace(bundle.provenance["a"], model_id="other-encoder")
     with pytest.raises(FeatureMismatchError, match=r"a\.model_id: model has 'other-encoder', features have 'gen-a'"):
         check_store_matches(bundle, store)
     with pytest.raises(FeatureMismatchError, match="dim: expected 99"):
@@ -397,3 +399,13 @@ def test_a_val_split_without_positives_trains_and_says_so(tmp_path, caplog):
     assert "val has no positive item for label(s) ['A', 'B']" in caplog.text
     assert "never a number" in caplog.text
     assert (tmp_path / "model" / "model.pt").is_file()
+
+
+def test_a_bundle_of_an_unknown_format_is_refused_saying_how_to_retrain(tmp_path):
+    manifest = write_synthetic(tmp_path)
+    fit(train_cfg(epochs=1), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    raw = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert isinstance(raw, dict) and isinstance(raw["model_config"], dict), "saved as plain data"
+    torch.save({**raw, "format": 99}, tmp_path / "future.pt")
+    with pytest.raises(UserError, match="bundle format 99 not supported.*retrain"):
+        load_bundle(tmp_path / "future.pt")
