@@ -49,23 +49,23 @@ def subset(posters: Path, n: int, out: Path) -> Path:
     return raw
 
 
-def bare_loop(module, cfg, rows, root: Path, batch_size: int) -> float:
+def bare_loop(ext, described, rows, root: Path, batch_size: int) -> float:
     t0 = time.perf_counter()
-    handler = module.HANDLER_CLASS(cfg)
+    handler = ext.handler(described)
     model = handler.load_model()
-    payloads = [module.prepare(r, cfg, root) for r in rows]
+    payloads = [ext.prepare(r, root) for r in rows]
     ready = [p for p in payloads if p is not None]
     for start in range(0, len(ready), batch_size):
         handler.infer_batch(ready[start:start + batch_size], model)
     return time.perf_counter() - t0
 
 
-def naive_loop(module, cfg, rows, root: Path) -> float:
+def naive_loop(ext, described, rows, root: Path) -> float:
     t0 = time.perf_counter()
-    handler = module.HANDLER_CLASS(cfg)
+    handler = ext.handler(described)
     model = handler.load_model()
     for r in rows:
-        p = module.prepare(r, cfg, root)
+        p = ext.prepare(r, root)
         if p is not None:
             handler.infer_batch([p], model)
     return time.perf_counter() - t0
@@ -106,13 +106,14 @@ def main() -> None:
     dask_job = dataclasses.replace(job, runner="dask", dask=extract.DaskConfig(None, args.dask_workers, 1))
     for modality in args.modalities.split(","):
         spec = extract.modality(modality, params["extract"]["modalities"][modality])
-        module, cfg = spec.module, spec.cfg
+        ext, cfg = spec.extractor, spec.cfg
         extract.run_extraction(spec, job, warm, work / "warm" / modality, work / f"warm-{modality}.json")
         naive_s = bare_s = None
-        if spec.kind != "meta":
-            bare_loop(module, cfg, rows[:8], raw, cfg.batch_size)
-            naive_s = naive_loop(module, cfg, rows, raw)
-            bare_s = bare_loop(module, cfg, rows, raw, cfg.batch_size)
+        if not ext.fitted:  # a fitted kind (meta) runs no model: nothing to compare
+            described = extract.describe(spec, table, meta)
+            bare_loop(ext, described, rows[:8], raw, cfg.batch_size)
+            naive_s = naive_loop(ext, described, rows, raw)
+            bare_s = bare_loop(ext, described, rows, raw, cfg.batch_size)
         beam_s, found = timed_run(spec, job, manifest, work / "features" / modality)
         dask_s, dask_found = timed_run(spec, dask_job, manifest, work / "dask" / modality) if args.dask_workers else (None, "")
         n = len(rows)

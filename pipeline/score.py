@@ -100,15 +100,14 @@ def read_source(contract: DatasetConfig, allow_missing: bool,
 
 def extractor_specs(bundle: Bundle) -> dict[str, extract.Modality]:
     """The bundle's extractors, each checked against this installation (model, weights, dimension)
-    before anything is read or extracted, so every mismatch is found up front."""
+    before anything is read or extracted, so every mismatch is found up front (a fitted kind, meta,
+    describes itself from the bundle's statistics)."""
     specs = {m: extract.modality(m, prov.params, f"bundle.provenance.{m}.params")
              for m, prov in bundle.provenance.items()}
     problems = []
     for name, spec in specs.items():
-        if spec.kind == "meta":  # no model: it reuses the bundle's statistics
-            continue
         try:
-            extract.check_extractor(name, bundle.provenance[name].as_dict(), extract.describe_model(spec))
+            extract.describe(spec, expect=bundle.provenance[name].as_dict())
         except (FeatureMismatchError, extract.ExtractionError) as exc:
             problems.append(str(exc))
     if problems:
@@ -117,8 +116,7 @@ def extractor_specs(bundle: Bundle) -> dict[str, extract.Modality]:
 
 
 def extract_all(specs: dict[str, extract.Modality], bundle: Bundle, job: JobConfig, manifest: Path,
-                features_root: Path, extra_beam_args: Sequence[str] = ()
-                ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
+                features_root: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
     """Run each of the bundle's extractors on the manifest, as its extract stage would, as a batch job
     (failures are dead letters whatever their share); returns the extraction dead letters by item id
     and, per modality, how many items were computed, reused from the cache and failed."""
@@ -127,7 +125,7 @@ def extract_all(specs: dict[str, extract.Modality], bundle: Bundle, job: JobConf
     done: dict[str, dict[str, int]] = {}
     for name, spec in specs.items():
         folder = features_root / name
-        metrics = run_extraction(spec, job, manifest, folder, folder / "counts.json", extra_beam_args,
+        metrics = run_extraction(spec, job, manifest, folder, folder / "counts.json",
                                  expect=bundle.provenance[name].as_dict())
         done[name] = {k: metrics[k] for k in ("computed", "reused", "failed")}
         for row in pq.read_table(folder / "dead_letters.parquet").to_pylist():
@@ -136,7 +134,7 @@ def extract_all(specs: dict[str, extract.Modality], bundle: Bundle, job: JobConf
 
 
 def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path, job: JobConfig,
-              ingest_cfg: IngestConfig, extra_beam_args: Sequence[str] = ()) -> dict[str, Any]:
+              ingest_cfg: IngestConfig) -> dict[str, Any]:
     """Score every row of the dataset at `input_dir` as a batch job: every valid row is scored, every
     other row is a dead letter with its reason, whatever their share. Outputs are written aside and
     replace `out_dir` only when complete. Returns the summary (with counts that reconcile)."""
@@ -154,7 +152,7 @@ def run_score(cfg: ScoreConfig, model_path: Path, input_dir: Path, out_dir: Path
         failed: dict[str, list[dict[str, Any]]] = {}
         extraction: dict[str, dict[str, int]] = {}
         if counts["accepted"]:
-            failed, extraction = extract_all(specs, bundle, job, manifest, work / "features", extra_beam_args)
+            failed, extraction = extract_all(specs, bundle, job, manifest, work / "features")
             inputs = load_scoring_inputs(model_path, manifest, work / "features", cfg.device)
             positions = np.array([i for i, item in enumerate(inputs.ids) if item not in failed], dtype=np.int64)
             prediction = predict_items(inputs, positions, cfg)

@@ -37,16 +37,16 @@ def test_fingerprint_ignores_runtime_and_filter_params_only():
 
 def test_a_library_upgrade_gives_new_keys(monkeypatch):
     """The fingerprint reads the installed versions of the extractor's libraries: an upgrade is a new key."""
-    from pipeline.extractors import image
+    from pipeline.extractors.image import ImageExtractor as image
 
     described = {"extractor": "image", "model_id": "m", "weights_sha256": "w", "dim": 4}
-    fp = cache.fingerprint(described, {}, (), cache.software(image.LIBRARIES, image.SOURCES))
+    fp = cache.fingerprint(described, {}, (), cache.software(image.libraries, image.sources))
     real = cache.installed_version
-    for dist in image.LIBRARIES:
+    for dist in image.libraries:
         monkeypatch.setattr(cache, "installed_version", lambda d, dist=dist: "9.9.9" if d == dist else real(d))
-        assert cache.fingerprint(described, {}, (), cache.software(image.LIBRARIES, image.SOURCES)) != fp, dist
+        assert cache.fingerprint(described, {}, (), cache.software(image.libraries, image.sources)) != fp, dist
     monkeypatch.setattr(cache, "installed_version", real)
-    assert cache.fingerprint(described, {}, (), cache.software(image.LIBRARIES, image.SOURCES)) == fp
+    assert cache.fingerprint(described, {}, (), cache.software(image.libraries, image.sources)) == fp
 
 
 def test_a_code_change_gives_new_keys_a_comment_does_not(tmp_path, monkeypatch):
@@ -67,24 +67,26 @@ def test_a_code_change_gives_new_keys_a_comment_does_not(tmp_path, monkeypatch):
 
 
 def test_every_project_module_an_extractor_imports_is_in_its_code_version():
-    """An extractor's SOURCES list every module of this project it imports that shapes its output, so a
-    change to one of them gives new cache keys (runtime, schema and features shape no vector)."""
+    """An extractor's `sources` list every module of this project its module imports that shapes its
+    output, so a change to one of them gives new cache keys (runtime, schema, features and config shape
+    no vector)."""
     import ast
-    import importlib
+    import sys
 
-    from pipeline.extractors import KINDS, module_for
+    from pipeline import extractors
 
-    shapes_nothing = {"pipeline.runtime", "pipeline.schema", "pipeline.features", "pipeline"}
-    for kind in KINDS:
-        module = importlib.import_module(module_for(kind))
+    shapes_nothing = {"pipeline.runtime", "pipeline.schema", "pipeline.features", "pipeline.config", "pipeline"}
+    for kind in ("image", "faces", "ocr", "text", "list", "meta"):
+        cls = extractors.get(kind)
+        module = sys.modules[cls.__module__]
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                     and n.module.startswith("pipeline")}
         imported |= {f"pipeline.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                      and n.module == "pipeline" for a in n.names}
-        assert imported - shapes_nothing <= set(module.SOURCES), (kind, imported - set(module.SOURCES))
-        assert module.__name__ in module.SOURCES
-        assert cache.code_digest(module.SOURCES)
+        assert imported - shapes_nothing <= set(cls.sources), (kind, imported - set(cls.sources))
+        assert module.__name__ in cls.sources
+        assert cache.code_digest(cls.sources)
 
 
 def raw_rows(keys, dim=3):
@@ -390,17 +392,17 @@ def test_a_changed_tokenizer_file_gives_new_keys(tmp_path):
     """A local text model folder is digested whole: same weights, another tokenizer -> another fingerprint."""
     import shutil
 
-    from pipeline.extract import describe_model, fingerprint
+    from pipeline.extract import describe, fingerprint
     from pipeline.extractors.text import model_dir
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir("minilm"), folder)
     spec = modality("title", {**TITLE, "model": str(folder)})
-    described = describe_model(spec)
+    described = describe(spec)
     fp, _ = fingerprint(spec, described)
     vocab = folder / "vocab.txt"
     vocab.write_text(vocab.read_text().replace("\nthe\n", "\nteh\n", 1))
-    changed = describe_model(spec)
+    changed = describe(spec)
     assert changed["weights_sha256"] == described["weights_sha256"], "the weights did not change"
     assert changed["model_files_sha256"] != described["model_files_sha256"]
     assert fingerprint(spec, changed)[0] != fp
@@ -440,13 +442,11 @@ def test_every_worker_checks_the_model_files_it_loads():
     from pipeline.extractors import image
     from pipeline.extractors.base import MissingModelError
 
-    cfg = image.ImageConfig(device="cpu")
-    handler = image.ImageHandler(cfg)
-    handler.expect = {**image.describe(cfg), "weights_sha256": "0" * 64}  # the job saw other weights
+    ext = image.ImageExtractor(image.ImageConfig(device="cpu"))
+    handler = ext.handler({**ext.describe_files(), "weights_sha256": "0" * 64})  # the job saw other weights
     with pytest.raises(MissingModelError, match="differ from those the job was started with.*weights_sha256"):
         handler.load_model()
-    handler.expect = image.describe(cfg)
-    assert handler.load_model().dim == 1280
+    assert ext.handler(ext.describe_files()).load_model().dim == 1280
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 Pure per-record functions run in the quick loop; real models and Beam jobs are marked slow."""
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 from pathlib import Path
@@ -43,7 +45,7 @@ def test_face_selection_thresholds_orders_and_caps():
     assert faces.select_faces(None, [None], 0.9, 10) == []
     # the same filter on a cached (unfiltered) set's element records
     elements = [{"box": b.tolist(), "score": p} for b, p in zip(boxes, probs)]
-    assert faces.select(elements, faces.FacesConfig(min_probability=0.9, max_faces=2)) == [1, 0]
+    assert faces.FacesExtractor(faces.FacesConfig(min_probability=0.9, max_faces=2)).select(elements) == [1, 0]
 
 
 def test_ocr_box_selection_and_reading_order():
@@ -59,7 +61,7 @@ def test_ocr_box_selection_and_reading_order():
     assert len(ocr.select_boxes(boxes, 0.3, 2)) == 2
     # the same filter on a cached (unfiltered) set's element records
     elements = [{"box": b, "text": t, "score": c} for b, t, c in boxes]
-    assert ocr.select(elements, ocr.OcrConfig(min_confidence=0.85, max_boxes=10)) == [2, 0]
+    assert ocr.OcrExtractor(ocr.OcrConfig(min_confidence=0.85, max_boxes=10)).select(elements) == [2, 0]
 
 
 def test_meta_statistics_come_from_train_only():
@@ -100,7 +102,7 @@ def test_load_rgb_applies_exif_orientation(tmp_path):
 class Doubler(base.SetModelHandler):
     """A model set by hand: each input number x becomes one element [x, 2x]; x < 0 fails."""
 
-    def load_model(self):
+    def load(self):
         return np.array([1.0, 2.0], dtype=np.float32)
 
     def infer_batch(self, batch, model):
@@ -109,8 +111,19 @@ class Doubler(base.SetModelHandler):
         return [base.ItemResult(np.float32(x) * model[None, :], [features.element(index=0)]) for x in batch]
 
 
+class DoublerExtractor(base.Extractor):
+    """The extractor of the hand-made model (not registered: used directly)."""
+
+    kind = "doubler"
+    config_class = object
+    handler_class = Doubler
+    checks_model_files = False
+
+
 def test_a_failing_item_does_not_take_its_batch_down():
-    h = Doubler(batch_size=4)
+    from types import SimpleNamespace
+
+    h = DoublerExtractor(SimpleNamespace(batch_size=4)).handler({"dim": 2})
     assert h.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4}
     out = h.run_inference([1.0, -1.0, 3.0], h.load_model())
     assert out[0].vectors.tolist() == [[1.0, 2.0]] and out[2].vectors.tolist() == [[3.0, 6.0]]
@@ -123,7 +136,7 @@ def test_missing_weights_and_unknown_kind_are_clear_errors(tmp_path):
     with pytest.raises(base.MissingModelError, match="needs params 'weights'"):
         image.backbone_weights("torchvision:resnet50", None)
     with pytest.raises(base.MissingModelError, match="neither a local folder nor in the local Hugging Face cache"):
-        text.describe(text.TextConfig(column="t", model="roberta-base-not-here/xyz"))
+        text.TextExtractor(text.TextConfig(column="t", model="roberta-base-not-here/xyz")).describe_files()
     with pytest.raises(base.MissingModelError, match="vggface2"):
         faces.embedder_choice(faces.FacesConfig(embedder="vggface2", vggface2_weights=str(tmp_path / "v.pt")))
     with pytest.raises(ConfigError, match=r"extract.modalities.x.kind: unknown extractor kind 'sound'"):
@@ -304,7 +317,7 @@ def test_corrupt_image_goes_to_dead_letters_and_counts_reconcile(tiny, tmp_path)
 
 def test_beam_options_pass_through():
     job = from_dict(JobConfig, {"runner": "FlinkRunner", "options": {"flink_master": "localhost:8081", "save_main_session": True}}, "j")
-    opts = beam_options(job, ["--parallelism=4"]).get_all_options()
+    opts = beam_options(dataclasses.replace(job, flags=("--parallelism=4",))).get_all_options()
     assert opts["runner"] == "FlinkRunner" and opts["flink_master"] == "localhost:8081"
     assert opts["save_main_session"] is True and opts["parallelism"] == 4
 
@@ -319,12 +332,12 @@ def test_degenerate_images_give_empty_sets_or_real_pixels_in_every_image_extract
     for name, img in images.items():
         img.save(tmp_path / f"{name}.png")
     rows = [{"id": n, "image": f"{n}.png"} for n in images]
-    for module, cfg in ((image, image.ImageConfig(device="cpu")), (faces, faces.FacesConfig(device="cpu")),
-                        (ocr, ocr.OcrConfig(device="cpu"))):
-        handler = module.HANDLER_CLASS(cfg)
+    for ext in (image.ImageExtractor(image.ImageConfig(device="cpu")), faces.FacesExtractor(faces.FacesConfig(device="cpu")),
+                ocr.OcrExtractor(ocr.OcrConfig(device="cpu"))):
+        handler = ext.handler(ext.describe_files())
         model = handler.load_model()
-        results = handler.run_inference([module.prepare(r, cfg, tmp_path) for r in rows], model)
+        results = handler.run_inference([ext.prepare(r, tmp_path) for r in rows], model)
         failed = {r["id"]: res.error for r, res in zip(rows, results) if isinstance(res, base.ItemError)}
-        assert not failed, f"{module.__name__}: {failed}"
+        assert not failed, f"{ext.kind}: {failed}"
         sizes = [res.vectors.shape[0] for res in results]
-        assert sizes == ([1] * len(rows) if module is image else [0] * len(rows)), (module.__name__, sizes)
+        assert sizes == ([1] * len(rows) if ext.kind == "image" else [0] * len(rows)), (ext.kind, sizes)

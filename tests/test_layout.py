@@ -157,13 +157,8 @@ def code_deps(stage: dict[str, Any]) -> set[str]:
     """The files a stage's script runs: the script, its stage module and what they import, transitively."""
     script = script_of(stage)
     modules = pipeline_imports(REPO / script)
-    if stage.get("kind"):  # extraction loads its extractor module by kind (importlib), with what it imports
-        kind_module = f"pipeline.extractors.{stage['kind']}"
-        modules |= {kind_module} | pipeline_imports(module_file(kind_module))
-    elif "pipeline.extract" in modules:  # scoring runs whichever extractors the model bundle records
-        for kind_file in sorted((REPO / "pipeline" / "extractors").glob("*.py")):
-            kind_module = f"pipeline.extractors.{kind_file.stem}"
-            modules |= {kind_module} | pipeline_imports(kind_file)
+    if "pipeline.extract" in modules:  # Beam loads the Dask runner by its dotted name (extract.job.runner: dask)
+        modules |= {"pipeline.dask_runner"} | pipeline_imports(module_file("pipeline.dask_runner"))
     return {script} | {module_file(m).relative_to(REPO).as_posix() for m in modules}
 
 
@@ -174,9 +169,7 @@ def test_stage_code_deps_are_exactly_what_it_imports(name):
     listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.endswith(".py")}
     assert expected <= listed, f"missing code deps: {sorted(expected - listed)}"
     extra = listed - expected
-    # foreach stages share one dep list: the extractor modules other kinds import may be listed too
-    allowed = {"pipeline/extractors/image.py", "pipeline/extractors/text.py"} if stage.get("kind") else set()
-    assert extra <= allowed, f"listed but not imported: {sorted(extra - allowed)}"
+    assert not extra, f"listed but not imported: {sorted(extra)}"
 
 
 def sections_read_by(module: str) -> set[str]:

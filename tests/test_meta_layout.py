@@ -113,8 +113,8 @@ def test_the_cache_key_separates_swapped_columns(tmp_path):
     assert meta.item_input([1.0, 2.0], stats) != meta.item_input([2.0, 1.0], swapped)
     from pipeline import cache
 
-    fp = cache.fingerprint(meta.describe(meta.MetaConfig(), stats), {}, (), {})
-    fp_swapped = cache.fingerprint(meta.describe(meta.MetaConfig(), swapped), {}, (), {})
+    fp = cache.fingerprint(meta.describe_stats(stats), {}, (), {})
+    fp_swapped = cache.fingerprint(meta.describe_stats(swapped), {}, (), {})
     assert fp != fp_swapped, "the column order is part of the fingerprint"
     assert cache.item_key(fp, meta.item_input([1.0, 2.0], stats)) != cache.item_key(fp, meta.item_input([2.0, 1.0], stats))
     r1, r2 = meta.encode({"a": 1.0, "b": 2.0}, stats), meta.encode({"a": 1.0, "b": 2.0}, swapped)

@@ -1,11 +1,9 @@
-"""One Beam ModelHandler per extractor kind; `pipeline.extract` loads the module of a modality's kind."""
+"""Extractor kinds: one `Extractor` subclass each, registered by name (pipeline.extractors.base).
 
-KINDS = ("image", "faces", "ocr", "text", "list", "meta")
+The built-in kinds register when this package is imported; a third-party kind registers with
+`@register` in its own module, or through the entry-point group `dmms.extractors` of its package.
+"""
+from pipeline.extractors import faces, image, meta, ocr, text  # noqa: F401  (registers the built-in kinds)
+from pipeline.extractors.base import REGISTRY, Extractor, get, kinds, register
 
-
-def module_for(kind: str) -> str:
-    """The module implementing extractor `kind` (each defines HANDLER_CLASS and CONFIG_CLASS)."""
-    if kind not in KINDS:
-        # not list(KINDS): importing the submodule `list` makes `list` this package's attribute
-        raise ValueError(f"unknown extractor kind {kind!r}; valid: {[*KINDS]}")
-    return f"pipeline.extractors.{kind}"
+__all__ = ["REGISTRY", "Extractor", "get", "kinds", "register"]

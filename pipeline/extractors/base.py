@@ -1,4 +1,5 @@
-"""What every extractor shares: results, errors, the ModelHandler base, weight files.
+"""What every extractor shares: the Extractor interface and its registry, results, errors, the
+ModelHandler base, weight files.
 
 Extraction draws no random numbers: models run in eval mode on loaded weights, so no seed is set."""
 from __future__ import annotations
@@ -8,9 +9,10 @@ import socket
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 from apache_beam.ml.inference.base import ModelHandler
 
 log = logging.getLogger(__name__)
@@ -71,30 +73,30 @@ def empty_result(dim: int) -> ItemResult:
 class SetModelHandler(ModelHandler):
     """Base ModelHandler: fixed batch sizes from params and per-item fallback when a batch fails.
 
-    Subclasses implement `load` (the model), `describe` (its provenance from the files on this machine,
-    checked against the job's on every worker) and `infer_batch(batch, model) -> list[ItemResult | ItemError]`.
-    A failing batch is retried item by item, so one bad item never takes its neighbours down.
+    Built by its extractor (`Extractor.handler`) with the provenance the job was planned with: the
+    dimension of an empty set, and the checksums every worker checks the model files it loads against
+    (results are cached under them). Subclasses implement `load` (the model, once per worker) and
+    `infer_batch(batch, model) -> list[ItemResult | ItemError]`. A failing batch is retried item by item,
+    so one bad item never takes its neighbours down.
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, extractor: "Extractor", described: dict[str, Any]):
         super().__init__()
-        self.batch_size = batch_size
-        self.empty_dim = 0  # set by the job: the dimension of an empty set's (0, D) array
-        self.expect: dict[str, Any] | None = None  # set by the job: the provenance its cache keys were made with
-
-    def describe(self) -> dict[str, Any]:
-        """The provenance of this extractor from the model files on this machine (its module's describe)."""
-        raise NotImplementedError
+        self.extractor, self.cfg = extractor, extractor.cfg
+        self.batch_size = int(getattr(extractor.cfg, "batch_size", 32))
+        self.empty_dim = int(described["dim"])  # an item without input is a (0, D) set
+        self.expect = described
 
     def load(self) -> Any:
-        """Load the model (once per worker)."""
+        """Load the model (once per worker): an object Beam can hold a weak reference to (a class
+        instance, not a bare dict or list)."""
         raise NotImplementedError
 
     def load_model(self) -> Any:
         """Check the model files on this worker against the job's record of them, then load the model:
         results are cached under that record, so a worker with other files must not compute any."""
-        if self.expect is not None:
-            found = self.describe()
+        if self.extractor.checks_model_files:
+            found = self.extractor.describe_files()
             diffs = [f"{k}: job {self.expect.get(k)!r}, here {found.get(k)!r}" for k in MODEL_CHECK_KEYS
                      if found.get(k) != self.expect.get(k)]
             if diffs:
@@ -135,6 +137,114 @@ class SetModelHandler(ModelHandler):
         return out
 
 
+class Extractor:
+    """One extractor kind: everything the extraction job, the cache and scoring need to know of it.
+
+    A kind is a subclass registered under its `kind` name (`@register`); `extract.modalities.<name>.kind`
+    chooses it and the rest of that params mapping builds its `config_class`. The job calls, in order:
+
+    - `describe(manifest, fields, expect)` in the process that starts the job: the provenance of the
+      output (model id, checksums of the model files, dimension; what a fitted kind fitted), without
+      running a model. It refuses a column the manifest lacks and a missing model file. `expect` is a
+      model bundle's record when scoring new data (a fitted kind reuses its statistics).
+    - `item_inputs(manifest, described)`: each row's input as the cache key sees it (default: the values
+      of `input_columns()`).
+    - `prepare(row, root)`: pure per-record work on a worker (decode, split); None = no input here.
+    - `handler(described)`: the Beam ModelHandler that turns prepared inputs into ItemResults.
+    - `select(elements)`: after the cache, which elements of an (unfiltered) set are kept, by the params
+      in `filter_params` (None: all).
+
+    The cache fingerprint covers `describe`'s provenance, the params but `filter_params` and the runtime
+    ones, the installed versions of `libraries` and the code of the modules in `sources`.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type]
+    handler_class: ClassVar[type[SetModelHandler] | None] = None
+    libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose version is in the cache key
+    sources: ClassVar[tuple[str, ...]] = ()  # project modules whose code shapes the output
+    filter_params: ClassVar[tuple[str, ...]] = ()  # params `select` applies to cached, unfiltered sets
+    fitted: ClassVar[bool] = False  # its provenance depends on statistics fitted on a manifest
+    checks_model_files: ClassVar[bool] = True  # workers check describe_files() before loading
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def input_columns(self) -> list[str]:
+        """The manifest columns an item's output depends on."""
+        raise NotImplementedError
+
+    def describe_files(self) -> dict[str, Any]:
+        """Provenance from the model files on this machine (no model load): extractor, model_id,
+        weights_sha256, model_files_sha256, dim."""
+        raise NotImplementedError
+
+    def check_columns(self, fields: dict[str, list[str]]) -> None:
+        """Refuse a configuration that reads a column the manifest lacks (`fields`: its columns by role)."""
+
+    def describe(self, manifest: pa.Table | None, fields: dict[str, list[str]] | None,
+                 expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The provenance of this extractor's output (see the class docstring)."""
+        if fields is not None:
+            self.check_columns(fields)
+        return self.describe_files()
+
+    def item_inputs(self, manifest: pa.Table, described: dict[str, Any]) -> list[Any]:
+        """Each row's input, the item half of its cache key (read column by column)."""
+        cols = self.input_columns()
+        if not cols:
+            return [[] for _ in range(manifest.num_rows)]
+        return [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))]
+
+    def prepare(self, row: dict[str, Any], root: Path) -> Any:
+        """Per-record work (pure): the handler's input for one row; None when the item has no input."""
+        raise NotImplementedError
+
+    def handler(self, described: dict[str, Any]) -> ModelHandler:
+        """The ModelHandler of this kind, bound to the job's provenance."""
+        if self.handler_class is None:
+            raise NotImplementedError(f"{type(self).__name__} names no handler_class")
+        return self.handler_class(self, described)
+
+    def select(self, elements: list[dict[str, Any]]) -> list[int] | None:
+        """Indices of the elements kept from an unfiltered set, in output order; None keeps all."""
+        return None
+
+
+REGISTRY: dict[str, type[Extractor]] = {}
+ENTRY_POINTS = "dmms.extractors"  # third-party kinds: [project.entry-points."dmms.extractors"] name = "pkg:Class"
+
+
+def register(cls: type[Extractor]) -> type[Extractor]:
+    """Class decorator: make an extractor kind available by its `kind` name."""
+    if not getattr(cls, "kind", None) or not getattr(cls, "config_class", None):
+        raise ValueError(f"{cls.__name__} needs a `kind` and a `config_class`")
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        if ep.name not in REGISTRY:
+            register(ep.load())
+
+
+def get(kind: Any) -> type[Extractor]:
+    """The extractor class registered as `kind` (built-in, registered in-process, or an entry point)."""
+    if kind not in REGISTRY:
+        _load_entry_points()
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown extractor kind {kind!r}; registered: {kinds()}")
+    return REGISTRY[kind]
+
+
+def kinds() -> list[str]:
+    """The registered kinds."""
+    return sorted(REGISTRY)
+
+
 def image_array(row: dict[str, Any], root: Path) -> np.ndarray | None:
     """Per-record work shared by image-reading extractors: the decoded RGB image (EXIF applied) as
     (H, W, 3) uint8; None when the item has no image."""
@@ -145,10 +255,15 @@ def image_array(row: dict[str, Any], root: Path) -> np.ndarray | None:
     return np.asarray(records.load_rgb(root / row[schema.IMAGE], row.get(schema.IMAGE_SHA256)), dtype=np.uint8)
 
 
-def image_cache_column(cfg: Any) -> str:
-    """`cache_column` of every image-reading extractor: an item's result depends, besides the extractor,
-    on its image's content, which ingest records as the manifest's image sha256 (and image_array checks
-    the bytes it decodes against)."""
-    from pipeline import schema
+class ImageReading(Extractor):
+    """An extractor whose input is the item's image: its output depends on the image's content, which
+    ingest records as the manifest's image sha256 (and `prepare` checks the bytes it decodes against)."""
 
-    return schema.IMAGE_SHA256
+    def input_columns(self) -> list[str]:
+        from pipeline import schema
+
+        return [schema.IMAGE_SHA256]
+
+    def prepare(self, row: dict[str, Any], root: Path) -> Any:
+        """The decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
+        return image_array(row, root)

@@ -14,18 +14,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, files_sha256, image_array, image_cache_column, require_file,
+    ImageReading, ItemResult, MissingModelError, SetModelHandler, files_sha256, register, require_file,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_files
 from pipeline.features import element, file_sha256
 from pipeline.runtime import resolve_device
 
 VGGFACE2_FILE = "20180402-114759-vggface2.pt"
-
-# what computes the output besides the weights (pipeline.cache.software); MTCNN's weights ship inside
-# facenet-pytorch, so its version covers them
-SOURCES = ("pipeline.extractors.faces", "pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
-LIBRARIES = ("torch", "torchvision", "facenet-pytorch", "efficientnet-lite-pytorch", "pillow", "numpy")
 
 
 @dataclass(frozen=True)
@@ -74,12 +69,6 @@ def select_faces(boxes: Any, probs: Any, min_probability: float, max_faces: int)
     keep = [i for i, p in enumerate(probs) if p is not None and p >= min_probability]
     keep.sort(key=lambda i: (-float(probs[i]), float(boxes[i][0]), float(boxes[i][1])))
     return keep[:max_faces]
-
-
-def select(elements: list[dict[str, Any]], cfg: "FacesConfig") -> list[int]:
-    """The filter applied to a cached (unfiltered) set: which faces are kept, in output order."""
-    return select_faces([e["box"] for e in elements], [e["score"] for e in elements], cfg.min_probability,
-                        cfg.max_faces)
 
 
 class FaceModel:
@@ -154,14 +143,7 @@ def crop_face(image: np.ndarray, box: Any, size: int, margin: int) -> np.ndarray
 
 
 class FacesHandler(SetModelHandler):
-    """Input: (H, W, 3) uint8 images; output: one element per kept face."""
-
-    def __init__(self, cfg: FacesConfig):
-        super().__init__(cfg.batch_size)
-        self.cfg = cfg
-
-    def describe(self) -> dict[str, Any]:
-        return describe(self.cfg)
+    """Input: (H, W, 3) uint8 images; output: one element per detected face (unfiltered)."""
 
     def load(self) -> FaceModel:
         return FaceModel(self.cfg, str(resolve_device(self.cfg.device)))
@@ -184,27 +166,33 @@ class FacesHandler(SetModelHandler):
         return results
 
 
-def describe(cfg: FacesConfig) -> dict[str, Any]:
-    """Provenance: detector, which embedder runs, its weights checksum and dimension."""
-    choice = embedder_choice(cfg)
-    if choice == "vggface2":
-        files = {"weights": file_sha256(vggface2_path(cfg))}
-        model_id, dim = "mtcnn+inception_resnet_v1:vggface2", 512
-    else:
-        _, files = backbone_files(cfg.backbone, cfg.backbone_weights)
-        model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone)
-    return {"extractor": "faces", "model_id": model_id, "embedder": choice, "weights_sha256": files["weights"],
-            "model_files_sha256": files_sha256(files), "dim": dim}
+@register
+class FacesExtractor(ImageReading):
+    """Every face MTCNN finds: one element each (box, landmarks, probability kept)."""
 
+    kind = "faces"
+    config_class = FacesConfig
+    handler_class = FacesHandler
+    # MTCNN's weights ship inside facenet-pytorch, so its version covers them
+    sources = ("pipeline.extractors.faces", "pipeline.extractors.image", "pipeline.extractors.base",
+               "pipeline.records")
+    libraries = ("torch", "torchvision", "facenet-pytorch", "efficientnet-lite-pytorch", "pillow", "numpy")
+    filter_params = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set
 
-def prepare(row: dict[str, Any], cfg: FacesConfig, root: Path) -> np.ndarray | None:
-    """Per-record work: the decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
-    return image_array(row, root)
+    def describe_files(self) -> dict[str, Any]:
+        """Provenance: detector, which embedder runs, its weights checksum and dimension."""
+        cfg = self.cfg
+        choice = embedder_choice(cfg)
+        if choice == "vggface2":
+            files = {"weights": file_sha256(vggface2_path(cfg))}
+            model_id, dim = "mtcnn+inception_resnet_v1:vggface2", 512
+        else:
+            _, files = backbone_files(cfg.backbone, cfg.backbone_weights)
+            model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone)
+        return {"extractor": "faces", "model_id": model_id, "embedder": choice, "weights_sha256": files["weights"],
+                "model_files_sha256": files_sha256(files), "dim": dim}
 
-
-cache_column = image_cache_column  # the manifest's image sha256
-
-
-FILTER_PARAMS = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set
-CONFIG_CLASS = FacesConfig
-HANDLER_CLASS = FacesHandler
+    def select(self, elements: list[dict[str, Any]]) -> list[int]:
+        """Which faces of a cached (unfiltered) set are kept, in output order."""
+        return select_faces([e["box"] for e in elements], [e["score"] for e in elements], self.cfg.min_probability,
+                            self.cfg.max_faces)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.extractors.base import (
-    ItemResult, MissingModelError, SetModelHandler, files_sha256, image_cache_column, require_file,
+    ImageReading, ItemResult, MissingModelError, SetModelHandler, files_sha256, register, require_file,
 )
 from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
@@ -21,11 +21,6 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # The packaged EfficientNet-Lite0 weights come from a small third-party package: pin their checksum.
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-
-# what computes the output besides the weights (pipeline.cache.software): decoding and preprocessing in
-# records and here, the network code in torch/torchvision/efficientnet-lite-pytorch
-SOURCES = ("pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
-LIBRARIES = ("torch", "torchvision", "efficientnet-lite-pytorch", "pillow", "numpy")
 
 
 @dataclass(frozen=True)
@@ -169,13 +164,6 @@ class ImageBackbone:
 class ImageHandler(SetModelHandler):
     """Input: (3, H, W) arrays; output: one element per image."""
 
-    def __init__(self, cfg: ImageConfig):
-        super().__init__(cfg.batch_size)
-        self.cfg = cfg
-
-    def describe(self) -> dict[str, Any]:
-        return describe(self.cfg)
-
     def load(self) -> ImageBackbone:
         return ImageBackbone(self.cfg.backbone, self.cfg.weights, str(resolve_device(self.cfg.device)))
 
@@ -196,25 +184,28 @@ def backbone_files(name: str, weights: str | None) -> tuple[Path, dict[str, str]
     return path, files
 
 
-def describe(cfg: ImageConfig) -> dict[str, Any]:
-    """Provenance of this extractor's output (no model load)."""
-    _, files = backbone_files(cfg.backbone, cfg.weights)
-    return {"extractor": "image", "model_id": cfg.backbone, "weights_sha256": files["weights"],
-            "model_files_sha256": files_sha256(files), "dim": backbone_dim(cfg.backbone)}
+@register
+class ImageExtractor(ImageReading):
+    """The whole image through a pretrained CNN: one element per item."""
 
+    kind = "image"
+    config_class = ImageConfig
+    handler_class = ImageHandler
+    # what computes the output besides the weights: decoding and preprocessing in records and here, the
+    # network code in torch/torchvision/efficientnet-lite-pytorch
+    sources = ("pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
+    libraries = ("torch", "torchvision", "efficientnet-lite-pytorch", "pillow", "numpy")
 
-def prepare(row: dict[str, Any], cfg: ImageConfig, root: Path) -> np.ndarray | None:
-    """Per-record work: decode (EXIF, RGB) and preprocess; None when the item has no image."""
-    from pipeline import records, schema
+    def describe_files(self) -> dict[str, Any]:
+        _, files = backbone_files(self.cfg.backbone, self.cfg.weights)
+        return {"extractor": "image", "model_id": self.cfg.backbone, "weights_sha256": files["weights"],
+                "model_files_sha256": files_sha256(files), "dim": backbone_dim(self.cfg.backbone)}
 
-    if row.get(schema.IMAGE) is None:
-        return None
-    img = records.load_rgb(root / row[schema.IMAGE], row.get(schema.IMAGE_SHA256))
-    return image_to_array(img, cfg.resize, cfg.image_size)
+    def prepare(self, row: dict[str, Any], root: Path) -> np.ndarray | None:
+        """Decode (EXIF, RGB, checked against the manifest's sha256) and preprocess; None without an image."""
+        from pipeline import records, schema
 
-
-cache_column = image_cache_column  # the manifest's image sha256
-
-
-CONFIG_CLASS = ImageConfig
-HANDLER_CLASS = ImageHandler
+        if row.get(schema.IMAGE) is None:
+            return None
+        img = records.load_rgb(root / row[schema.IMAGE], row.get(schema.IMAGE_SHA256))
+        return image_to_array(img, self.cfg.resize, self.cfg.image_size)

@@ -11,21 +11,21 @@ and scoring alike (a JSON object would come back with its keys sorted, in anothe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.extractors.base import ItemResult
-from pipeline.features import element, json_sha256
+from apache_beam.ml.inference.base import ModelHandler
 
-# the output's code: this module (libraries: numpy for the float32 vectors, pyarrow for the values read)
-SOURCES = ("pipeline.extractors.meta", "pipeline.extractors.base")
-LIBRARIES = ("numpy", "pyarrow")
+from pipeline import schema
+from pipeline.extractors.base import Extractor, ItemResult, register
+from pipeline.features import element, json_sha256
 
 
 @dataclass(frozen=True)
@@ -114,16 +114,69 @@ def item_input(row_values: list[Any], stats: dict[str, Any]) -> list[list[Any]]:
     return [[c, v] for c, v in zip([*numeric_columns(stats), *categorical_columns(stats)], row_values)]
 
 
-def describe(cfg: MetaConfig, stats: dict[str, Any]) -> dict[str, Any]:
+def describe_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """Provenance: no model; the statistics are the 'weights'."""
     return {"extractor": "meta", "model_id": "standardise+vocabulary", "weights_sha256": json_sha256(stats),
             "dim": 2 * len(stats["numeric"]), "stats": stats}
 
 
-def prepare(row: dict[str, Any], cfg: MetaConfig, root: Path) -> dict[str, Any]:
-    """Per-record work: the row itself (encoding needs the fitted statistics)."""
-    return row
+class MetaHandler(ModelHandler):
+    """A ModelHandler without a model: its 'model' is the Encoder of the fitted statistics."""
+
+    def __init__(self, extractor: "MetaExtractor", described: dict[str, Any]):
+        super().__init__()
+        self.stats = described["stats"]
+
+    def load_model(self) -> Encoder:
+        return Encoder(self.stats)
+
+    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args: dict | None = None) -> list[ItemResult]:
+        return [model(row) for row in batch]
 
 
-CONFIG_CLASS = MetaConfig
-HANDLER_CLASS = None  # no model: a plain Map after the statistics are fitted
+@register
+class MetaExtractor(Extractor):
+    """Metadata columns, standardised (numeric) and indexed (categorical) with train-split statistics.
+
+    Fitted: `describe` fits the statistics on the manifest's train split, or, when scoring new data,
+    reuses the bundle's (`expect`), on the columns they were fitted on and in their order."""
+
+    kind = "meta"
+    config_class = MetaConfig
+    handler_class = MetaHandler
+    sources = ("pipeline.extractors.meta", "pipeline.extractors.base")
+    libraries = ("numpy", "pyarrow")  # numpy makes the float32 vectors, pyarrow reads the values
+    fitted = True
+    checks_model_files = False  # no model files: the statistics travel inside the job
+
+    def describe(self, manifest: pa.Table | None, fields: dict[str, list[str]] | None,
+                 expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        if expect is not None:  # scoring: the training statistics, on the columns they were fitted on
+            stats = expect["stats"]
+            cfg = dataclasses.replace(cfg, numeric=tuple(numeric_columns(stats)),
+                                      categorical=tuple(categorical_columns(stats)))
+            if fields is not None:
+                columns(cfg, fields)
+            return describe_stats(stats)
+        if manifest is None or fields is None:
+            raise ValueError("meta: its statistics are fitted on a manifest; none was given")
+        numeric, categorical = columns(cfg, fields)
+        return describe_stats(fit(manifest, schema.SPLIT, numeric, categorical, cfg.max_categories))
+
+    def input_columns(self) -> list[str]:
+        raise NotImplementedError("meta reads the columns of its fitted statistics: see item_inputs")
+
+    def item_inputs(self, manifest: pa.Table, described: dict[str, Any]) -> list[Any]:
+        stats = described["stats"]
+        cols = [*numeric_columns(stats), *categorical_columns(stats)]
+        if not cols:
+            return [[] for _ in range(manifest.num_rows)]
+        return [item_input(list(values), stats) for values in zip(*(manifest[c].to_pylist() for c in cols))]
+
+    def describe_files(self) -> dict[str, Any]:
+        raise NotImplementedError("meta has no model files")
+
+    def prepare(self, row: dict[str, Any], root: Path) -> dict[str, Any]:
+        """The row itself (encoding needs the fitted statistics)."""
+        return row

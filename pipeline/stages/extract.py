@@ -6,6 +6,7 @@ Flags this parser does not know go to Beam (e.g. --runner=FlinkRunner --flink_ma
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -26,4 +27,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = args.modality
     spec = section(params, f"extract.modalities.{name}", lambda raw, where: extract.modality(name, raw, where))
     job = section(params, "extract.job", extract.JobConfig)
-    extract.run_extraction(spec, job, Path(args.manifest), Path(args.out), Path(args.metrics), beam_args)
+    job = dataclasses.replace(job, flags=(*job.flags, *beam_args))
+    extract.run_extraction(spec, job, Path(args.manifest), Path(args.out), Path(args.metrics))

@@ -35,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.allow_missing_columns:
         cfg = dataclasses.replace(cfg, allow_missing_columns=True)
     job, ingest = section(params, "extract.job", JobConfig), section(params, "ingest", IngestConfig)
+    job = dataclasses.replace(job, flags=(*job.flags, *beam_args))
     folder = runtime.require_folder(args.input or cfg.input, "dataset folder", "--input" if args.input else
                                     f"score.input in {runtime.origin_of(args.params, 'score.input')}")
-    summary = run_score(cfg, Path(args.model), folder, Path(args.output), job, ingest, beam_args)
+    summary = run_score(cfg, Path(args.model), folder, Path(args.output), job, ingest)
     if args.metrics:
         runtime.write_json(args.metrics, summary)
