@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -113,22 +112,6 @@ class Bundle:
         return cls(**{**{k: v for k, v in raw.items() if k in known},
                       "model_config": from_dict(ModelConfig, raw["model_config"], "bundle.model_config"),
                       "provenance": {m: ModalityRecord.from_meta(m, rec) for m, rec in raw["provenance"].items()}})
-
-
-def save_bundle(path: Path, model: nn.Module, model_cfg: ModelConfig, train_config: dict[str, Any],
-                store: FeatureStore, task: str, labels: Sequence[str], thresholds: np.ndarray | float,
-                manifest_meta: dict[str, Any] | None = None) -> Bundle:
-    """Weights plus everything needed to rebuild and check the model, and to score new data the same
-    way (the dataset contract and manifest fields of training)."""
-    bundle = Bundle(
-        model_config=model_cfg, train_config=train_config, task=task, label_names=list(labels),
-        thresholds=[float(t) for t in np.broadcast_to(thresholds, (len(labels),))],
-        dims=store.dims, categories=store.categories,
-        provenance={m: ModalityRecord.from_meta(m, meta) for m, meta in store.meta.items()},
-        dataset=(manifest_meta or {}).get("dataset"), fields=(manifest_meta or {}).get("fields"),
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
-    bundle.to_file(path)
-    return bundle
 
 
 def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Bundle]:

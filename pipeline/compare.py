@@ -79,6 +79,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "variant"
 
 
+# what to train (variants, seeds, the base params), on which data, where, and a progress callback
 def train_runs(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], train_params: Mapping[str, Any],
                manifest: Path, features_root: Path, out_dir: Path,
                on_run: Callable[[list[Run]], None] | None = None) -> list[Run]:

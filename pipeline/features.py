@@ -246,14 +246,6 @@ class FeatureWriter:
         os.replace(self.part, self.path)
 
 
-def write_feature_table(table: pa.Table, dim: int, meta: dict[str, Any], path: Path) -> pa.Table:
-    """Write a whole feature table (sorted by id here) with FeatureWriter; returns the table written."""
-    table = table.cast(feature_schema(dim)).sort_by(schema.ID)
-    with FeatureWriter(path, dim, meta) as writer:
-        writer.write(table)
-    return table
-
-
 def read_features(path: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """Read a feature set, verifying its page checksums and its content checksum; refuse it when its
     provenance differs from `expect` (key by key)."""

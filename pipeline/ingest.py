@@ -178,17 +178,18 @@ def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_co
     return vocab, Counter({lab: n for lab, n in everywhere.items() if lab not in vocab})
 
 
-def _keep_known_labels(accepted: list[dict[str, Any]], vocab: list[str], dataset: DatasetConfig, min_count: int,
-                       scoring: bool, rows: dict[str, RawRow], rejects: _Rejects) -> list[dict[str, Any]]:
-    """Drop labels outside the vocabulary; a multiclass training row left without its class is rejected."""
+def _keep_known_labels(accepted: list[dict[str, Any]], vocab: list[str], reject_below: int | None,
+                       rows: dict[str, RawRow], rejects: _Rejects) -> list[dict[str, Any]]:
+    """Drop labels outside the vocabulary; with `reject_below` (multiclass training: the minimum train
+    count), a row left without its class is rejected."""
     kept = []
     for rec in accepted:
         labels = rec[schema.LABELS]
         if labels is not None:
             rec[schema.LABELS] = [lab for lab in labels if lab in vocab]
-            if dataset.labels.kind == "multiclass" and not rec[schema.LABELS] and not scoring:
+            if reject_below is not None and not rec[schema.LABELS]:
                 rejects.add(rows[rec[schema.ID]], rec[schema.ID], RejectError(
-                    "bad_label", f"class {labels[0]!r} has fewer than {min_count} train rows"))
+                    "bad_label", f"class {labels[0]!r} has fewer than {reject_below} train rows"))
                 continue
         kept.append(rec)
     return kept
@@ -273,6 +274,8 @@ def check_media_folders(rows: list[RawRow], dataset: DatasetConfig, root: Path) 
                     f"or copy (or bind-mount) the media into {root}.")
 
 
+# the stage's settings and paths, plus what scoring passes to reuse it (a fixed split, the model's labels,
+# rows already read, no size limits): one entry point for both
 def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path,
                fixed_split: str | None = None, vocabulary: list[str] | None = None,
                rows: list[RawRow] | None = None, check_limits: bool = True) -> dict[str, Any]:
@@ -293,7 +296,8 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
     accepted = _validated(candidates, dataset, ingest, fixed_split, rejects)
     vocab, dropped = _label_vocabulary(accepted, dataset, ingest.min_label_count, vocabulary)
     if dataset.labels.column and dataset.labels.kind != "binary":
-        accepted = _keep_known_labels(accepted, vocab, dataset, ingest.min_label_count, vocabulary is not None,
+        multiclass_training = dataset.labels.kind == "multiclass" and vocabulary is None
+        accepted = _keep_known_labels(accepted, vocab, ingest.min_label_count if multiclass_training else None,
                                       dict(candidates), rejects)
     accepted.sort(key=lambda r: r[schema.ID])
     rejects.sort(key=lambda r: r[schema.SOURCE_ROW])

@@ -92,42 +92,52 @@ class _Collected:
             k: [] for k in ("item", "modality", "position", "share", "wins", "top_share")}
 
 
-def _concat_batch(model: torch.nn.Module, store: FeatureStore, idx: torch.Tensor, task: str, mods: list[str],
-                  cfg: PredictConfig, out: _Collected) -> None:
-    """The concat baseline: probabilities, and ablation by running the model without each modality."""
-    p = to_probs(task, model(store.batch(idx)).float())
-    out.probs.append(p.cpu())
-    if cfg.ablation:
-        out.drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
-                                      for m in mods], 2).cpu())
+@dataclass
+class _Scorer:
+    """One scoring pass: the model, its features and settings, and what the batches have collected."""
 
+    model: torch.nn.Module
+    store: FeatureStore
+    task: str
+    cfg: PredictConfig
+    out: _Collected = field(default_factory=_Collected)
 
-def _set_batch(model: SetModel, store: FeatureStore, idx: torch.Tensor, start: int, task: str, cfg: PredictConfig,
-               out: _Collected) -> None:
-    """The set model: probabilities, ablation drops, and element, modality and label importances."""
-    batch = store.batch(idx)
-    # the elements are encoded once; removing a modality only re-pools the others
-    x, seg, mod = model.elements(batch)
-    p = to_probs(task, model.head(model.pool(x, seg, mod, batch.size)).float())
-    out.probs.append(p.cpu())
-    if cfg.ablation:
-        keep = [mod != k for k in range(len(model.modalities))]
-        out.drops.append(torch.stack([p - to_probs(task, model.head(model.pool(
-            x[kp], seg[kp], mod[kp], batch.size)).float()) for kp in keep], 2).cpu())
-    imp = explain(model, batch, label_conditional=cfg.label_conditional, elements=(x, seg, mod))
-    out.shares.append(imp.modality_share.cpu())
-    el = out.elements
-    el["item"].append((imp.element_segment + start).cpu())
-    el["modality"].append(imp.element_modality.cpu())
-    el["position"].append(model.element_positions(batch).cpu())
-    el["share"].append(imp.element_share.cpu())
-    if imp.element_wins is not None:
-        el["wins"].append(imp.element_wins.cpu())
-    if imp.label_modality is not None:
-        out.label_modality.append(imp.label_modality.cpu())
-        top = p.argmax(1)  # the item's top label
-        rows = torch.arange(imp.element_segment.numel(), device=top.device)
-        el["top_share"].append(imp.label_element[rows, top[imp.element_segment]].cpu())
+    def concat_batch(self, idx: torch.Tensor) -> None:
+        """The concat baseline: probabilities, and ablation by running the model without each modality."""
+        model, store, task, out = self.model, self.store, self.task, self.out
+        p = to_probs(task, model(store.batch(idx)).float())
+        out.probs.append(p.cpu())
+        if self.cfg.ablation:
+            out.drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
+                                          for m in model.modalities], 2).cpu())
+
+    def set_batch(self, idx: torch.Tensor, start: int) -> None:
+        """The set model: probabilities, ablation drops, and element, modality and label importances
+        (`start`: the batch's first position among the items scored)."""
+        model, task, cfg, out = self.model, self.task, self.cfg, self.out
+        batch = self.store.batch(idx)
+        # the elements are encoded once; removing a modality only re-pools the others
+        x, seg, mod = model.elements(batch)
+        p = to_probs(task, model.head(model.pool(x, seg, mod, batch.size)).float())
+        out.probs.append(p.cpu())
+        if cfg.ablation:
+            keep = [mod != k for k in range(len(model.modalities))]
+            out.drops.append(torch.stack([p - to_probs(task, model.head(model.pool(
+                x[kp], seg[kp], mod[kp], batch.size)).float()) for kp in keep], 2).cpu())
+        imp = explain(model, batch, label_conditional=cfg.label_conditional, elements=(x, seg, mod))
+        out.shares.append(imp.modality_share.cpu())
+        el = out.elements
+        el["item"].append((imp.element_segment + start).cpu())
+        el["modality"].append(imp.element_modality.cpu())
+        el["position"].append(model.element_positions(batch).cpu())
+        el["share"].append(imp.element_share.cpu())
+        if imp.element_wins is not None:
+            el["wins"].append(imp.element_wins.cpu())
+        if imp.label_modality is not None:
+            out.label_modality.append(imp.label_modality.cpu())
+            top = p.argmax(1)  # the item's top label
+            rows = torch.arange(imp.element_segment.numel(), device=top.device)
+            el["top_share"].append(imp.label_element[rows, top[imp.element_segment]].cpu())
 
 
 @torch.no_grad()
@@ -140,14 +150,15 @@ def score_store(model: torch.nn.Module, bundle: Bundle, store: FeatureStore, pos
     is_set = isinstance(model, SetModel)
     device = next(model.parameters()).device
     idx_all = torch.as_tensor(positions, dtype=torch.long, device=device)
-    out = _Collected()
+    scorer = _Scorer(model, store, task, cfg)
+    out = scorer.out
     model.eval()
     for start in range(0, idx_all.numel(), cfg.batch_size):
         idx = idx_all[start:start + cfg.batch_size]
         if is_set:
-            _set_batch(model, store, idx, start, task, cfg, out)
+            scorer.set_batch(idx, start)
         else:
-            _concat_batch(model, store, idx, task, mods, cfg, out)
+            scorer.concat_batch(idx)
     n, L, Mn = idx_all.numel(), len(labels), len(mods)
 
     def cat(parts: list[torch.Tensor], shape: tuple[int, ...]) -> np.ndarray:
@@ -458,6 +469,7 @@ def write_plot_csv(summary: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# one parameter per input and output path the stage passes (dvc.yaml owns the paths), plus the settings
 def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_root: Path, out_dir: Path,
                 metrics_path: Path | None = None, plot_csv: Path | None = None) -> dict[str, Any]:
     """Predict every item of the chosen splits and write the outputs; returns the summary."""

@@ -144,7 +144,7 @@ class _Inputs:
 def _read_inputs(cfg: ReportConfig, pred_dir: Path, manifest_path: Path) -> _Inputs:
     summary = json.loads((pred_dir / "summary.json").read_text(encoding="utf-8"))
     mods = summary["modalities"]
-    kinds = summary.get("modality_kinds") or {}
+    kinds = summary["modality_kinds"]
     pred = pq.read_table(pred_dir / "predictions.parquet").to_pylist()
     manifest, mmeta = schema.read_manifest(manifest_path)
     text_cols = mmeta["fields"]["text"]
@@ -158,8 +158,7 @@ def _read_inputs(cfg: ReportConfig, pred_dir: Path, manifest_path: Path) -> _Inp
     for r in pq.read_table(pred_dir / "elements.parquet").to_pylist():
         if r[schema.ID] in wanted:
             elements.setdefault(r[schema.ID], []).append(r)
-    # A summary written before kinds were recorded: a modality's name is its kind (the defaults' naming).
-    return _Inputs(summary, {m: kinds.get(m) or m for m in mods}, {m: plots.colour(i) for i, m in enumerate(mods)},
+    return _Inputs(summary, kinds, {m: plots.colour(i) for i, m in enumerate(mods)},
                    Path(mmeta["dataset"]["dir"]), names, text_cols[0] if text_cols else None, pool, picked,
                    {r[schema.ID]: r for r in pq.read_table(pred_dir / "importance.parquet").to_pylist()},
                    label_importance, elements)

@@ -58,12 +58,12 @@ class FeatureStore:
         self.meta = meta  # provenance per modality, as recorded by extraction
 
     @classmethod
-    def load(cls, feature_dirs: dict[str, Path], ids: list[str], expect: dict[str, dict[str, Any]] | None = None) -> "FeatureStore":
-        """Read each modality's features.parquet, refusing provenance that differs from `expect`."""
+    def load(cls, feature_dirs: dict[str, Path], ids: list[str]) -> "FeatureStore":
+        """Read each modality's features.parquet (checksums verified; one manifest for all)."""
         packed, metas = {}, {}
         manifests = set()
         for name, folder in sorted(feature_dirs.items()):
-            table, meta = read_features(Path(folder) / "features.parquet", (expect or {}).get(name))
+            table, meta = read_features(Path(folder) / "features.parquet")
             if meta["modality"] != name:
                 raise FeatureMismatchError(f"{folder}: holds modality {meta['modality']!r}, expected {name!r}")
             manifests.add(meta["manifest_sha256"])

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline import metrics as M
 from pipeline import runtime
-from pipeline.bundle import check_same_manifest, feature_dirs, logits, predict, save_bundle, to_probs
+from pipeline.bundle import Bundle, ModalityRecord, check_same_manifest, feature_dirs, logits, predict, to_probs
 from pipeline.config import ConfigError, to_dict
 from pipeline.model import ModelConfig, build_model
 from pipeline.setdata import FeatureStore, drop_elements, label_matrix, read_manifest_labels
@@ -86,22 +86,23 @@ def _loss(task: str, crit: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> 
     return crit(logits, y.argmax(1)) if task == "multiclass" else crit(logits, y)
 
 
-def train_one_epoch(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig,
-                    task: str, opt: torch.optim.Optimizer, gen: torch.Generator, crit: nn.Module | None = None,
-                    drop_gen: torch.Generator | None = None) -> float:
-    """One pass over `idx` in shuffled batches; returns the mean training loss. `gen` shuffles (CPU),
-    `drop_gen` draws the element and modality dropout masks (on the store's device)."""
+def train_one_epoch(model: nn.Module, data: "TrainData", cfg: TrainConfig, opt: torch.optim.Optimizer,
+                    crit: nn.Module, gens: tuple[torch.Generator, torch.Generator]) -> float:
+    """One pass over the train split in shuffled batches; returns the mean training loss. `gens`: the
+    shuffling generator (CPU) and the one drawing the element and modality dropout masks (on the
+    store's device)."""
     model.train()
-    crit = crit or loss_fn(task)
+    gen, drop_gen = gens
+    idx = data.index["train"]
     perm = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
     total, n = 0.0, 0
     amp = cfg.amp and idx.device.type == "cuda"
     for start in range(0, perm.numel(), cfg.batch_size):
         b = perm[start:start + cfg.batch_size]
-        batch = drop_elements(store.batch(b), cfg.element_dropout, cfg.modality_dropout, drop_gen)
+        batch = drop_elements(data.store.batch(b), cfg.element_dropout, cfg.modality_dropout, drop_gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model(batch)
-        loss = _loss(task, crit, out.float(), y[b])
+        loss = _loss(data.task, crit, out.float(), data.y[b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -111,15 +112,15 @@ def train_one_epoch(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, store: FeatureStore, y: torch.Tensor, idx: torch.Tensor, task: str,
-             thresholds: np.ndarray | float = 0.5, crit: nn.Module | None = None) -> dict[str, float]:
-    """Loss and the field's metrics on `idx`; `crit` is the training loss (with its class weights), so a
-    val loss is the same loss as the train loss it is plotted with."""
+def evaluate(model: nn.Module, data: "TrainData", idx: torch.Tensor, thresholds: np.ndarray | float = 0.5,
+             crit: nn.Module | None = None) -> dict[str, float]:
+    """Loss and the field's metrics on items `idx`; `crit` is the training loss (with its class weights),
+    so a val loss is the same loss as the train loss it is plotted with."""
     if idx.numel() == 0:
         return {}
-    out_logits = logits(model, store, idx)
-    out = M.evaluate(task, y[idx].cpu().numpy(), to_probs(task, out_logits).cpu().numpy(), thresholds)
-    out["loss"] = float(_loss(task, crit or loss_fn(task), out_logits, y[idx]))
+    out_logits = logits(model, data.store, idx)
+    out = M.evaluate(data.task, data.y[idx].cpu().numpy(), to_probs(data.task, out_logits).cpu().numpy(), thresholds)
+    out["loss"] = float(_loss(data.task, crit or loss_fn(data.task), out_logits, data.y[idx]))
     return out
 
 
@@ -206,13 +207,13 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
     t_start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(model, data.store, data.y, train_idx, cfg, data.task, opt, gen, crit, drop_gen)
+        train_loss = train_one_epoch(model, data, cfg, opt, crit, (gen, drop_gen))
         if train_idx.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         t_train += dt
         n_seen += train_idx.numel()
-        val = evaluate(model, data.store, data.y, val_idx, data.task, crit=crit)
+        val = evaluate(model, data, val_idx, crit=crit)
         score = val[cfg.monitor]
         curve.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
                       f"val_{cfg.monitor}": round(score, 6)})
@@ -260,6 +261,18 @@ def threshold_record(cfg: TrainConfig, data: TrainData, thresholds: np.ndarray) 
     return out
 
 
+def bundle_of(model: nn.Module, cfg: TrainConfig, data: TrainData, thresholds: np.ndarray, seed: int) -> Bundle:
+    """The trained model as a bundle: weights, configs, labels, thresholds, the provenance of its features
+    and the dataset contract of training (so new folders are scored the same way)."""
+    return Bundle(
+        model_config=cfg.model, train_config={**to_dict(cfg), "seed": seed}, task=data.task,
+        label_names=list(data.names), thresholds=[float(t) for t in np.broadcast_to(thresholds, (len(data.names),))],
+        dims=data.store.dims, categories=data.store.categories,
+        provenance={m: ModalityRecord.from_meta(m, meta) for m, meta in data.store.meta.items()},
+        dataset=data.manifest_meta.get("dataset"), fields=data.manifest_meta.get("fields"),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
 def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
     """The training curve as CSV, for `dvc plots`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +282,7 @@ def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
         w.writerows(curve)
 
 
+# the settings, one parameter per input and output path the stage passes (dvc.yaml owns the paths), the seed
 def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, metrics_path: Path,
         plots_path: Path, seed: int = 0) -> dict[str, Any]:
     """Train, early-stop on val, evaluate on test, and write the bundle, metrics and curves."""
@@ -296,14 +310,13 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
         "thresholds": threshold_record(cfg, data, thresholds),
         "loss": "the training loss" + (" with per-label positive weights (train.imbalance: pos_weight)"
                                       if cfg.imbalance == "pos_weight" else ""),
-        "val": evaluate(model, data.store, data.y, data.index["val"], data.task, thresholds, crit),
-        "test": evaluate(model, data.store, data.y, test, data.task, thresholds, crit),
+        "val": evaluate(model, data, data.index["val"], thresholds, crit),
+        "test": evaluate(model, data, test, thresholds, crit),
         "labels_without_positives": {s: labels_without_positives(data, s) for s in ("val", "test")},
         "test_label_frequency_baseline": frequency_baseline(
             data.task, y_np, data.index["train"].cpu().numpy(), test.cpu().numpy()) if test.numel() else {},
     }
-    save_bundle(out_dir / "model.pt", model, cfg.model, {**to_dict(cfg), "seed": seed}, data.store, data.task,
-                data.names, thresholds, data.manifest_meta)
+    bundle_of(model, cfg, data, thresholds, seed).to_file(out_dir / "model.pt")
     runtime.write_json(metrics_path, result)
     write_curve(run["curve"], plots_path)
     log.info("test: %s (label-frequency baseline: %s)", {k: round(v, 4) for k, v in result["test"].items()},

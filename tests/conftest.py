@@ -160,3 +160,13 @@ def repo_data_untouched():
     existed = cache.exists()
     yield
     assert existed or not cache.exists(), f"a test wrote {cache}; give it a cache_dir under tmp_path"
+
+
+def write_features(table, dim: int, meta: dict[str, Any], path: Path):
+    """Write a whole feature table (sorted by id here) as extraction writes one; returns the table written."""
+    from pipeline import features, schema
+
+    table = table.cast(features.feature_schema(dim)).sort_by(schema.ID)
+    with features.FeatureWriter(path, dim, meta) as writer:
+        writer.write(table)
+    return table

@@ -207,3 +207,20 @@ def test_library_functions_take_typed_configs_not_params():
         calls = [n for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.Call) and
                  (getattr(n.func, "attr", None) or getattr(n.func, "id", None)) in ("section", "load_params")]
         assert not calls, f"{rel} reads params sections itself; take a typed config instead"
+
+
+def test_no_function_takes_more_than_six_parameters_without_saying_why():
+    """A function of pipeline/ with more than six parameters has a comment right above it saying why it
+    needs them (entry points that take one path per DVC output, for instance)."""
+    offenders = []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if len(names) > 6 and not lines[first - 2].lstrip().startswith("#"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({len(names)})")
+    assert not offenders, offenders

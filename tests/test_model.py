@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import write_features
 from pipeline import features, metrics, schema, setdata
 from pipeline import train as train_mod
 from pipeline.config import from_dict
@@ -170,7 +171,7 @@ def write_synthetic(root: Path, n: int = 240, seed: int = 0, rates: tuple[float,
                          "category_ids": None})
         meta = {"modality": name, "kind": "text", "extractor": "synthetic", "model_id": f"gen-{name}",
                 "weights_sha256": "0" * 64, "dim": dim, "manifest_sha256": sha}
-        features.write_feature_table(pa.Table.from_pylist(rows, schema=features.feature_schema(dim)), dim, meta,
+        write_features(pa.Table.from_pylist(rows, schema=features.feature_schema(dim)), dim, meta,
                                      root / "features" / name / "features.parquet")
     return manifest
 
@@ -210,7 +211,7 @@ def test_bundle_round_trip_and_feature_mismatch(tmp_path):
     with pytest.raises(FeatureMismatchError, match=r"a\.model_id: model has 'other-encoder', features have 'gen-a'"):
         check_store_matches(bundle, store)
     with pytest.raises(FeatureMismatchError, match="dim: expected 99"):
-        FeatureStore.load({"a": tmp_path / "features" / "a"}, ids, expect={"a": {"dim": 99}})
+        features.read_features(tmp_path / "features" / "a" / "features.parquet", {"dim": 99})
 
 
 @pytest.mark.gpu
@@ -390,7 +391,7 @@ def test_a_val_split_without_positives_trains_and_says_so(tmp_path, caplog):
         path = tmp_path / "features" / m / "features.parquet"
         got, meta = features.read_features(path)
         meta = {k: v for k, v in meta.items() if k in features.PROVENANCE_KEYS or k == "modality"}
-        features.write_feature_table(got, meta["dim"], {**meta, "manifest_sha256": features.file_sha256(manifest)}, path)
+        write_features(got, meta["dim"], {**meta, "manifest_sha256": features.file_sha256(manifest)}, path)
     cfg = train_cfg(epochs=3, monitor="mean_average_precision", tune_thresholds=False)
     with caplog.at_level(logging.WARNING):
         result = fit(cfg, manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
