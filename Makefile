@@ -28,6 +28,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# ruff, configured in pyproject.toml: lint rules and the formatter's check (`ruff format .` fixes the latter)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 # Refresh the pinned set from pyproject.toml's ranges (needs the package index).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

@@ -10,6 +10,7 @@ parts of 20,000 rows, as runs that computed that many would), then times, in the
 - `gather`: reading the entries back as the assembly does (the same bytes once more).
 No model runs: this measures the cache machinery only. Prints seconds and microseconds per entry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def build(root: Path, n: int, dim: int) -> tuple[cache.FeatureCache, list[str]]:
     keys = [f"{i:032x}" for i in range(n)]
     sch = cache.raw_schema(dim)
     for start in range(0, n, PART_ROWS):
-        part = keys[start:start + PART_ROWS]
+        part = keys[start : start + PART_ROWS]
         vecs = rng.standard_normal((len(part), dim), dtype=np.float32)
         values = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)
         vectors = pa.ListArray.from_arrays(pa.array(np.arange(len(part) + 1, dtype=np.int32)), values)
@@ -41,10 +42,14 @@ def build(root: Path, n: int, dim: int) -> tuple[cache.FeatureCache, list[str]]:
     return store, keys
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn, *args) -> tuple[float, object]:
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return time.perf_counter() - t0, out
+
+
+def count_rows(found: dict, ids: dict, dim: int) -> int:
+    return sum(t.num_rows for t in cache.gather(found, ids, dim))
 
 
 def main() -> None:
@@ -52,19 +57,22 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=10_000)
     ap.add_argument("--dim", type=int, default=1280)
     args = ap.parse_args()
-    print(f"{'entries':>8} {'MB':>7} {'locate s':>9} {'us/entry':>9} {'+verify s':>10} {'us/entry':>9} "
-          f"{'gather s':>9} {'us/entry':>9}")
+    print(
+        f"{'entries':>8} {'MB':>7} {'locate s':>9} {'us/entry':>9} {'+verify s':>10} {'us/entry':>9} "
+        f"{'gather s':>9} {'us/entry':>9}"
+    )
     for n in (args.base, 10 * args.base):
         with tempfile.TemporaryDirectory() as tmp:
             store, keys = build(Path(tmp), n, args.dim)
             mb = sum(p.stat().st_size for p in store.parts()) / 1e6
-            t_loc, found = timed(lambda: store.locate(keys))
-            t_ver, found2 = timed(lambda: store.locate_verified(keys))
+            t_loc, found = timed(store.locate, keys)
+            t_ver, found2 = timed(store.locate_verified, keys)
             assert len(found) == len(found2) == n
-            ids = {k: [k] for k in keys}
-            t_gat, _ = timed(lambda: sum(t.num_rows for t in cache.gather(found, ids, args.dim)))
-            print(f"{n:>8} {mb:>7.0f} {t_loc:>9.2f} {1e6 * t_loc / n:>9.1f} {t_ver:>10.2f} {1e6 * t_ver / n:>9.1f} "
-                  f"{t_gat:>9.2f} {1e6 * t_gat / n:>9.1f}")
+            t_gat, _ = timed(count_rows, found, {k: [k] for k in keys}, args.dim)
+            print(
+                f"{n:>8} {mb:>7.0f} {t_loc:>9.2f} {1e6 * t_loc / n:>9.1f} {t_ver:>10.2f} {1e6 * t_ver / n:>9.1f} "
+                f"{t_gat:>9.2f} {1e6 * t_gat / n:>9.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     python benchmarks/demo_detection.py [--data data]
 
 Faces: share of posters with planted faces where MTCNN finds exactly that many (and at least one),
-false detections on posters without planted faces, and the share of pasted face photos with a detection centred inside them. OCR: share of
-posters with a planted word where a kept box reads it exactly.
+false detections on posters without planted faces, and the share of pasted face photos with a detection
+centred inside them. OCR: share of posters with a planted word where a kept box reads it exactly.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -11,6 +11,7 @@ imports and the file cache are warm; the timed runs then go in the order naive, 
 The per-item cache is off. Numbers are items/s of wall time. For OCR and faces the sets found are
 counted too (elements and mean score per runner), so a speed-up that changes what is read shows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def bare_loop(ext, described, rows, root: Path, batch_size: int) -> float:
     payloads = [ext.prepare(r, root) for r in rows]
     ready = [p for p in payloads if p is not None]
     for start in range(0, len(ready), batch_size):
-        handler.infer_batch(ready[start:start + batch_size], model)
+        handler.infer_batch(ready[start : start + batch_size], model)
     return time.perf_counter() - t0
 
 
@@ -89,14 +90,22 @@ def main() -> None:
     raw = subset(Path(args.posters), args.n, work)
     params["dataset"]["dir"] = str(raw)
     manifest = work / "ingest" / "manifest.parquet"
-    run_ingest(section(params, "dataset", DatasetConfig), section(params, "ingest", IngestConfig),
-               work / "ingest", work / "ingest.json")
+    run_ingest(
+        section(params, "dataset", DatasetConfig),
+        section(params, "ingest", IngestConfig),
+        work / "ingest",
+        work / "ingest.json",
+    )
     table, meta = read_manifest(manifest)
     rows = table.to_pylist()
-    print(f"{len(rows)} posters from {args.posters}; torch threads {__import__('torch').get_num_threads()}; "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
-    header = (f"{'modality':<10} {'items':>5} {'beam it/s':>10} {'dask it/s':>10} {'bare it/s':>10} "
-              f"{'naive it/s':>11} {'beam/bare time':>15}  sets found (elements, mean score): beam | dask")
+    print(
+        f"{len(rows)} posters from {args.posters}; torch threads {__import__('torch').get_num_threads()}; "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}"
+    )
+    header = (
+        f"{'modality':<10} {'items':>5} {'beam it/s':>10} {'dask it/s':>10} {'bare it/s':>10} "
+        f"{'naive it/s':>11} {'beam/bare time':>15}  sets found (elements, mean score): beam | dask"
+    )
     print(header)
     print("-" * len(header))
     warm = work / "warm-manifest.parquet"
@@ -115,16 +124,18 @@ def main() -> None:
             naive_s = naive_loop(ext, described, rows, raw)
             bare_s = bare_loop(ext, described, rows, raw, cfg.batch_size)
         beam_s, found = timed_run(spec, job, manifest, work / "features" / modality)
-        dask_s, dask_found = timed_run(spec, dask_job, manifest, work / "dask" / modality) if args.dask_workers else (None, "")
+        dask_s, dask_found = (
+            timed_run(spec, dask_job, manifest, work / "dask" / modality) if args.dask_workers else (None, "")
+        )
         n = len(rows)
 
-        def rate(sec):
+        def rate(sec, n=n):
             return f"{n / sec:>10.2f}" if sec else f"{'-':>10}"
 
         ratio = f"{beam_s / bare_s:>14.2f}x" if bare_s else f"{'(no model)':>15}"
         naive = f"{n / naive_s:>11.2f}" if naive_s else f"{'-':>11}"
-        print(f"{modality:<10} {n:>5} {rate(beam_s)} {rate(dask_s)} {rate(bare_s)} {naive} {ratio}  {found} | {dask_found}",
-              flush=True)
+        rates = f"{rate(beam_s)} {rate(dask_s)} {rate(bare_s)} {naive} {ratio}"
+        print(f"{modality:<10} {n:>5} {rates}  {found} | {dask_found}", flush=True)
 
 
 def timed_run(spec, job, manifest: Path, out: Path) -> tuple[float, str]:

@@ -10,6 +10,7 @@ prints the counts, the wall time, the largest difference between the scored prob
 those the predict stage gives from the pipeline's own features, and the metrics against the genres
 kept aside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,19 @@ def main() -> None:
     manifest = run / "ingest" / "manifest.parquet"
     bundle = run / "models" / "score-bundle" / "model.pt"
     if not bundle.is_file():
-        fit(section(params, "train", TrainConfig), manifest, run / "features", bundle.parent,
-            run / "metrics" / "train-score-bundle.json", run / "plots" / "train-score-bundle.csv",
-            seed=params["base"]["seed"])
+        fit(
+            section(params, "train", TrainConfig),
+            manifest,
+            run / "features",
+            bundle.parent,
+            run / "metrics" / "train-score-bundle.json",
+            run / "plots" / "train-score-bundle.csv",
+            seed=params["base"]["seed"],
+        )
 
-    ids = [r["id"] for r in pq.read_table(manifest, columns=["id", "split"]).to_pylist() if r["split"] == "test"][:args.n]
+    ids = [r["id"] for r in pq.read_table(manifest, columns=["id", "split"]).to_pylist() if r["split"] == "test"][
+        : args.n
+    ]
     rows = {r["id"]: r for r in csv.DictReader(open(DATA / "movies.csv", encoding="utf-8"))}
     folder = run / f"new{args.n}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -67,22 +76,42 @@ def main() -> None:
 
     out = run / f"scored{args.n}"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "score", "--params", str(REPO / "params.yaml"),
-                    "--model", str(bundle), "--input", str(folder), "--output", str(out)], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "score",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--model",
+            str(bundle),
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+        ],
+        check=True,
+        cwd=REPO,
+    )
     wall = time.perf_counter() - t0
     summary = json.loads((out / "summary.json").read_text())
     scored = pq.read_table(out / "predictions.parquet").to_pandas().set_index("id")
     run_predict(PredictConfig(splits=("test",), device="cpu"), bundle, manifest, run / "features", run / "predict-test")
     ref = pq.read_table(run / "predict-test" / "predictions.parquet").to_pandas().set_index("id").loc[scored.index]
     prob_cols = [c for c in scored.columns if c.startswith("prob_")]
-    labels = [c[len("prob_"):] for c in prob_cols]
+    labels = [c[len("prob_") :] for c in prob_cols]
     y = np.array([[lab in truth[i] for lab in labels] for i in scored.index], dtype=float)
     print(f"counts: {summary['counts']}")
     print(f"dmms score wall time: {wall:.1f} s for {args.n} posters")
-    print(f"max |p(scored) - p(predict stage on pipeline features)|: "
-          f"{float(np.abs(scored[prob_cols].to_numpy() - ref[prob_cols].to_numpy()).max()):.2e}")
-    print("against the genres kept aside:",
-          {k: round(v, 3) for k, v in M.evaluate("multilabel", y, scored[prob_cols].to_numpy(), 0.5).items()})
+    print(
+        f"max |p(scored) - p(predict stage on pipeline features)|: "
+        f"{float(np.abs(scored[prob_cols].to_numpy() - ref[prob_cols].to_numpy()).max()):.2e}"
+    )
+    print(
+        "against the genres kept aside:",
+        {k: round(v, 3) for k, v in M.evaluate("multilabel", y, scored[prob_cols].to_numpy(), 0.5).items()},
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Generated features of MM-IMDb scale (the layout of train_throughput.py: ~21 elem
 - the predict stage's score_store: probabilities, argmax and label-conditional shares, element
   positions, and ablation by re-pooling the already encoded elements without each modality
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from train_throughput import LAYOUT, synthetic_store  # noqa: E402
+
+from pipeline.bundle import predict  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
 from pipeline.importance import explain  # noqa: E402
 from pipeline.model import ModelConfig, SetModel  # noqa: E402
 from pipeline.predict import PredictConfig, score_store  # noqa: E402
-from pipeline.bundle import predict  # noqa: E402
 from pipeline.runtime import resolve_device  # noqa: E402
-from train_throughput import LAYOUT, synthetic_store  # noqa: E402
 
 
 def timed(fn, device: torch.device) -> float:
@@ -57,28 +59,40 @@ def main() -> None:
     store = synthetic_store(args.items, torch.Generator().manual_seed(0)).to(device)
     cfg = from_dict(ModelConfig, {"dim": 256, "pooling": "max"}, "model")
     model = SetModel(cfg, {m: d for m, (d, _, _) in LAYOUT.items()}, {}, args.labels).to(device).eval()
-    bundle = {"task": "multilabel", "label_names": [f"L{i}" for i in range(args.labels)],
-              "thresholds": [0.5] * args.labels}
+    bundle = {
+        "task": "multilabel",
+        "label_names": [f"L{i}" for i in range(args.labels)],
+        "thresholds": [0.5] * args.labels,
+    }
     idx = torch.arange(args.items, device=device)
     bs = args.batch_size
 
     def chunks(fn):
         def run():
             for s in range(0, args.items, bs):
-                fn(idx[s:s + bs])
+                fn(idx[s : s + bs])
+
         return run
 
     variants = [
         ("probabilities only (baseline)", lambda: predict(model, store, idx, "multilabel", bs)),
         ("+ argmax importances", chunks(lambda b: explain(model, store.batch(b), label_conditional=False))),
         ("+ label-conditional shares", chunks(lambda b: explain(model, store.batch(b), label_conditional=True))),
-        ("ablation, naive (model per modality)", chunks(lambda b: [predict(model, store, b, "multilabel", bs, frozenset({m}))
-                                               for m in model.modalities])),
-        ("predict stage score_store (all)", lambda: score_store(model, bundle, store, np.arange(args.items),
-                                                                 ["test"] * args.items, PredictConfig(batch_size=bs))),
+        (
+            "ablation, naive (model per modality)",
+            chunks(lambda b: [predict(model, store, b, "multilabel", bs, frozenset({m})) for m in model.modalities]),
+        ),
+        (
+            "predict stage score_store (all)",
+            lambda: score_store(
+                model, bundle, store, np.arange(args.items), ["test"] * args.items, PredictConfig(batch_size=bs)
+            ),
+        ),
     ]
-    print(f"{args.items} items, {args.labels} labels, {len(LAYOUT)} modalities, batch {bs}, on {device}"
-          f" ({torch.get_num_threads()} CPU threads)")
+    print(
+        f"{args.items} items, {args.labels} labels, {len(LAYOUT)} modalities, batch {bs}, on {device}"
+        f" ({torch.get_num_threads()} CPU threads)"
+    )
     base = None
     print(f"{'variant':<36} {'seconds':>8} {'items/s':>10} {'x baseline time':>16}")
     for name, fn in variants:

@@ -10,6 +10,7 @@ train the same set model (max pooling, D=256) for the same epochs with the same 
 - padded: a torch DataLoader yields per-item tensors; collate pads every modality to the largest
   set in the batch, moves it to the device, and pooling uses the padding mask
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,15 @@ from pipeline.runtime import resolve_device  # noqa: E402
 from pipeline.setdata import FeatureStore, PackedModality  # noqa: E402
 
 # modality: (dim, min elements, max elements)
-LAYOUT = {"image": (1280, 1, 1), "faces": (1280, 0, 3), "ocr": (384, 0, 8), "plot": (384, 4, 18),
-          "title": (384, 1, 1), "tags": (384, 0, 3), "meta": (2, 1, 1)}
+LAYOUT = {
+    "image": (1280, 1, 1),
+    "faces": (1280, 0, 3),
+    "ocr": (384, 0, 8),
+    "plot": (384, 4, 18),
+    "title": (384, 1, 1),
+    "tags": (384, 0, 3),
+    "meta": (2, 1, 1),
+}
 
 
 def synthetic_store(n: int, gen: torch.Generator) -> FeatureStore:
@@ -46,8 +54,10 @@ class PerItem(Dataset):
     """The padded baseline's dataset: one dict of (n_i, d) tensors per item, as a per-item loader yields."""
 
     def __init__(self, store: FeatureStore, y: torch.Tensor):
-        self.items = [{m: p.vectors[p.offsets[i]:p.offsets[i + 1]].clone() for m, p in store.modalities.items()}
-                      for i in range(len(store.ids))]
+        self.items = [
+            {m: p.vectors[p.offsets[i] : p.offsets[i + 1]].clone() for m, p in store.modalities.items()}
+            for i in range(len(store.ids))
+        ]
         self.y = y
 
     def __len__(self) -> int:
@@ -101,8 +111,10 @@ def main() -> None:
     store = synthetic_store(args.items, gen)
     y = (torch.rand(args.items, args.labels, generator=gen) < 0.1).float()
     n_el = sum(int(p.offsets[-1]) for p in store.modalities.values())
-    print(f"device: {name}; {args.items} items, {n_el / args.items:.1f} elements/item, "
-          f"{store.nbytes() / 1e9:.2f} GB of features, batch {args.batch_size}, torch {torch.__version__}")
+    print(
+        f"device: {name}; {args.items} items, {n_el / args.items:.1f} elements/item, "
+        f"{store.nbytes() / 1e9:.2f} GB of features, batch {args.batch_size}, torch {torch.__version__}"
+    )
     cfg = from_dict(ModelConfig, {"dim": 256, "pooling": "max", "dropout": 0.0}, "model")
     dims = {m: d for m, (d, _, _) in LAYOUT.items()}
     crit = torch.nn.BCEWithLogitsLoss()
@@ -136,15 +148,21 @@ def main() -> None:
     def packed_epoch() -> None:
         perm = idx_all[torch.randperm(args.items, generator=gen).to(device)]
         for s in range(0, args.items, args.batch_size):
-            b = perm[s:s + args.batch_size]
+            b = perm[s : s + args.batch_size]
             step(crit(model(dstore.batch(b)), dy[b]))
 
     packed = best_epoch(packed_epoch)
 
     # padded DataLoader
     model, opt = fresh()
-    loader = DataLoader(PerItem(store, y), batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        PerItem(store, y),
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
 
     def padded_epoch() -> None:
         for padded, yb in loader:

@@ -8,12 +8,14 @@ and the dataset contract of training (so a new folder can be scored the same way
 Train writes bundles; predict and score load them as a typed `Bundle` (with a `ModalityRecord` per
 modality); nothing else reads the saved mapping. Importable with torch, pyarrow, numpy and pyyaml.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,12 +108,18 @@ class Bundle:
             raw = migrate_format_1(raw, path)
         if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise runtime.UserError(f"{path}: bundle format {found!r} not supported (this version reads "
-                                    f"{BUNDLE_FORMAT} and migrates 1); retrain the model with this version")
+            raise runtime.UserError(
+                f"{path}: bundle format {found!r} not supported (this version reads "
+                f"{BUNDLE_FORMAT} and migrates 1); retrain the model with this version"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in raw.items() if k in known},
-                      "model_config": from_dict(ModelConfig, raw["model_config"], "bundle.model_config"),
-                      "provenance": {m: ModalityRecord.from_meta(m, rec) for m, rec in raw["provenance"].items()}})
+        return cls(
+            **{
+                **{k: v for k, v in raw.items() if k in known},
+                "model_config": from_dict(ModelConfig, raw["model_config"], "bundle.model_config"),
+                "provenance": {m: ModalityRecord.from_meta(m, rec) for m, rec in raw["provenance"].items()},
+            }
+        )
 
 
 def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Bundle]:
@@ -123,14 +131,16 @@ def load_bundle(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
     except IsADirectoryError:
         raise runtime.UserError(f"{path} is a folder; give the model.pt inside it") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a bundle
-        raise runtime.UserError(f"{path} is not a model bundle written by train ({type(exc).__name__}: "
-                                f"{str(exc)[:160]})") from None
+        raise runtime.UserError(
+            f"{path} is not a model bundle written by train ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     try:
         bundle = Bundle.from_raw(raw, path)
         model = bundle.build_model(device)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise runtime.UserError(f"{path}: the model bundle is incomplete or damaged ({type(exc).__name__}: "
-                                f"{str(exc)[:160]})") from None
+        raise runtime.UserError(
+            f"{path}: the model bundle is incomplete or damaged ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     return model, bundle
 
 
@@ -146,8 +156,10 @@ def _ordered_meta_stats(rec: dict[str, Any], fields: dict[str, Any] | None) -> d
                 raise KeyError(f"{role} column order (neither the params nor the manifest fields record it)")
             chosen = fields[role]
         order[role] = [c for c in chosen if c in stats[role]]
-    return {"numeric": [{"column": c, **stats["numeric"][c]} for c in order["numeric"]],
-            "categorical": [{"column": c, "values": list(stats["categorical"][c])} for c in order["categorical"]]}
+    return {
+        "numeric": [{"column": c, **stats["numeric"][c]} for c in order["numeric"]],
+        "categorical": [{"column": c, "values": list(stats["categorical"][c])} for c in order["categorical"]],
+    }
 
 
 def migrate_format_1(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -159,8 +171,10 @@ def migrate_format_1(raw: dict[str, Any], path: Path) -> dict[str, Any]:
             try:
                 rec["stats"] = _ordered_meta_stats(rec, raw.get("fields"))
             except (KeyError, TypeError, AttributeError) as exc:
-                raise runtime.UserError(f"{path}: a bundle of an earlier version whose meta modality {m!r} cannot be "
-                                        f"read ({exc}); retrain the model with this version (dvc repro train)") from None
+                raise runtime.UserError(
+                    f"{path}: a bundle of an earlier version whose meta modality {m!r} cannot be "
+                    f"read ({exc}); retrain the model with this version (dvc repro train)"
+                ) from None
             rec.pop("categorical", None)
             rec["weights_sha256"] = features.json_sha256(rec["stats"])  # as extractors.meta computes it
     raw["format"] = BUNDLE_FORMAT
@@ -176,8 +190,12 @@ def check_store_matches(bundle: Bundle, store: FeatureStore) -> None:
             problems.append(f"{m}: missing")
             continue
         rec = record.as_dict()
-        problems += [f"{m}.{d}" for d in features.provenance_diffs(
-            rec, meta, features.keys_to_match(rec, features.MATCH_KEYS), "model has", "features have")]
+        problems += [
+            f"{m}.{d}"
+            for d in features.provenance_diffs(
+                rec, meta, features.keys_to_match(rec, features.MATCH_KEYS), "model has", "features have"
+            )
+        ]
     if problems:
         raise FeatureMismatchError("features do not match the model bundle: " + "; ".join(problems))
 
@@ -186,7 +204,9 @@ def check_same_manifest(store: FeatureStore, manifest: Path, features_root: Path
     """Refuse feature sets extracted from another manifest than `manifest`."""
     sha = file_sha256(manifest)  # FeatureStore.load already checked that all sets share one manifest
     if any(meta["manifest_sha256"] != sha for meta in store.meta.values()):
-        raise FeatureMismatchError(f"features under {features_root} were extracted from another manifest than {manifest}")
+        raise FeatureMismatchError(
+            f"features under {features_root} were extracted from another manifest than {manifest}"
+        )
 
 
 def feature_dirs(root: Path, modalities: Sequence[str] | None, what: str = "train.modalities") -> dict[str, Path]:
@@ -204,7 +224,8 @@ def feature_dirs(root: Path, modalities: Sequence[str] | None, what: str = "trai
         if unfinished:
             raise runtime.UserError(
                 f"{root}: modality folder(s) {unfinished} hold no features.parquet: their extraction did not finish. "
-                f"Run it again (dvc repro extract@{unfinished[0]}), or name the modalities to use in {what}")
+                f"Run it again (dvc repro extract@{unfinished[0]}), or name the modalities to use in {what}"
+            )
         if not found:
             raise runtime.UserError(f"no feature sets under {root} (expected <modality>/features.parquet)")
         return found
@@ -249,17 +270,23 @@ def to_probs(task: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits(model: nn.Module, store: FeatureStore, idx: torch.Tensor, batch_size: int = 1024,
-           drop: frozenset[str] = frozenset()) -> torch.Tensor:
+def logits(
+    model: nn.Module, store: FeatureStore, idx: torch.Tensor, batch_size: int = 1024, drop: frozenset[str] = frozenset()
+) -> torch.Tensor:
     """Logits (len(idx), L) in eval mode, in chunks of `batch_size`; `drop` removes modalities."""
     model.eval()
-    out = [model(store.batch(idx[s:s + batch_size], drop)).float() for s in range(0, idx.numel(), batch_size)]
+    out = [model(store.batch(idx[s : s + batch_size], drop)).float() for s in range(0, idx.numel(), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, store: FeatureStore, idx: torch.Tensor, task: str, batch_size: int = 1024,
-            drop: frozenset[str] = frozenset()) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    store: FeatureStore,
+    idx: torch.Tensor,
+    task: str,
+    batch_size: int = 1024,
+    drop: frozenset[str] = frozenset(),
+) -> torch.Tensor:
     """Probabilities (len(idx), L) in eval mode; `drop` removes modalities at inference."""
     return to_probs(task, logits(model, store, idx, batch_size, drop))
-

@@ -26,6 +26,7 @@ to <folder>/quarantine/ with the reason beside it and its items computed again. 
 be deleted at any time (the next run computes everything again); `dmms cache` lists, prunes and
 compacts it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -41,9 +42,10 @@ import platform
 import socket
 import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,7 +79,7 @@ def installed_version(distribution: str) -> str:
         return "absent"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_digest(name: str) -> str:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
@@ -85,8 +87,13 @@ def _module_digest(name: str) -> str:
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     for node in ast.walk(tree):  # docstrings say, they do not compute
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
@@ -98,18 +105,21 @@ def code_digest(modules: Sequence[str]) -> str:
 
 def software(libraries: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
     """What computes an extractor's output besides its model: library versions, Python, project code."""
-    return {"libraries": {d: installed_version(d) for d in sorted(libraries)},
-            "python": ".".join(platform.python_version_tuple()[:2]),
-            "code": code_digest(sources), "cache_format": CACHE_FORMAT}
+    return {
+        "libraries": {d: installed_version(d) for d in sorted(libraries)},
+        "python": ".".join(platform.python_version_tuple()[:2]),
+        "code": code_digest(sources),
+        "cache_format": CACHE_FORMAT,
+    }
 
 
-def fingerprint(described: dict[str, Any], params: dict[str, Any], filter_params: Iterable[str],
-                soft: dict[str, Any]) -> str:
+def fingerprint(
+    described: dict[str, Any], params: dict[str, Any], filter_params: Iterable[str], soft: dict[str, Any]
+) -> str:
     """sha256 over an extractor's provenance (`described`), its params minus the runtime-only and
     filter-only ones, and the software that runs it (`soft`, see software())."""
     skip = RUNTIME_PARAMS | set(filter_params)
-    payload = {"described": described, "params": {k: v for k, v in params.items() if k not in skip},
-               "software": soft}
+    payload = {"described": described, "params": {k: v for k, v in params.items() if k not in skip}, "software": soft}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -132,7 +142,7 @@ _READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 def _part_name() -> str:
     """A part's file name: UTC time first, so names sort by when they were written (first wins)."""
-    return f"part-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}.parquet"
+    return f"part-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,7 +164,7 @@ class FeatureCache:
         self.quarantined: list[str] = []  # parts moved aside in this process, with their reason
 
     @classmethod
-    def at(cls, folder: Path, dim: int) -> "FeatureCache":
+    def at(cls, folder: Path, dim: int) -> FeatureCache:
         """The cache of an existing extractor folder (maintenance: `dmms cache compact`)."""
         store = cls(folder.parent, "", "", dim)
         store.folder = folder
@@ -227,8 +237,10 @@ class FeatureCache:
                 for g in range(pf.num_row_groups):
                     table = pf.read_row_group(g).cast(raw_schema(self.dim))
                     if table.num_rows != pf.metadata.row_group(g).num_rows:
-                        raise ValueError(f"row group {g} holds {table.num_rows} rows, its footer says "
-                                         f"{pf.metadata.row_group(g).num_rows}")
+                        raise ValueError(
+                            f"row group {g} holds {table.num_rows} rows, its footer says "
+                            f"{pf.metadata.row_group(g).num_rows}"
+                        )
             except _READ_ERRORS as exc:
                 self.quarantine(part, f"corrupt: {type(exc).__name__}: {str(exc)[:200]}")
                 bad.append(part)
@@ -287,8 +299,9 @@ class PartError(Exception):
         self.part = part
 
 
-def gather(locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[str]], dim: int,
-           batch_rows: int = PART_ROW_GROUP) -> Iterator[pa.Table]:
+def gather(
+    locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[str]], dim: int, batch_rows: int = PART_ROW_GROUP
+) -> Iterator[pa.Table]:
     """The raw rows of `locations` as feature tables (key replaced by every id that has that key), part by
     part and row group by row group: memory holds one row group, not the modality."""
     by_part: dict[Path, list[tuple[int, str]]] = {}
@@ -314,8 +327,8 @@ def gather(locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[st
                     take.append(r)
                     ids.append(item_id)
             for start in range(0, len(take), batch_rows):
-                chunk = table.take(pa.array(take[start:start + batch_rows])).drop_columns([KEY])
-                yield chunk.add_column(0, schema.ID, pa.array(ids[start:start + batch_rows], pa.string()))
+                chunk = table.take(pa.array(take[start : start + batch_rows])).drop_columns([KEY])
+                yield chunk.add_column(0, schema.ID, pa.array(ids[start : start + batch_rows], pa.string()))
 
 
 # ------------------------------------------------------------------ maintenance (`dmms cache`)
@@ -337,18 +350,30 @@ def describe_folder(folder: Path) -> dict[str, Any]:
             unreadable += 1
     described = about.get("described") or {}
     files = [p for p in folder.rglob("*") if p.is_file()]
-    return {"folder": folder.name, "fingerprint": about.get("fingerprint"), "kind": folder.name.rsplit("-", 1)[0],
-            "model_id": described.get("model_id"), "dim": described.get("dim"), "params": about.get("params"),
-            "software": about.get("software"), "parts": len(parts), "entries": entries, "unreadable_parts": unreadable,
-            "quarantined": len(list((folder / QUARANTINE).glob("part-*.parquet"))),
-            "bytes": sum(p.stat().st_size for p in files),
-            "last_written": max((p.stat().st_mtime for p in parts), default=None)}
+    return {
+        "folder": folder.name,
+        "fingerprint": about.get("fingerprint"),
+        "kind": folder.name.rsplit("-", 1)[0],
+        "model_id": described.get("model_id"),
+        "dim": described.get("dim"),
+        "params": about.get("params"),
+        "software": about.get("software"),
+        "parts": len(parts),
+        "entries": entries,
+        "unreadable_parts": unreadable,
+        "quarantined": len(list((folder / QUARANTINE).glob("part-*.parquet"))),
+        "bytes": sum(p.stat().st_size for p in files),
+        "last_written": max((p.stat().st_mtime for p in parts), default=None),
+    }
 
 
 def folders(root: Path) -> list[Path]:
     """The extractor folders under a cache root."""
-    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if Path(root).is_dir() else []
+    return (
+        sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+        if Path(root).is_dir()
+        else []
+    )
 
 
 def compact(store: FeatureCache) -> dict[str, int]:
@@ -380,7 +405,7 @@ def compact(store: FeatureCache) -> dict[str, int]:
             pf, at = pq.ParquetFile(part, page_checksum_verification=True), 0
             for g in range(pf.num_row_groups):
                 table = pf.read_row_group(g).cast(raw_schema(store.dim))
-                yield table.filter(pa.array(keep[part][at:at + table.num_rows]))
+                yield table.filter(pa.array(keep[part][at : at + table.num_rows]))
                 at += table.num_rows
 
     merged, after = store.write_part(rows())

@@ -1,9 +1,10 @@
 """The `dmms` command: one subcommand per pipeline step, each the same code its DVC stage runs."""
+
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline import runtime
 
@@ -18,8 +19,10 @@ COMMANDS = {
     "score": ("pipeline.stages.score", "score a new dataset folder with a trained model (ingest, extract, predict)"),
     # tools, not stages
     "cache": ("pipeline.commands.cache", "list, prune and compact the per-item extraction cache"),
-    "compare": ("pipeline.commands.compare", "train variants over several seeds (or read a DVC sweep): mean, spread, "
-                                             "paired differences"),
+    "compare": (
+        "pipeline.commands.compare",
+        "train variants over several seeds (or read a DVC sweep): mean, spread, paired differences",
+    ),
 }
 
 

@@ -6,15 +6,17 @@ DVC experiments made), reports mean and standard deviation of each test metric, 
 between two variants paired by seed with a 95% t-interval over seeds. The label-frequency
 baseline (every item gets the train frequencies; F1 from the k most frequent labels) is the floor.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +26,47 @@ from pipeline.config import from_dict
 log = logging.getLogger(__name__)
 
 METRICS = ("f1_micro", "f1_macro", "f1_weighted", "f1_samples", "mean_average_precision")
-SHORT = {"f1_micro": "F1 micro", "f1_macro": "F1 macro", "f1_weighted": "F1 weighted", "f1_samples": "F1 samples",
-         "mean_average_precision": "mAP"}
+SHORT = {
+    "f1_micro": "F1 micro",
+    "f1_macro": "F1 macro",
+    "f1_weighted": "F1 weighted",
+    "f1_samples": "F1 samples",
+    "mean_average_precision": "mAP",
+}
 FREQUENCY = "label frequencies"
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (more: the normal's 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 @dataclass
@@ -80,21 +117,36 @@ def slug(name: str) -> str:
 
 
 # what to train (variants, seeds, the base params), on which data, where, and a progress callback
-def train_runs(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], train_params: Mapping[str, Any],
-               manifest: Path, features_root: Path, out_dir: Path,
-               on_run: Callable[[list[Run]], None] | None = None) -> list[Run]:
+def train_runs(
+    variants: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    train_params: Mapping[str, Any],
+    manifest: Path,
+    features_root: Path,
+    out_dir: Path,
+    on_run: Callable[[list[Run]], None] | None = None,
+) -> list[Run]:
     """Train every variant (overrides of the params train section) with every seed; models, metrics
     and curves go under `out_dir`; `on_run` sees the runs so far after each one (to save them as they come)."""
     from pipeline.train import TrainConfig, fit
 
-    configs = {name: from_dict(TrainConfig, runtime.merge(dict(train_params), dict(over)), f"variants.{name}")
-               for name, over in variants.items()}  # every variant is checked before anything is trained
+    configs = {
+        name: from_dict(TrainConfig, runtime.merge(dict(train_params), dict(over)), f"variants.{name}")
+        for name, over in variants.items()
+    }  # every variant is checked before anything is trained
     runs = []
     for name, cfg in configs.items():
         for seed in seeds:
             tag = f"{slug(name)}-seed{seed}"
-            res = fit(cfg, manifest, features_root, out_dir / "models" / tag, out_dir / "metrics" / f"{tag}.json",
-                      out_dir / "curves" / f"{tag}.csv", seed=seed)
+            res = fit(
+                cfg,
+                manifest,
+                features_root,
+                out_dir / "models" / tag,
+                out_dir / "metrics" / f"{tag}.json",
+                out_dir / "curves" / f"{tag}.csv",
+                seed=seed,
+            )
             runs.append(Run(name, seed, res["test"], res.get("test_label_frequency_baseline", {})))
             if on_run is not None:
                 on_run(runs)
@@ -127,8 +179,12 @@ def _records(exp_show: Iterable[dict[str, Any]]) -> Iterable[tuple[str, dict[str
                     yield rev.get("name") or rev["rev"][:7], rev["data"], True
 
 
-def runs_from_experiments(exp_show: list[dict[str, Any]], metrics_file: str = "data/metrics/train.json",
-                          params_file: str = "params.yaml", seed_key: str = "base.seed") -> list[Run]:
+def runs_from_experiments(
+    exp_show: list[dict[str, Any]],
+    metrics_file: str = "data/metrics/train.json",
+    params_file: str = "params.yaml",
+    seed_key: str = "base.seed",
+) -> list[Run]:
     """Runs from `dvc exp show --json`: each experiment (and the baseline commit) is one run; its variant
     is named by the params it changed against the baseline, other than the seed."""
     records = []
@@ -138,13 +194,15 @@ def runs_from_experiments(exp_show: list[dict[str, Any]], metrics_file: str = "d
         if metrics.get("test"):
             records.append((name, params, metrics))
     if not records:
-        raise runtime.UserError(f"no experiment has test metrics in {metrics_file}; run the sweep first "
-                                "(dvc exp run --queue ..., dvc queue start) and wait for it (dvc queue status)")
+        raise runtime.UserError(
+            f"no experiment has test metrics in {metrics_file}; run the sweep first "
+            "(dvc exp run --queue ..., dvc queue start) and wait for it (dvc queue status)"
+        )
     keys = sorted({k for _, p, _ in records for k in p} - {seed_key})
     varying = [k for k in keys if len({repr(p.get(k)) for _, p, _ in records}) > 1]
     base_values = {k: _mode([p.get(k) for _, p, _ in records]) for k in varying}  # what most runs share
     runs, seen = [], set()
-    for name, params, metrics in records:
+    for _name, params, metrics in records:
         diff = [f"{k}={params.get(k)}" for k in varying if params.get(k) != base_values[k]]
         variant = ", ".join(diff) or "params.yaml as committed"
         seed = int(params.get(seed_key, 0) or 0)
@@ -176,11 +234,19 @@ def summarise(runs: Sequence[Run]) -> list[Summary]:
     for v in order:
         rs = [r for r in runs if r.variant == v]
         vals = {m: np.array([r.test[m] for r in rs if r.test.get(m) is not None], dtype=float) for m in METRICS}
-        out.append(Summary(v, [r.seed for r in rs], {m: float(x.mean()) if x.size else math.nan for m, x in vals.items()},
-                           {m: float(x.std(ddof=1)) if x.size > 1 else 0.0 for m, x in vals.items()}))
+        out.append(
+            Summary(
+                v,
+                [r.seed for r in rs],
+                {m: float(x.mean()) if x.size else math.nan for m, x in vals.items()},
+                {m: float(x.std(ddof=1)) if x.size > 1 else 0.0 for m, x in vals.items()},
+            )
+        )
     base = next((r.baseline for r in runs if r.baseline), None)
     if base:
-        out.append(Summary(FREQUENCY, [], {m: float(base.get(m, math.nan)) for m in METRICS}, {m: 0.0 for m in METRICS}))
+        out.append(
+            Summary(FREQUENCY, [], {m: float(base.get(m, math.nan)) for m in METRICS}, {m: 0.0 for m in METRICS})
+        )
     return out
 
 
@@ -201,15 +267,21 @@ def paired(runs: Sequence[Run], a: str, b: str, metric: str) -> Paired:
 
 def markdown(summaries: Sequence[Summary], pairs: Sequence[Paired] = ()) -> str:
     """The comparison as markdown: mean ± std over seeds per variant, then the paired differences."""
-    lines = ["| variant | seeds | " + " | ".join(SHORT[m] for m in METRICS) + " |",
-             "|---|---:|" + "---:|" * len(METRICS)]
+    lines = [
+        "| variant | seeds | " + " | ".join(SHORT[m] for m in METRICS) + " |",
+        "|---|---:|" + "---:|" * len(METRICS),
+    ]
     for s in summaries:
-        cells = [f"{s.mean[m]:.4f} ± {s.std[m]:.4f}" if s.seeds and len(s.seeds) > 1 else f"{s.mean[m]:.4f}"
-                 for m in METRICS]
+        cells = [
+            f"{s.mean[m]:.4f} ± {s.std[m]:.4f}" if s.seeds and len(s.seeds) > 1 else f"{s.mean[m]:.4f}" for m in METRICS
+        ]
         lines.append(f"| {s.variant} | {len(s.seeds) or '-'} | " + " | ".join(cells) + " |")
     if pairs:
-        lines += ["", "| difference (paired by seed) | metric | seeds | mean | 95% interval | verdict |",
-                  "|---|---|---:|---:|---|---|"]
+        lines += [
+            "",
+            "| difference (paired by seed) | metric | seeds | mean | 95% interval | verdict |",
+            "|---|---|---:|---:|---|---|",
+        ]
         for p in pairs:
             interval = f"[{p.low:+.4f}, {p.high:+.4f}]" if math.isfinite(p.low) else "-"
             lines.append(f"| {p.a} − {p.b} | {SHORT[p.metric]} | {p.n} | {p.mean:+.4f} | {interval} | {p.verdict} |")
@@ -228,8 +300,10 @@ def chart(summaries: Sequence[Summary], metrics: Sequence[str] = ("f1_macro", "m
     for p in parts:
         inner.append(f'<g transform="translate({x},0)">{p}</g>')
         x += int(re.search(r'width="(\d+)"', p).group(1)) + 10
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'role="img" aria-label="{escape("model comparison")}">' + "".join(inner) + "</svg>\n")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{escape("model comparison")}">' + "".join(inner) + "</svg>\n"
+    )
 
 
 def read_runs(path: Path) -> list[Run]:
@@ -249,10 +323,13 @@ def write(runs: Sequence[Run], out_dir: Path, pairs: Sequence[tuple[str, str]] =
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(table, encoding="utf-8")
     (out_dir / "chart.svg").write_text(chart(summaries), encoding="utf-8")
-    runtime.write_json(out_dir / "runs.json", {
-        "runs": [{"variant": r.variant, "seed": r.seed, "test": r.test} for r in runs],
-        "baseline": next((r.baseline for r in runs if r.baseline), {}),
-        "summary": [{"variant": s.variant, "seeds": s.seeds, "mean": s.mean, "std": s.std} for s in summaries],
-        "paired": [vars(p) | {"verdict": p.verdict} for p in diffs],
-    })
+    runtime.write_json(
+        out_dir / "runs.json",
+        {
+            "runs": [{"variant": r.variant, "seed": r.seed, "test": r.test} for r in runs],
+            "baseline": next((r.baseline for r in runs if r.baseline), {}),
+            "summary": [{"variant": s.variant, "seeds": s.seeds, "mean": s.mean, "std": s.std} for s in summaries],
+            "paired": [vars(p) | {"verdict": p.verdict} for p in diffs],
+        },
+    )
     return table

@@ -4,14 +4,16 @@ Every section is a frozen dataclass. Building one from a dict rejects unknown ke
 valid ones) and values of the wrong type, so a typo in params.yaml fails loudly instead of being
 silently ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -39,9 +41,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
     if origin is dict:
         kt, vt = typing.get_args(tp)
-        return isinstance(value, dict) and all(
-            _type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items()
-        )
+        return isinstance(value, dict) and all(_type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items())
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True
@@ -52,7 +52,7 @@ MOVED = {
     "train.seed": "base.seed (one seed for every stage that draws random numbers)",
     "base.log_level": "the --log-level option or $DMMS_LOG_LEVEL (logging changes no output, so it is not a param)",
     "demo.size": "demo.items (DVC 3 leaves any param named `size` out of its run-cache key, so changing it "
-                 "restored the old dataset)",
+    "restored the old dataset)",
 }
 
 
@@ -68,9 +68,7 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     if unknown:
         keys = [f"{where}.{k}" for k in unknown]
         moved = "".join(f"; {key} is now {MOVED[key]}" for key in keys if key in MOVED)
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}{moved}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}{moved}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = f"{where}.{name}"
@@ -179,16 +177,12 @@ class SplitConfig:
     """Take the split from a column, or derive it from a stable hash of the id."""
 
     column: str | None = None
-    fractions: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
-    )
+    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     salt: str = "dmms-split"
 
     def validate(self, where: str) -> None:
         if set(self.fractions) != set(schema.SPLITS):
-            raise ConfigError(
-                f"{where}.fractions: expected keys {list(schema.SPLITS)}, found {sorted(self.fractions)}"
-            )
+            raise ConfigError(f"{where}.fractions: expected keys {list(schema.SPLITS)}, found {sorted(self.fractions)}")
         if any(v < 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
             raise ConfigError(
                 f"{where}.fractions: expected non-negative fractions summing to 1, found {self.fractions}"
@@ -214,9 +208,7 @@ class DatasetConfig:
 
     def validate(self, where: str) -> None:
         if self.format not in schema.DATASET_FORMATS:
-            raise ConfigError(
-                f"{where}.format: expected one of {schema.DATASET_FORMATS}, found {self.format!r}"
-            )
+            raise ConfigError(f"{where}.format: expected one of {schema.DATASET_FORMATS}, found {self.format!r}")
         fields = self.feature_columns()
         dup = sorted({c for c in fields if fields.count(c) > 1})
         if dup:
@@ -250,8 +242,9 @@ class IngestConfig:
         if not 0 <= self.max_reject_fraction <= 1:
             raise ConfigError(f"{where}.max_reject_fraction: expected 0..1, found {self.max_reject_fraction}")
         if self.max_image_pixels <= 0 or self.workers <= 0 or self.min_label_count < 1 or self.max_field_chars < 1:
-            raise ConfigError(f"{where}: max_image_pixels, max_field_chars and workers must be > 0, "
-                              "min_label_count >= 1")
+            raise ConfigError(
+                f"{where}: max_image_pixels, max_field_chars and workers must be > 0, min_label_count >= 1"
+            )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ reshuffled partitions), and a DoFn is set up and torn down around every bundle, 
 its model once per bundle (Beam's `Shared` cache does not keep it across bundles here): with the
 default partitions, twice per worker thread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.internal import pickler
@@ -61,12 +63,20 @@ class DaskClusterOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--dask_local_workers", type=int, default=2,
-                            help="Worker processes of the local Dask cluster started when neither "
-                                 "--dask_client_address nor --dask_scheduler_file is given.")
-        parser.add_argument("--dask_threads_per_worker", type=int, default=1,
-                            help="Threads per local worker process; also its OMP_NUM_THREADS and "
-                                 "MKL_NUM_THREADS, so that torch inside a worker does not oversubscribe.")
+        parser.add_argument(
+            "--dask_local_workers",
+            type=int,
+            default=2,
+            help="Worker processes of the local Dask cluster started when neither "
+            "--dask_client_address nor --dask_scheduler_file is given.",
+        )
+        parser.add_argument(
+            "--dask_threads_per_worker",
+            type=int,
+            default=1,
+            help="Threads per local worker process; also its OMP_NUM_THREADS and "
+            "MKL_NUM_THREADS, so that torch inside a worker does not oversubscribe.",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +95,7 @@ def _read_bundles(bundles: Sequence[Any]) -> list:
 def _deal(partition: Iterable, index: int, target: int, n: int) -> list:
     """The elements of input partition `index` that go to output partition `target` of `n`: element t
     of partition i goes to (i + t) % n, so the elements are dealt round-robin, deterministically."""
-    return list(partition)[(target - index) % n::n]
+    return list(partition)[(target - index) % n :: n]
 
 
 def _concat(pieces: Sequence[list]) -> list:
@@ -149,11 +159,20 @@ class _Warm:
     def __init__(self, spec: _ParDoSpec, side_values: Sequence[list]):
         self.spec, self.out = spec, []
         self.receivers = _Receivers({tag: _Collect(self.out, tag) for tag in spec.tags})
-        side_inputs = [SideInputMap(view, options, [_in_global_window(v) for v in values])
-                       for (view, options), values in zip(spec.views, side_values)]
-        self.runner = DoFnRunner(spec.fn, spec.args, spec.kwargs, side_inputs, spec.windowing,
-                                 tagged_receivers=self.receivers, step_name=spec.label,
-                                 state=DoFnState(CounterFactory()))
+        side_inputs = [
+            SideInputMap(view, options, [_in_global_window(v) for v in values])
+            for (view, options), values in zip(spec.views, side_values)
+        ]
+        self.runner = DoFnRunner(
+            spec.fn,
+            spec.args,
+            spec.kwargs,
+            side_inputs,
+            spec.windowing,
+            tagged_receivers=self.receivers,
+            step_name=spec.label,
+            state=DoFnState(CounterFactory()),
+        )
         self.runner.setup()
 
 
@@ -252,16 +271,21 @@ class _BagBuilder(PipelineVisitor):
             else:
                 bag = op.apply(in_bags[0] if in_bags else None)
         if bag is None and node.outputs:
-            raise NotImplementedError(f"{node.full_label}: DaskRunner cannot run {type(transform).__name__} "
-                                      "(no translation, and no input it could pass through)")
+            raise NotImplementedError(
+                f"{node.full_label}: DaskRunner cannot run {type(transform).__name__} "
+                "(no translation, and no input it could pass through)"
+            )
         self.leaves.append((node, bag))
         for tag, pcoll in node.outputs.items():
             self.bags[pcoll] = self.output(node, bag, tag)
 
     def sinks(self) -> list[Any]:
         """The bags of the transforms whose outputs nobody reads: the ends of every branch."""
-        return [bag for node, bag in self.leaves
-                if bag is not None and not any(id(pc) in self.consumed for pc in node.outputs.values())]
+        return [
+            bag
+            for node, bag in self.leaves
+            if bag is not None and not any(id(pc) in self.consumed for pc in node.outputs.values())
+        ]
 
     # -- fixes ------------------------------------------------------------------------------
 
@@ -298,15 +322,18 @@ class _BagBuilder(PipelineVisitor):
         deal = f"deal-{name}"
         layers = dict(bag.dask.layers)
         deps = dict(bag.dask.dependencies)
-        layers[deal] = MaterializedLayer({(deal, i, j): (_deal, (bag.name, i), i, j, n)
-                                          for i in range(k) for j in range(n)})
+        layers[deal] = MaterializedLayer(
+            {(deal, i, j): (_deal, (bag.name, i), i, j, n) for i in range(k) for j in range(n)}
+        )
         deps[deal] = set(bag.__dask_layers__())
         for j in range(n):
-            annotations = ({"workers": [self.slots[j % len(self.slots)]], "allow_other_workers": True}
-                           if self.slots else None)
+            annotations = (
+                {"workers": [self.slots[j % len(self.slots)]], "allow_other_workers": True} if self.slots else None
+            )
             layer = f"{name}-{j}"
-            layers[layer] = MaterializedLayer({(name, j): (_concat, [(deal, i, j) for i in range(k)])},
-                                              annotations=annotations)
+            layers[layer] = MaterializedLayer(
+                {(name, j): (_concat, [(deal, i, j) for i in range(k)])}, annotations=annotations
+            )
             deps[layer] = {deal}
         return db.Bag(HighLevelGraph(layers, deps), name, n)
 
@@ -318,8 +345,15 @@ class _BagBuilder(PipelineVisitor):
             windowing = node.inputs[0].windowing
         except AttributeError:  # the main input comes from a source Beam's overrides left without one
             windowing = Windowing(window.GlobalWindows())
-        spec = _ParDoSpec(node.full_label, transform.fn, transform.args, transform.kwargs, windowing,
-                          list(node.outputs), [(type(si), si._view_options()) for si in node.side_inputs])
+        spec = _ParDoSpec(
+            node.full_label,
+            transform.fn,
+            transform.args,
+            transform.kwargs,
+            windowing,
+            list(node.outputs),
+            [(type(si), si._view_options()) for si in node.side_inputs],
+        )
         sides = [self.side_input(si.pvalue) for si in node.side_inputs]
         return bag.map_partitions(_run_bundle, pickler.dumps(spec), *sides, token=_name("pardo", node.full_label))
 
@@ -461,13 +495,20 @@ class DaskRunner(beam_dask.DaskRunner):
             # default of 1 thread. The nanny also writes its own variables here before it spawns a
             # worker; all of it is undone once the workers run.
             os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-            cluster = LocalCluster(n_workers=local.dask_local_workers, threads_per_worker=local.dask_threads_per_worker,
-                                   processes=True, dashboard_address="127.0.0.1:0")
+            cluster = LocalCluster(
+                n_workers=local.dask_local_workers,
+                threads_per_worker=local.dask_threads_per_worker,
+                processes=True,
+                dashboard_address="127.0.0.1:0",
+            )
         finally:
             for k in set(os.environ) - set(saved):
                 del os.environ[k]
             os.environ.update({k: v for k, v in saved.items() if os.environ.get(k) != v})
-        log.info("Dask: started a local cluster of %d workers x %d threads", local.dask_local_workers,
-                 local.dask_threads_per_worker)
+        log.info(
+            "Dask: started a local cluster of %d workers x %d threads",
+            local.dask_local_workers,
+            local.dask_threads_per_worker,
+        )
         client_kwargs.pop("address", None)
         return Client(cluster, **client_kwargs), cluster

@@ -20,6 +20,7 @@ Optionally a second folder holds a new batch for scoring: more items from the sa
 (drawn after the labelled ones, so the labelled set does not change), written without a labels
 column, some with a cut-short image file; their labels are kept aside in truth.csv.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,14 +56,32 @@ FACE_CROPS = {"astronaut": (160, 35, 290, 200), "camera": (180, 95, 275, 210)}
 N_LFW_FACES = 100  # the first 100 images of skimage's lfw_subset are faces
 
 OTHER_WORDS = ("RIVER", "SUMMER", "GOLD", "HOME", "STORM", "CITY", "LEGEND", "SILVER", "ISLAND", "NORTH")
-TAGS = ("classic", "atmospheric", "twist ending", "based on a book", "soundtrack", "cult",
-        "visually stunning", "slow", "quirky", "dialogue")
+TAGS = (
+    "classic",
+    "atmospheric",
+    "twist ending",
+    "based on a book",
+    "soundtrack",
+    "cult",
+    "visually stunning",
+    "slow",
+    "quirky",
+    "dialogue",
+)
 COUNTRIES = ("US", "GB", "FR", "IN", "JP")
 TITLE_ADJ = ("Silent", "Last", "Broken", "Hidden", "Golden", "Distant", "Second", "Long", "Quiet", "Red")
 TITLE_NOUN = ("Harbor", "Road", "Promise", "Garden", "Letter", "Station", "Winter", "Bridge", "Mountain", "Door")
 NAMES = ("Anna", "Marco", "Priya", "Tom", "Yuki", "Lena", "Omar", "Clara", "Diego", "Sofia")
-PLACES = ("a small harbor town", "the capital", "a mountain village", "an old factory", "a desert road",
-          "a crowded market", "a quiet suburb", "a river delta")
+PLACES = (
+    "a small harbor town",
+    "the capital",
+    "a mountain village",
+    "an old factory",
+    "a desert road",
+    "a crowded market",
+    "a quiet suburb",
+    "a river delta",
+)
 NEUTRAL = (
     "{a} returns to {p} after many years away.",
     "The story follows {a} through one difficult season in {p}.",
@@ -95,9 +114,7 @@ def load_material() -> dict[str, Any]:
     from skimage import data as skd  # imported here: only the generator needs it
 
     backgrounds = {name: _gray_to_rgb(getattr(skd, name)()) for name in SPACE_BACKGROUNDS + OTHER_BACKGROUNDS}
-    faces = [
-        _gray_to_rgb(getattr(skd, name)()).crop(box) for name, box in sorted(FACE_CROPS.items())
-    ]
+    faces = [_gray_to_rgb(getattr(skd, name)()).crop(box) for name, box in sorted(FACE_CROPS.items())]
     lfw = skd.lfw_subset()[:N_LFW_FACES]
     faces += [_gray_to_rgb(face) for face in lfw]
     return {"backgrounds": backgrounds, "faces": faces, "n_named_faces": len(FACE_CROPS)}
@@ -207,16 +224,31 @@ def _make_item(rng, material: dict[str, Any], cfg: DemoConfig) -> tuple[dict[str
         "country": COUNTRIES[int(rng.integers(len(COUNTRIES)))],
     }
     planted = {
-        "faces": n_faces, "face_boxes": json.dumps(face_boxes), "word": word,
-        "word_box": json.dumps(word_box) if word_box else "", "background": bg_name,
-        "romance_sentence": int(truth["Romance"]), "funny_tag": int(truth["Comedy"]), "year": year,
+        "faces": n_faces,
+        "face_boxes": json.dumps(face_boxes),
+        "word": word,
+        "word_box": json.dumps(word_box) if word_box else "",
+        "background": bg_name,
+        "romance_sentence": int(truth["Romance"]),
+        "funny_tag": int(truth["Comedy"]),
+        "year": year,
     }
     return row, img, {"truth": truth, "planted": planted}
 
 
 MANIFEST_COLUMNS = ("id", "image", "title", "description", "tags", "year", "country", "labels")
-PLANTED_COLUMNS = ("id", "faces", "face_boxes", "word", "word_box", "background",
-                   "romance_sentence", "funny_tag", "year", "noisy_labels")
+PLANTED_COLUMNS = (
+    "id",
+    "faces",
+    "face_boxes",
+    "word",
+    "word_box",
+    "background",
+    "romance_sentence",
+    "funny_tag",
+    "year",
+    "noisy_labels",
+)
 
 
 def _fresh_folder(out_dir: Path) -> Path:
@@ -283,15 +315,23 @@ def _unlabelled(rng, material: dict[str, Any], cfg: DemoConfig, out_dir: Path) -
     images = _fresh_folder(out_dir)
     rows, truth = [], []
     width = len(str(max(cfg.unlabelled, 1)))
-    broken = set(int(i) for i in rng.choice(cfg.unlabelled, size=cfg.unlabelled_broken, replace=False)) \
-        if cfg.unlabelled_broken else set()
+    broken = (
+        set(int(i) for i in rng.choice(cfg.unlabelled, size=cfg.unlabelled_broken, replace=False))
+        if cfg.unlabelled_broken
+        else set()
+    )
     for i in range(cfg.unlabelled):
         row, jpeg, info, noisy = _next_item(rng, material, cfg)
         item_id = f"new-{i:0{width}d}"
         (images / f"{item_id}.jpg").write_bytes(jpeg[: len(jpeg) // 3] if i in broken else jpeg)
         rows.append({"id": item_id, "image": f"images/{item_id}.jpg", **row})
-        truth.append({"id": item_id, "labels": "|".join(name for name in PLANTED if noisy[name]),
-                      "broken_image": int(i in broken)})
+        truth.append(
+            {
+                "id": item_id,
+                "labels": "|".join(name for name in PLANTED if noisy[name]),
+                "broken_image": int(i in broken),
+            }
+        )
     _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS[:-1], rows)
     _write_csv(out_dir / "truth.csv", ("id", "labels", "broken_image"), truth)
     log.info("wrote %d unlabelled demo items (%d with a cut-short image) to %s", cfg.unlabelled, len(broken), out_dir)
@@ -303,4 +343,3 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-

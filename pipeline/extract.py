@@ -12,15 +12,17 @@ cache, filtered (OCR confidence, face probability, ...), sorted by id in bounded
 with provenance metadata. The counts are reconciled: every manifest id ends up in the features or in
 the dead letters, never both, and computed + reused + failed = items in.
 """
+
 from __future__ import annotations
 
 import logging
 import shutil
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -30,9 +32,8 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import cache, features, runtime, schema
+from pipeline import cache, extractors, features, runtime, schema
 from pipeline.config import ConfigError, from_dict, to_dict
-from pipeline import extractors
 from pipeline.extractors import Extractor
 from pipeline.extractors.base import ItemError, ItemResult, MissingModelError, error_text
 from pipeline.sorting import ExternalSort
@@ -77,15 +78,21 @@ def runner_flags(job: JobConfig) -> list[str]:
     """--runner and the runner's own flags (`dask`: this project's Dask runner and its cluster)."""
     if job.runner.lower() != "dask":
         return [f"--runner={job.runner}"]
-    flags = [f"--runner={DASK_RUNNER}", f"--dask_local_workers={job.dask.workers}",
-             f"--dask_threads_per_worker={job.dask.threads_per_worker}"]
+    flags = [
+        f"--runner={DASK_RUNNER}",
+        f"--dask_local_workers={job.dask.workers}",
+        f"--dask_threads_per_worker={job.dask.threads_per_worker}",
+    ]
     return flags + ([f"--dask_client_address={job.dask.address}"] if job.dask.address else [])
 
 
 def beam_options(job: JobConfig) -> PipelineOptions:
     """Pipeline options from params (runner, local workers, pass-through options) and the job's flags."""
-    flags = [*runner_flags(job), f"--direct_num_workers={job.direct_num_workers}",
-             f"--direct_running_mode={job.direct_running_mode}"]
+    flags = [
+        *runner_flags(job),
+        f"--direct_num_workers={job.direct_num_workers}",
+        f"--direct_running_mode={job.direct_running_mode}",
+    ]
     for key, value in job.options.items():
         if isinstance(value, bool):
             flags.append(f"--{key}" if value else f"--no{key}")  # Beam's boolean flag style
@@ -227,17 +234,19 @@ def build(p: beam.Pipeline, plan: JobPlan, job: JobConfig) -> tuple[Any, Any]:
     spec, dim = plan.spec, plan.described["dim"]
     rows = p | "ReadManifest" >> beam.io.ReadFromParquet(plan.manifest) | "Spread" >> beam.Reshuffle()
     prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(spec.name, spec.extractor, plan.root)).with_outputs(
-        "dead", main="ready")
+        "dead", main="ready"
+    )
     handler = spec.extractor.handler(plan.described)  # checks the model files it loads on every worker
     results = prepared.ready | "RunInference" >> RunInference(KeyedModelHandler(handler))
     converted = results | "ToRow" >> beam.ParDo(ToRowFn(spec.name)).with_outputs("dead", main="rows")
     rows = converted.rows | "Progress" >> beam.ParDo(ProgressFn(spec.name, plan.total, job.log_every_s))
     dead = (prepared.dead, converted.dead) | "MergeDead" >> beam.Flatten()
     rows | "WriteFeatures" >> beam.io.WriteToParquet(
-        f"{plan.shards}/features", features.feature_schema(dim), num_shards=job.num_shards, file_name_suffix=".parquet")
+        f"{plan.shards}/features", features.feature_schema(dim), num_shards=job.num_shards, file_name_suffix=".parquet"
+    )
     dead | "WriteDeadLetters" >> beam.io.WriteToParquet(
-        f"{plan.shards}/dead", schema.EXTRACT_DEAD_LETTER_SCHEMA, num_shards=job.num_shards,
-        file_name_suffix=".parquet")
+        f"{plan.shards}/dead", schema.EXTRACT_DEAD_LETTER_SCHEMA, num_shards=job.num_shards, file_name_suffix=".parquet"
+    )
     return rows, dead
 
 
@@ -246,8 +255,12 @@ def build(p: beam.Pipeline, plan: JobPlan, job: JobConfig) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def describe(spec: Modality, manifest: pa.Table | None = None, mmeta: dict[str, Any] | None = None,
-             expect: dict[str, Any] | None = None) -> dict[str, Any]:
+def describe(
+    spec: Modality,
+    manifest: pa.Table | None = None,
+    mmeta: dict[str, Any] | None = None,
+    expect: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Provenance of this extractor's output without running it (a fitted kind fits on `manifest`, or
     reuses the `expect`ed bundle's statistics when scoring). Refuses a column the manifest lacks, a
     missing model, and an extractor that differs from `expect`."""
@@ -265,12 +278,14 @@ def describe(spec: Modality, manifest: pa.Table | None = None, mmeta: dict[str, 
 
 def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]) -> None:
     """Refuse an extractor whose model, weights, model files or dimension differ from a bundle's record of it."""
-    diffs = features.provenance_diffs(expect, described, features.keys_to_match(expect, features.EXTRACTOR_KEYS),
-                                      "model has", "this installation has")
+    diffs = features.provenance_diffs(
+        expect, described, features.keys_to_match(expect, features.EXTRACTOR_KEYS), "model has", "this installation has"
+    )
     if diffs:
         raise features.FeatureMismatchError(
             f"{name}: the extractor here is not the one the model was trained with ({'; '.join(diffs)}). "
-            "Install the same extractor weights, or retrain the model on features from this installation.")
+            "Install the same extractor weights, or retrain the model on features from this installation."
+        )
 
 
 def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> Iterator[pa.Table]:
@@ -295,10 +310,16 @@ def apply_filter(table: pa.Table, extractor: Extractor) -> pa.Table:
         offsets.append(len(take))
         kept.append([{**elements[i], "index": rank} for rank, i in enumerate(idx)])
     values = vectors.flatten().take(pa.array(take, pa.int64()))
-    table = table.set_column(table.schema.get_field_index(features.VECTORS), features.VECTORS,
-                             pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values))
-    return table.set_column(table.schema.get_field_index(features.ELEMENTS), features.ELEMENTS,
-                            pa.array(kept, pa.list_(features.ELEMENT_TYPE)))
+    table = table.set_column(
+        table.schema.get_field_index(features.VECTORS),
+        features.VECTORS,
+        pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values),
+    )
+    return table.set_column(
+        table.schema.get_field_index(features.ELEMENTS),
+        features.ELEMENTS,
+        pa.array(kept, pa.list_(features.ELEMENT_TYPE)),
+    )
 
 
 class Counts:
@@ -316,16 +337,25 @@ class Counts:
         self.elements += int(n.sum())
         self.max_elements = max(self.max_elements, int(n.max(initial=0)))
 
-    def metrics(self, dead: pa.Table, computed: int, reused: int, cache_dir: str | None,
-                seconds: float) -> dict[str, Any]:
+    def metrics(
+        self, dead: pa.Table, computed: int, reused: int, cache_dir: str | None, seconds: float
+    ) -> dict[str, Any]:
         failed_stages = dead[schema.STAGE].to_pylist()
         return {
-            "modality": self.spec.name, "kind": self.spec.kind, "items_in": len(self.ids),
-            "written": len(self.written), "computed": computed, "reused": reused, "cache": cache_dir,
-            "empty_sets": self.empty_sets, "failed": dead.num_rows, "elements": self.elements,
+            "modality": self.spec.name,
+            "kind": self.spec.kind,
+            "items_in": len(self.ids),
+            "written": len(self.written),
+            "computed": computed,
+            "reused": reused,
+            "cache": cache_dir,
+            "empty_sets": self.empty_sets,
+            "failed": dead.num_rows,
+            "elements": self.elements,
             "max_elements": self.max_elements,
             "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))},
-            "seconds": round(seconds, 1), "items_per_s": round(len(self.ids) / seconds, 2) if seconds else None,
+            "seconds": round(seconds, 1),
+            "items_per_s": round(len(self.ids) / seconds, 2) if seconds else None,
         }
 
 
@@ -335,13 +365,17 @@ def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, j
     lost = set(ids) - set(got) - set(failed)
     twice = set(got) & set(failed)
     if lost or twice or len(got) + len(failed) != len(ids):
-        raise ExtractionError(f"{spec.name}: counts do not reconcile: {len(lost)} ids lost {sorted(lost)[:5]}, "
-                              f"{len(twice)} both written and failed {sorted(twice)[:5]}")
+        raise ExtractionError(
+            f"{spec.name}: counts do not reconcile: {len(lost)} ids lost {sorted(lost)[:5]}, "
+            f"{len(twice)} both written and failed {sorted(twice)[:5]}"
+        )
     if ids and len(failed) / len(ids) > job.max_failure_fraction:
         first = dead.slice(0, 3).to_pylist()
-        raise ExtractionError(f"{spec.name}: {len(failed)} of {len(ids)} items failed, more than "
-                              f"extract.job.max_failure_fraction={job.max_failure_fraction}; first: {first}; "
-                              f"see {out_dir / 'dead_letters.parquet'}")
+        raise ExtractionError(
+            f"{spec.name}: {len(failed)} of {len(ids)} items failed, more than "
+            f"extract.job.max_failure_fraction={job.max_failure_fraction}; first: {first}; "
+            f"see {out_dir / 'dead_letters.parquet'}"
+        )
 
 
 def _fan_out(dead: pa.Table, ids: list[str], keys: list[str]) -> pa.Table:
@@ -385,8 +419,9 @@ def current_fingerprints(specs: Sequence[Modality], manifest_path: Path | None) 
 class Run:
     """One extraction run: the modality, its manifest and provenance, the cache, and the job's work folder."""
 
-    def __init__(self, spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path,
-                 expect: dict[str, Any] | None):
+    def __init__(
+        self, spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, expect: dict[str, Any] | None
+    ):
         self.spec, self.job, self.out_dir = spec, job, out_dir
         self.manifest, self.mmeta = schema.read_manifest(manifest_path)
         self.manifest_sha256 = features.file_sha256(manifest_path)
@@ -395,15 +430,25 @@ class Run:
         fp, self.software = fingerprint(spec, self.described)
         self.keys = [cache.item_key(fp, v) for v in spec.extractor.item_inputs(self.manifest, self.described)]
         self.work = out_dir / "_work"
-        self.store = cache.FeatureCache(Path(job.cache_dir) if job.cache_dir else self.work / "cache", spec.kind, fp,
-                                        self.described["dim"], {"described": self.described,
-                                                                "params": to_dict(spec.cfg), "software": self.software})
+        self.store = cache.FeatureCache(
+            Path(job.cache_dir) if job.cache_dir else self.work / "cache",
+            spec.kind,
+            fp,
+            self.described["dim"],
+            {"described": self.described, "params": to_dict(spec.cfg), "software": self.software},
+        )
         self.workers: dict[str, int] = {}  # tasks per cluster worker, where the runner reports them
 
     def meta(self) -> dict[str, Any]:
         """The provenance features.parquet records."""
-        return {"modality": self.spec.name, "kind": self.spec.kind, **self.described,
-                "manifest_sha256": self.manifest_sha256, "params": to_dict(self.spec.cfg), "software": self.software}
+        return {
+            "modality": self.spec.name,
+            "kind": self.spec.kind,
+            **self.described,
+            "manifest_sha256": self.manifest_sha256,
+            "params": to_dict(self.spec.cfg),
+            "software": self.software,
+        }
 
     def compute(self, todo: pa.Table) -> tuple[pa.Table, Iterator[pa.Table]]:
         """Run the Beam job on the manifest rows `todo`; returns its dead letters (sorted by id) and its
@@ -413,8 +458,11 @@ class Run:
         shards.mkdir()
         log.info("%s: extracting %d items on %s", self.spec.name, todo.num_rows, self.job.runner)
         p = beam.Pipeline(options=beam_options(self.job))
-        build(p, JobPlan(self.spec, self.described, str(manifest), self.mmeta["dataset"]["dir"], str(shards),
-                         todo.num_rows), self.job)
+        build(
+            p,
+            JobPlan(self.spec, self.described, str(manifest), self.mmeta["dataset"]["dir"], str(shards), todo.num_rows),
+            self.job,
+        )
         result = p.run()
         result.wait_until_finish()
         self.workers.update(getattr(result, "worker_task_counts", None) or {})
@@ -435,7 +483,8 @@ class Run:
         dead, rows = self.compute(self.manifest.filter(pa.array(todo)))
         part, _ = self.store.write_part(
             t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
-            for t in rows)
+            for t in rows
+        )
         if part is not None:
             found.update({k: v for k, v in self.store.locate(self.keys, [part]).items() if k not in found})
         return _fan_out(dead, self.ids, self.keys), sum(todo)
@@ -455,8 +504,10 @@ class Run:
                 sorter.add(apply_filter(table, self.spec.extractor))
         except cache.PartError as exc:  # damaged after it was verified: moved aside, so the next run heals
             self.store.quarantine(exc.part, f"unreadable during a run: {exc}")
-            raise ExtractionError(f"{self.spec.name}: cache part {exc} failed while its entries were read; it was moved "
-                                  "aside: run again to compute its items") from None
+            raise ExtractionError(
+                f"{self.spec.name}: cache part {exc} failed while its entries were read; it was moved "
+                "aside: run again to compute its items"
+            ) from None
         with features.FeatureWriter(self.out_dir / "features.parquet", self.described["dim"], self.meta()) as writer:
             for table in sorter.sorted():
                 writer.write(table)
@@ -464,8 +515,14 @@ class Run:
         return counts
 
 
-def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, metrics_path: Path,
-                   expect: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_extraction(
+    spec: Modality,
+    job: JobConfig,
+    manifest_path: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    expect: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Extract modality `spec` for every manifest row; writes features, dead letters and counts.
 
     Items already in the cache (job.cache_dir) are reused; only the others go to the Beam job, each
@@ -482,9 +539,17 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
     found = run.store.locate_verified(run.keys)
     ids = run.ids
     reused = sum(k in found for k in run.keys)
-    log.info("%s: %d items (%d distinct inputs), %d in the cache, %d to compute with %s (%s, dim %d)", spec.name,
-             len(ids), len(set(run.keys)), reused, len(ids) - reused, run.described["model_id"], spec.kind,
-             run.described["dim"])
+    log.info(
+        "%s: %d items (%d distinct inputs), %d in the cache, %d to compute with %s (%s, dim %d)",
+        spec.name,
+        len(ids),
+        len(set(run.keys)),
+        reused,
+        len(ids) - reused,
+        run.described["model_id"],
+        spec.kind,
+        run.described["dim"],
+    )
     dead, sent = run.compute_missing(found)
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
     counts = run.assemble(found, dead)
@@ -498,9 +563,20 @@ def run_extraction(spec: Modality, job: JobConfig, manifest_path: Path, out_dir:
     if run.workers:
         metrics["worker_tasks"] = dict(sorted(run.workers.items()))  # tasks per cluster worker
     runtime.write_json(metrics_path, metrics)
-    log.info("%s: %d in, %d written (%d computed from %d distinct inputs, %d reused; %d empty sets, %d elements), "
-             "%d failed in %.1f s (%.1f items/s)", spec.name, len(ids), metrics["written"], computed, sent, reused,
-             metrics["empty_sets"], metrics["elements"], metrics["failed"], metrics["seconds"],
-             metrics["items_per_s"] or 0.0)
+    log.info(
+        "%s: %d in, %d written (%d computed from %d distinct inputs, %d reused; %d empty sets, %d elements), "
+        "%d failed in %.1f s (%.1f items/s)",
+        spec.name,
+        len(ids),
+        metrics["written"],
+        computed,
+        sent,
+        reused,
+        metrics["empty_sets"],
+        metrics["elements"],
+        metrics["failed"],
+        metrics["seconds"],
+        metrics["items_per_s"] or 0.0,
+    )
     _reconcile(spec, ids, counts.written, dead, job, out_dir)
     return metrics

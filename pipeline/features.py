@@ -5,13 +5,15 @@ The schema is defined here once for every modality. A row holds the item id, its
 File-level metadata records the extractor, model, weights checksum, dimension, params and the
 manifest it came from, so later stages can refuse features that do not belong together.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +45,16 @@ ELEMENT_KEYS = tuple(f.name for f in ELEMENT_TYPE)
 EXTRACTOR_KEYS = ("extractor", "model_id", "weights_sha256", "model_files_sha256", "dim")
 FITTED_KEYS = ("stats",)  # meta: standardisation statistics and vocabularies, in column order
 MATCH_KEYS = (*EXTRACTOR_KEYS, *FITTED_KEYS)  # features used with a model must agree with it on these
-PROVENANCE_KEYS = ("modality", "kind", *EXTRACTOR_KEYS, "manifest_sha256", "params", "embedder", *FITTED_KEYS, "software")
+PROVENANCE_KEYS = (
+    "modality",
+    "kind",
+    *EXTRACTOR_KEYS,
+    "manifest_sha256",
+    "params",
+    "embedder",
+    *FITTED_KEYS,
+    "software",
+)
 # recorded since model folders are digested whole; a bundle written before lacks it and is checked without it
 ADDED_KEYS = frozenset({"model_files_sha256"})
 
@@ -66,8 +77,10 @@ def vocabularies(meta: Mapping[str, Any], where: str = "features") -> list[tuple
         return []
     cats = stats.get("categorical")
     if not isinstance(cats, list):
-        raise FeatureMismatchError(f"{where}: meta statistics in the layout of an earlier version, which does not "
-                                   "record the column order; run the meta extraction again")
+        raise FeatureMismatchError(
+            f"{where}: meta statistics in the layout of an earlier version, which does not "
+            "record the column order; run the meta extraction again"
+        )
     return [(c["column"], list(c["values"])) for c in cats]
 
 
@@ -111,8 +124,11 @@ def tree_sha256(folder: str | Path) -> str:
     Hidden entries and __pycache__ are left out (they are not model content)."""
     root = Path(folder)
     h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
+    )
     for path in files:
         h.update(f"{path.relative_to(root).as_posix()}\x00{file_sha256(path)}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
@@ -142,8 +158,11 @@ def _digest(h: Any, arr: pa.Array) -> None:
     elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
         values = arr.fill_null("" if pa.types.is_string(t) or pa.types.is_large_string(t) else b"").to_pylist()
         h.update(np.asarray([len(v) for v in values], dtype=np.int64))
-        h.update("".join(values).encode("utf-8", "surrogatepass") if values and isinstance(values[0], str)
-                 else b"".join(values))
+        h.update(
+            "".join(values).encode("utf-8", "surrogatepass")
+            if values and isinstance(values[0], str)
+            else b"".join(values)
+        )
     else:
         h.update(np.ascontiguousarray(arr.fill_null(0).to_numpy(zero_copy_only=False)))
 
@@ -231,7 +250,7 @@ class FeatureWriter:
         self.digest.update(table)
         self.writer.write_table(table, row_group_size=CHUNK_ROWS)
 
-    def __enter__(self) -> "FeatureWriter":
+    def __enter__(self) -> FeatureWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -239,8 +258,11 @@ class FeatureWriter:
             self.writer.close()
             self.part.unlink(missing_ok=True)
             return
-        content = {"content_sha256": self.digest.hexdigest(), "content_chunk_rows": self.digest.chunk_rows,
-                   "items": self.digest.rows}
+        content = {
+            "content_sha256": self.digest.hexdigest(),
+            "content_chunk_rows": self.digest.chunk_rows,
+            "items": self.digest.rows,
+        }
         self.writer.add_key_value_metadata({CONTENT_KEY: json.dumps(content).encode()})
         self.writer.close()
         os.replace(self.part, self.path)
@@ -257,22 +279,34 @@ def read_features(path: str | Path, expect: Mapping[str, Any] | None = None) -> 
     except FileNotFoundError:
         raise FeaturesUnreadableError(f"{path}: no such feature file") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise FeaturesUnreadableError(f"{path}: cannot read this feature file ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]}); it is truncated or corrupted: run its extraction again") from None
+        raise FeaturesUnreadableError(
+            f"{path}: cannot read this feature file ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); it is truncated or corrupted: run its extraction again"
+        ) from None
     if meta.get("kind_of_file") != "features":
         raise FeatureMismatchError(f"{path}: not a feature set (found {meta.get('kind_of_file')!r})")
     if meta.get("content_sha256") != content_sha256(table, meta.get("content_chunk_rows")):
-        raise FeaturesUnreadableError(f"{path}: its content does not match the checksum written with it: the file "
-                                      "is corrupted; run its extraction again")
+        raise FeaturesUnreadableError(
+            f"{path}: its content does not match the checksum written with it: the file "
+            "is corrupted; run its extraction again"
+        )
     check_provenance(meta, expect or {}, str(path))
     return table, meta
 
 
-def provenance_diffs(expect: Mapping[str, Any], found: Mapping[str, Any], keys: Iterable[str],
-                     expect_as: str = "expected", found_as: str = "found") -> list[str]:
+def provenance_diffs(
+    expect: Mapping[str, Any],
+    found: Mapping[str, Any],
+    keys: Iterable[str],
+    expect_as: str = "expected",
+    found_as: str = "found",
+) -> list[str]:
     """One line per key whose value in `found` differs from `expect`."""
-    return [f"{key}: {expect_as} {expect.get(key)!r}, {found_as} {found.get(key)!r}"
-            for key in keys if found.get(key) != expect.get(key)]
+    return [
+        f"{key}: {expect_as} {expect.get(key)!r}, {found_as} {found.get(key)!r}"
+        for key in keys
+        if found.get(key) != expect.get(key)
+    ]
 
 
 def check_provenance(meta: Mapping[str, Any], expect: Mapping[str, Any], where: str) -> None:

@@ -19,6 +19,7 @@ The decomposition itself belongs to the pooling (pipeline.pooling: `Pooling.deco
 pooling brings its own. The concat baseline has no set to decompose; prediction falls back to
 ablation there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,15 +43,17 @@ class Importance:
     label_element: torch.Tensor | None = None  # (N, L): label-conditional element shares
 
 
-def decompose(model: SetModel, x: torch.Tensor, seg: torch.Tensor, mod: torch.Tensor,
-              size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def decompose(
+    model: SetModel, x: torch.Tensor, seg: torch.Tensor, mod: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pooled (B, D), parts A (N, D) with pooled[b] = sum of A over b's elements, wins (N, D) or None),
     as the model's pooling decomposes it."""
     return model.pooling.decompose(x, seg, mod, size, len(model.modalities), model.cfg.hierarchical)
 
 
-def label_element_contributions(model: SetModel, pooled: torch.Tensor, parts: torch.Tensor,
-                                seg: torch.Tensor) -> torch.Tensor:
+def label_element_contributions(
+    model: SetModel, pooled: torch.Tensor, parts: torch.Tensor, seg: torch.Tensor
+) -> torch.Tensor:
     """(N, L): for each element and label, sum_d relu(dlogit_l/dpooled_d * A[e, d])."""
     with torch.enable_grad():
         z = pooled.detach().requires_grad_(True)
@@ -73,13 +76,19 @@ def _per_item_modality(values: torch.Tensor, seg: torch.Tensor, mod: torch.Tenso
     return flat.view(size, M, *values.shape[1:])
 
 
-def explain(model: SetModel, batch: SetBatch, label_conditional: bool = True,
-            elements: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Importance:
+def explain(
+    model: SetModel,
+    batch: SetBatch,
+    label_conditional: bool = True,
+    elements: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> Importance:
     """Element, modality and (optionally) label-conditional importances of a set model's batch;
     `elements` passes model.elements(batch) when the caller has computed it already."""
     if not isinstance(model, SetModel):
-        raise ValueError("element importances need a set model (architecture: set); the concat baseline "
-                         "has no set to decompose: use ablation (predict with drop=...) instead")
+        raise ValueError(
+            "element importances need a set model (architecture: set); the concat baseline "
+            "has no set to decompose: use ablation (predict with drop=...) instead"
+        )
     model.eval()
     M, B = len(model.modalities), batch.size
     with torch.no_grad():

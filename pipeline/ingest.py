@@ -4,6 +4,7 @@ rejected rows with their reasons, and reconciled counts.
 Nothing is dropped silently: every row read ends up either in the manifest or in the rejects file,
 and the metrics say how many of each (read = accepted + rejected).
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,13 @@ def validate_row(
         out[schema.SPLIT] = records.assign_split(item_id, cfg.split.fractions, cfg.split.salt)
 
     if cfg.labels.column:
-        labels = records.parse_labels(data.get(cfg.labels.column), cfg.labels.kind, cfg.labels.separator,
-                                      cfg.labels.positive_name, cfg.labels.column)
+        labels = records.parse_labels(
+            data.get(cfg.labels.column),
+            cfg.labels.kind,
+            cfg.labels.separator,
+            cfg.labels.positive_name,
+            cfg.labels.column,
+        )
         if labels is None and out[schema.SPLIT] in cfg.labels.required_in:
             raise RejectError(
                 "missing_label", f"column {cfg.labels.column!r} is empty in the {out[schema.SPLIT]} split"
@@ -121,8 +127,15 @@ class _Rejects(list):
     """Rejected rows as records of schema.REJECTS_SCHEMA."""
 
     def add(self, row: RawRow, item_id: str | None, err: RejectError) -> None:
-        self.append({schema.SOURCE_ROW: row.source_row, schema.ID: unescape(item_id), schema.REASON: err.reason,
-                     schema.DETAIL: unescape(err.detail), schema.ROW: unescape(row.raw)})
+        self.append(
+            {
+                schema.SOURCE_ROW: row.source_row,
+                schema.ID: unescape(item_id),
+                schema.REASON: err.reason,
+                schema.DETAIL: unescape(err.detail),
+                schema.ROW: unescape(row.raw),
+            }
+        )
 
 
 def _prechecked(rows: list[RawRow], dataset: DatasetConfig, rejects: _Rejects) -> list[tuple[str, RawRow]]:
@@ -134,13 +147,20 @@ def _prechecked(rows: list[RawRow], dataset: DatasetConfig, rejects: _Rejects) -
             candidates.append((precheck(row, dataset, seen), row))
         except Exception as exc:  # noqa: BLE001 - one row's problem is that row's reject, never the run's
             raw_id = (row.data or {}).get(dataset.id, row.id_hint)
-            item_id = None if records.is_blank(raw_id) or isinstance(raw_id, (dict, list)) else unescape(str(raw_id).strip())
+            item_id = (
+                None if records.is_blank(raw_id) or isinstance(raw_id, (dict, list)) else unescape(str(raw_id).strip())
+            )
             rejects.add(row, item_id, as_reject(exc))
     return candidates
 
 
-def _validated(candidates: list[tuple[str, RawRow]], dataset: DatasetConfig, ingest: IngestConfig,
-               fixed_split: str | None, rejects: _Rejects) -> list[dict[str, Any]]:
+def _validated(
+    candidates: list[tuple[str, RawRow]],
+    dataset: DatasetConfig,
+    ingest: IngestConfig,
+    fixed_split: str | None,
+    rejects: _Rejects,
+) -> list[dict[str, Any]]:
     """Manifest records of the rows that validate (images decoded in `ingest.workers` threads)."""
     root = Path(dataset.dir)
 
@@ -163,8 +183,9 @@ def _validated(candidates: list[tuple[str, RawRow]], dataset: DatasetConfig, ing
     return accepted
 
 
-def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_count: int,
-                      fixed: list[str] | None = None) -> tuple[list[str], Counter]:
+def _label_vocabulary(
+    accepted: list[dict[str, Any]], cfg: DatasetConfig, min_count: int, fixed: list[str] | None = None
+) -> tuple[list[str], Counter]:
     """The task's label names (from the train split, or `fixed`) and the labels left out, with counts."""
     everywhere = Counter(lab for r in accepted if r[schema.LABELS] for lab in r[schema.LABELS])
     if fixed is not None:  # scoring: the model's labels, whatever this dataset holds
@@ -172,14 +193,20 @@ def _label_vocabulary(accepted: list[dict[str, Any]], cfg: DatasetConfig, min_co
     elif cfg.labels.kind == "binary":
         return [cfg.labels.positive_name], Counter()
     else:
-        train = Counter(lab for r in accepted if r[schema.SPLIT] == "train" and r[schema.LABELS]
-                        for lab in r[schema.LABELS])
+        train = Counter(
+            lab for r in accepted if r[schema.SPLIT] == "train" and r[schema.LABELS] for lab in r[schema.LABELS]
+        )
         vocab = sorted(lab for lab, n in train.items() if n >= min_count)
     return vocab, Counter({lab: n for lab, n in everywhere.items() if lab not in vocab})
 
 
-def _keep_known_labels(accepted: list[dict[str, Any]], vocab: list[str], reject_below: int | None,
-                       rows: dict[str, RawRow], rejects: _Rejects) -> list[dict[str, Any]]:
+def _keep_known_labels(
+    accepted: list[dict[str, Any]],
+    vocab: list[str],
+    reject_below: int | None,
+    rows: dict[str, RawRow],
+    rejects: _Rejects,
+) -> list[dict[str, Any]]:
     """Drop labels outside the vocabulary; with `reject_below` (multiclass training: the minimum train
     count), a row left without its class is rejected."""
     kept = []
@@ -188,8 +215,11 @@ def _keep_known_labels(accepted: list[dict[str, Any]], vocab: list[str], reject_
         if labels is not None:
             rec[schema.LABELS] = [lab for lab in labels if lab in vocab]
             if reject_below is not None and not rec[schema.LABELS]:
-                rejects.add(rows[rec[schema.ID]], rec[schema.ID], RejectError(
-                    "bad_label", f"class {labels[0]!r} has fewer than {reject_below} train rows"))
+                rejects.add(
+                    rows[rec[schema.ID]],
+                    rec[schema.ID],
+                    RejectError("bad_label", f"class {labels[0]!r} has fewer than {reject_below} train rows"),
+                )
                 continue
         kept.append(rec)
     return kept
@@ -201,13 +231,23 @@ def _manifest_metadata(dataset: DatasetConfig, vocab: list[str]) -> dict[str, An
         "dataset": to_dict(dataset),
         "task": dataset.labels.kind if dataset.labels.column else None,
         "label_names": vocab if dataset.labels.column else [],
-        "fields": {"text": list(dataset.text), "lists": list(dataset.lists),
-                   "numeric": list(dataset.numeric), "categorical": list(dataset.categorical)},
+        "fields": {
+            "text": list(dataset.text),
+            "lists": list(dataset.lists),
+            "numeric": list(dataset.numeric),
+            "categorical": list(dataset.categorical),
+        },
     }
 
 
-def _counts(rows: list[RawRow], accepted: list[dict[str, Any]], rejects: _Rejects, split_names: tuple[str, ...],
-            label_names: list[str], dropped: Counter) -> dict[str, Any]:
+def _counts(
+    rows: list[RawRow],
+    accepted: list[dict[str, Any]],
+    rejects: _Rejects,
+    split_names: tuple[str, ...],
+    label_names: list[str],
+    dropped: Counter,
+) -> dict[str, Any]:
     """The ingest metrics: read = accepted + rejected, per reason, per split and per label."""
     by_reason = Counter(r[schema.REASON] for r in rejects)
     return {
@@ -218,8 +258,13 @@ def _counts(rows: list[RawRow], accepted: list[dict[str, Any]], rejects: _Reject
         "rejected_by_reason": {reason: by_reason.get(reason, 0) for reason in schema.REJECT_REASONS},
         "splits": {s: sum(1 for r in accepted if r[schema.SPLIT] == s) for s in split_names},
         "labels": {
-            s: dict(sorted(Counter(lab for r in accepted if r[schema.SPLIT] == s and r[schema.LABELS]
-                                   for lab in r[schema.LABELS]).items()))
+            s: dict(
+                sorted(
+                    Counter(
+                        lab for r in accepted if r[schema.SPLIT] == s and r[schema.LABELS] for lab in r[schema.LABELS]
+                    ).items()
+                )
+            )
             for s in split_names
         },
         "label_names": label_names,
@@ -232,8 +277,9 @@ def _check_limits(metrics: dict[str, Any], root: Path, ingest: IngestConfig, rej
     if not metrics["read"]:
         raise IngestError(f"{root}: the dataset has no rows")
     if metrics["reject_fraction"] > ingest.max_reject_fraction:
-        top = ", ".join(f"{k}={v}" for k, v in sorted(metrics["rejected_by_reason"].items(),
-                                                      key=lambda kv: (-kv[1], kv[0])) if v)  # most first, then by name
+        top = ", ".join(
+            f"{k}={v}" for k, v in sorted(metrics["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])) if v
+        )  # most first, then by name
         raise IngestError(
             f"{metrics['rejected']} of {metrics['read']} rows rejected ({metrics['reject_fraction']:.1%}), more than "
             f"ingest.max_reject_fraction={ingest.max_reject_fraction:.1%} ({top}); see {rejects_path}"
@@ -271,14 +317,22 @@ def check_media_folders(rows: list[RawRow], dataset: DatasetConfig, root: Path) 
                     f"the media folder {path} resolves to {real}, outside the dataset folder {real_root}; media "
                     "must live inside the dataset folder (a symlink leading out is refused for safety), so every "
                     f"row under it would be rejected. Point dataset.dir at a folder that holds the media itself, "
-                    f"or copy (or bind-mount) the media into {root}.")
+                    f"or copy (or bind-mount) the media into {root}."
+                )
 
 
 # the stage's settings and paths, plus what scoring passes to reuse it (a fixed split, the model's labels,
 # rows already read, no size limits): one entry point for both
-def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metrics_path: Path,
-               fixed_split: str | None = None, vocabulary: list[str] | None = None,
-               rows: list[RawRow] | None = None, check_limits: bool = True) -> dict[str, Any]:
+def run_ingest(
+    dataset: DatasetConfig,
+    ingest: IngestConfig,
+    out_dir: Path,
+    metrics_path: Path,
+    fixed_split: str | None = None,
+    vocabulary: list[str] | None = None,
+    rows: list[RawRow] | None = None,
+    check_limits: bool = True,
+) -> dict[str, Any]:
     """Validate the dataset and write manifest.parquet, rejects.parquet and the metrics JSON.
 
     Scoring a new dataset with a trained model passes `fixed_split` (every row gets this split),
@@ -297,25 +351,37 @@ def run_ingest(dataset: DatasetConfig, ingest: IngestConfig, out_dir: Path, metr
     vocab, dropped = _label_vocabulary(accepted, dataset, ingest.min_label_count, vocabulary)
     if dataset.labels.column and dataset.labels.kind != "binary":
         multiclass_training = dataset.labels.kind == "multiclass" and vocabulary is None
-        accepted = _keep_known_labels(accepted, vocab, ingest.min_label_count if multiclass_training else None,
-                                      dict(candidates), rejects)
+        accepted = _keep_known_labels(
+            accepted, vocab, ingest.min_label_count if multiclass_training else None, dict(candidates), rejects
+        )
     accepted.sort(key=lambda r: r[schema.ID])
     rejects.sort(key=lambda r: r[schema.SOURCE_ROW])
 
     meta = _manifest_metadata(dataset, vocab)
     out_dir.mkdir(parents=True, exist_ok=True)
     sch = schema.manifest_schema(dataset.text, list(dataset.lists), dataset.numeric, dataset.categorical)
-    pq.write_table(pa.Table.from_pylist(accepted, schema=schema.with_metadata(sch, meta)),
-                   out_dir / "manifest.parquet", compression="zstd")
-    pq.write_table(pa.Table.from_pylist(rejects, schema=schema.REJECTS_SCHEMA), out_dir / "rejects.parquet",
-                   compression="zstd")
+    pq.write_table(
+        pa.Table.from_pylist(accepted, schema=schema.with_metadata(sch, meta)),
+        out_dir / "manifest.parquet",
+        compression="zstd",
+    )
+    pq.write_table(
+        pa.Table.from_pylist(rejects, schema=schema.REJECTS_SCHEMA), out_dir / "rejects.parquet", compression="zstd"
+    )
 
-    metrics = _counts(rows, accepted, rejects, (fixed_split,) if fixed_split else schema.SPLITS,
-                      meta["label_names"], dropped)
+    metrics = _counts(
+        rows, accepted, rejects, (fixed_split,) if fixed_split else schema.SPLITS, meta["label_names"], dropped
+    )
     assert metrics["read"] == metrics["accepted"] + metrics["rejected"], "ingest lost rows"
     runtime.write_json(metrics_path, metrics)
-    log.info("accepted %d, rejected %d of %d rows (%s) in %.1f s", metrics["accepted"], metrics["rejected"],
-             metrics["read"], {k: v for k, v in metrics["rejected_by_reason"].items() if v}, time.perf_counter() - t0)
+    log.info(
+        "accepted %d, rejected %d of %d rows (%s) in %.1f s",
+        metrics["accepted"],
+        metrics["rejected"],
+        metrics["read"],
+        {k: v for k, v in metrics["rejected_by_reason"].items() if v},
+        time.perf_counter() - t0,
+    )
     if check_limits:
         _check_limits(metrics, root, ingest, out_dir / "rejects.parquet")
     return metrics

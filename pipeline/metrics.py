@@ -3,9 +3,10 @@
 Conventions follow scikit-learn (which the tests compare against): a label with no true and no
 predicted positives has F1 0 (and counts in macro averages); F1 samples averages per-item F1.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -60,7 +61,9 @@ def decide(task: str, probs: np.ndarray, thresholds: np.ndarray | Sequence[float
     return probs >= np.asarray(thresholds, dtype=probs.dtype)
 
 
-def evaluate(task: str, y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | float = 0.5) -> dict[str, float]:
+def evaluate(
+    task: str, y_true: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | float = 0.5
+) -> dict[str, float]:
     """Metrics for a task (multilabel | multiclass | binary) from true multi-hot labels and probabilities."""
     pred = decide(task, probs, thresholds)
     out = f1_scores(y_true, pred)

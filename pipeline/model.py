@@ -7,6 +7,7 @@ the item each element belongs to (segment ids), and pooling is a scatter reducti
 costs what its elements cost. The pooling is an object (pipeline.pooling) chosen by name.
 Imports torch (and this package's torch-only modules), so it runs on a machine with nothing else.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -90,14 +91,21 @@ class SetModel(nn.Module):
         self.cfg = cfg
         self.pooling: Pooling = poolings.get(cfg.pooling)
         self.modalities = sorted(dims)
-        self.encoders = nn.ModuleDict({
-            m: mlp([dims[m]] + [cfg.dim] * cfg.encoder_depth, cfg.activation, 0.0, last_activation=True)
-            for m in self.modalities if dims[m] > 0
-        })
+        self.encoders = nn.ModuleDict(
+            {
+                m: mlp([dims[m]] + [cfg.dim] * cfg.encoder_depth, cfg.activation, 0.0, last_activation=True)
+                for m in self.modalities
+                if dims[m] > 0
+            }
+        )
         # categories[m]: vocabulary size (without the 0 = missing id) of each categorical column of m
-        self.embeddings = nn.ModuleDict({
-            m: nn.ModuleList([nn.Embedding(n + 1, cfg.dim) for n in sizes]) for m, sizes in categories.items() if sizes
-        })
+        self.embeddings = nn.ModuleDict(
+            {
+                m: nn.ModuleList([nn.Embedding(n + 1, cfg.dim) for n in sizes])
+                for m, sizes in categories.items()
+                if sizes
+            }
+        )
         self.head = mlp([cfg.dim, *cfg.head_hidden, n_labels], cfg.activation, cfg.dropout, last_activation=False)
 
     def elements(self, batch: SetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,8 +147,12 @@ class SetModel(nn.Module):
         if not segs:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return torch.zeros(0, self.cfg.dim, device=device), empty, empty, empty
-        return (None if positions else torch.cat(xs)), torch.cat(segs), torch.cat(mods), \
-            (torch.cat(pos) if positions else None)
+        return (
+            (None if positions else torch.cat(xs)),
+            torch.cat(segs),
+            torch.cat(mods),
+            (torch.cat(pos) if positions else None),
+        )
 
     def pool(self, x: torch.Tensor, segment: torch.Tensor, modality: torch.Tensor, size: int) -> torch.Tensor:
         """(N, D) elements -> (B, D) pooled vectors (flat, or hierarchical by modality)."""
@@ -160,9 +172,13 @@ class ConcatModel(nn.Module):
         self.cfg = cfg
         self.modalities = sorted(dims)
         self.dims = dims
-        self.embeddings = nn.ModuleDict({
-            m: nn.ModuleList([nn.Embedding(n + 1, cfg.dim) for n in sizes]) for m, sizes in categories.items() if sizes
-        })
+        self.embeddings = nn.ModuleDict(
+            {
+                m: nn.ModuleList([nn.Embedding(n + 1, cfg.dim) for n in sizes])
+                for m, sizes in categories.items()
+                if sizes
+            }
+        )
         width = sum(dims.values()) + sum(cfg.dim * len(s) for s in categories.values())
         self.head = mlp([width, *cfg.head_hidden, n_labels], cfg.activation, cfg.dropout, last_activation=False)
 
@@ -178,8 +194,11 @@ class ConcatModel(nn.Module):
                     parts.append(poolings.MeanPooling().reduce(mb.vectors, mb.segment, batch.size))
             if m in self.embeddings:
                 for c, table in enumerate(self.embeddings[m]):
-                    ids = mb.category_ids[:, c] if mb is not None and mb.category_ids is not None else \
-                        torch.zeros(batch.size, dtype=torch.long, device=device)
+                    ids = (
+                        mb.category_ids[:, c]
+                        if mb is not None and mb.category_ids is not None
+                        else torch.zeros(batch.size, dtype=torch.long, device=device)
+                    )
                     parts.append(table(ids))
         return self.head(torch.cat(parts, dim=1))
 

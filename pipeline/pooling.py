@@ -14,6 +14,7 @@ for its description. Adding one is one class (README "Add a pooling"):
   element's (fractional on ties) ownership of each dimension, for poolings where elements win
   dimensions (max).
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -30,7 +31,8 @@ TIE_ATOL = 1e-6
 def segment_counts(segment: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
     """(size,): how many rows each segment has."""
     return torch.zeros(size, dtype=dtype, device=segment.device).index_add_(
-        0, segment, torch.ones_like(segment, dtype=dtype))
+        0, segment, torch.ones_like(segment, dtype=dtype)
+    )
 
 
 def segment_sum(x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,12 +54,26 @@ class Pooling:
     def combine(self, inner: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decompose(self, x: torch.Tensor, segment: torch.Tensor, modality: torch.Tensor, size: int,
-                  n_modalities: int, hierarchical: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def decompose(
+        self,
+        x: torch.Tensor,
+        segment: torch.Tensor,
+        modality: torch.Tensor,
+        size: int,
+        n_modalities: int,
+        hierarchical: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def pool(self, x: torch.Tensor, segment: torch.Tensor, modality: torch.Tensor, size: int, n_modalities: int,
-             hierarchical: bool) -> torch.Tensor:
+    def pool(
+        self,
+        x: torch.Tensor,
+        segment: torch.Tensor,
+        modality: torch.Tensor,
+        size: int,
+        n_modalities: int,
+        hierarchical: bool,
+    ) -> torch.Tensor:
         """(N, D) elements -> (B, D): flat over all elements, or inside each modality then across them."""
         if not hierarchical:
             return self.reduce(x, segment, size)
@@ -97,8 +113,10 @@ class MaxPooling(Pooling):
     name = "max"
     method = "argmax"
     unit = "dimensions won"
-    description = ("max pooling: a modality's share is the fraction of the D pooled dimensions whose maximum "
-                   "came from one of its elements (element-wise argmax)")
+    description = (
+        "max pooling: a modality's share is the fraction of the D pooled dimensions whose maximum "
+        "came from one of its elements (element-wise argmax)"
+    )
 
     def reduce(self, x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
         D = x.shape[1]
@@ -127,8 +145,10 @@ class SumPooling(Pooling):
     """The sum of the elements: every element contributes its own vector."""
 
     name = "sum"
-    description = ("sum pooling: a modality's share is its fraction of the pooled vector's L1 mass "
-                   "(argmax importance needs max pooling)")
+    description = (
+        "sum pooling: a modality's share is its fraction of the pooled vector's L1 mass "
+        "(argmax importance needs max pooling)"
+    )
 
     def reduce(self, x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
         return segment_sum(x, segment, size)
@@ -145,8 +165,10 @@ class MeanPooling(Pooling):
     """The mean of the elements (hierarchical: the mean over the present modalities of their means)."""
 
     name = "mean"
-    description = ("mean pooling: a modality's share is its fraction of the pooled vector's L1 mass "
-                   "(argmax importance needs max pooling)")
+    description = (
+        "mean pooling: a modality's share is its fraction of the pooled vector's L1 mass "
+        "(argmax importance needs max pooling)"
+    )
 
     def reduce(self, x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
         return segment_sum(x, segment, size) / segment_counts(segment, size, x.dtype).clamp(min=1)[:, None]

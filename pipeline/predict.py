@@ -18,15 +18,17 @@ The ablation drop of modality m is p(label) - p(label with m removed at inferenc
 
 Importable with torch, pyarrow, numpy and pyyaml only (like training).
 """
+
 from __future__ import annotations
 
 import csv
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -89,7 +91,8 @@ class _Collected:
         self.label_modality: list[torch.Tensor] = []
         self.drops: list[torch.Tensor] = []
         self.elements: dict[str, list[torch.Tensor]] = {
-            k: [] for k in ("item", "modality", "position", "share", "wins", "top_share")}
+            k: [] for k in ("item", "modality", "position", "share", "wins", "top_share")
+        }
 
 
 @dataclass
@@ -108,8 +111,11 @@ class _Scorer:
         p = to_probs(task, model(store.batch(idx)).float())
         out.probs.append(p.cpu())
         if self.cfg.ablation:
-            out.drops.append(torch.stack([p - to_probs(task, model(store.batch(idx, frozenset({m}))).float())
-                                          for m in model.modalities], 2).cpu())
+            out.drops.append(
+                torch.stack(
+                    [p - to_probs(task, model(store.batch(idx, frozenset({m}))).float()) for m in model.modalities], 2
+                ).cpu()
+            )
 
     def set_batch(self, idx: torch.Tensor, start: int) -> None:
         """The set model: probabilities, ablation drops, and element, modality and label importances
@@ -122,8 +128,15 @@ class _Scorer:
         out.probs.append(p.cpu())
         if cfg.ablation:
             keep = [mod != k for k in range(len(model.modalities))]
-            out.drops.append(torch.stack([p - to_probs(task, model.head(model.pool(
-                x[kp], seg[kp], mod[kp], batch.size)).float()) for kp in keep], 2).cpu())
+            out.drops.append(
+                torch.stack(
+                    [
+                        p - to_probs(task, model.head(model.pool(x[kp], seg[kp], mod[kp], batch.size)).float())
+                        for kp in keep
+                    ],
+                    2,
+                ).cpu()
+            )
         imp = explain(model, batch, label_conditional=cfg.label_conditional, elements=(x, seg, mod))
         out.shares.append(imp.modality_share.cpu())
         el = out.elements
@@ -141,8 +154,14 @@ class _Scorer:
 
 
 @torch.no_grad()
-def score_store(model: torch.nn.Module, bundle: Bundle, store: FeatureStore, positions: np.ndarray,
-                splits: list[str], cfg: PredictConfig) -> Scored:
+def score_store(
+    model: torch.nn.Module,
+    bundle: Bundle,
+    store: FeatureStore,
+    positions: np.ndarray,
+    splits: list[str],
+    cfg: PredictConfig,
+) -> Scored:
     """Probabilities, decisions and importances for items `positions` of `store` (on the model's device);
     `splits` are those items' splits."""
     task, labels = bundle.task, bundle.label_names
@@ -154,7 +173,7 @@ def score_store(model: torch.nn.Module, bundle: Bundle, store: FeatureStore, pos
     out = scorer.out
     model.eval()
     for start in range(0, idx_all.numel(), cfg.batch_size):
-        idx = idx_all[start:start + cfg.batch_size]
+        idx = idx_all[start : start + cfg.batch_size]
         if is_set:
             scorer.set_batch(idx, start)
         else:
@@ -166,8 +185,13 @@ def score_store(model: torch.nn.Module, bundle: Bundle, store: FeatureStore, pos
 
     P = cat(out.probs, (n, L))
     return Scored(
-        ids=[store.ids[i] for i in positions], splits=list(splits), labels=list(labels), modalities=mods,
-        method=explain_method(model), probs=P, predicted=M.decide(task, P, np.asarray(bundle.thresholds)),
+        ids=[store.ids[i] for i in positions],
+        splits=list(splits),
+        labels=list(labels),
+        modalities=mods,
+        method=explain_method(model),
+        probs=P,
+        predicted=M.decide(task, P, np.asarray(bundle.thresholds)),
         modality_share=cat(out.shares, (n, Mn)) if is_set else None,
         label_modality=cat(out.label_modality, (n, L, Mn)) if is_set and cfg.label_conditional else None,
         drop=cat(out.drops, (n, L, Mn)) if cfg.ablation else None,
@@ -175,9 +199,12 @@ def score_store(model: torch.nn.Module, bundle: Bundle, store: FeatureStore, pos
     )
 
 
-ABLATION = {"method": "ablation", "unit": "drop in probability",
-            "text": "concat baseline: no set to decompose; importance is the drop in probability when a "
-                    "modality is removed at inference"}
+ABLATION = {
+    "method": "ablation",
+    "unit": "drop in probability",
+    "text": "concat baseline: no set to decompose; importance is the drop in probability when a "
+    "modality is removed at inference",
+}
 
 
 def explain_method(model: torch.nn.Module) -> dict[str, str]:
@@ -199,12 +226,16 @@ def element_metadata(dirs: dict[str, Path], bundle: Bundle, ids: list[str]) -> d
     `ids` (feature files are sorted by id, so Parquet's row-group statistics skip the others)."""
     out: dict[str, dict[str, list]] = {}
     for m, folder in dirs.items():
-        table = pq.read_table(Path(folder) / "features.parquet", columns=[schema.ID, ELEMENTS, CATEGORY_IDS],
-                              filters=[(schema.ID, "in", list(ids))] if ids else None)
+        table = pq.read_table(
+            Path(folder) / "features.parquet",
+            columns=[schema.ID, ELEMENTS, CATEGORY_IDS],
+            filters=[(schema.ID, "in", list(ids))] if ids else None,
+        )
         vocab = bundle.provenance[m].vocabularies() if m in bundle.provenance else []
         per_id = {}
-        for item_id, elements, cats in zip(table[schema.ID].to_pylist(), table[ELEMENTS].to_pylist(),
-                                           table[CATEGORY_IDS].to_pylist()):
+        for item_id, elements, cats in zip(
+            table[schema.ID].to_pylist(), table[ELEMENTS].to_pylist(), table[CATEGORY_IDS].to_pylist()
+        ):
             recs = list(elements or [])
             for c, (col, values) in enumerate(vocab):
                 cid = (cats or [0] * len(vocab))[c]
@@ -232,7 +263,8 @@ def predictions_table(scored: Scored, truth: list[list[str] | None] | None) -> p
     """predictions.parquet: per item its predicted labels, true labels (when known), probabilities."""
     L, n = scored.labels, len(scored.ids)
     cols: list[Any] = [
-        pa.array(scored.ids, pa.string()), pa.array(scored.splits, pa.string()),
+        pa.array(scored.ids, pa.string()),
+        pa.array(scored.splits, pa.string()),
         pa.array([[L[j] for j in np.nonzero(row)[0]] for row in scored.predicted], pa.list_(pa.string())),
         pa.array(truth if _has_truth(truth) else [None] * n, pa.list_(pa.string())),
         *(_f32(scored.probs[:, j]) for j in range(len(L))),
@@ -250,8 +282,13 @@ def importance_table(scored: Scored) -> pa.Table:
         d = scored.drop[np.arange(n), _top_label(scored)] if scored.drop is not None and n and scored.labels else None
         top = [mods[int(np.argmax(r))] for r in d] if d is not None else [None] * n
         shares = [pa.nulls(n, pa.float32()) for _ in mods]
-    cols = [pa.array(scored.ids, pa.string()), pa.array(scored.splits, pa.string()),
-            pa.array([scored.method["method"]] * n, pa.string()), pa.array(top, pa.string()), *shares]
+    cols = [
+        pa.array(scored.ids, pa.string()),
+        pa.array(scored.splits, pa.string()),
+        pa.array([scored.method["method"]] * n, pa.string()),
+        pa.array(top, pa.string()),
+        *shares,
+    ]
     return pa.Table.from_arrays(cols, schema=schema.importance_schema(mods))
 
 
@@ -262,8 +299,10 @@ def label_importance_table(scored: Scored, truth: list[list[str] | None] | None)
     y = label_matrix(truth, L).numpy().astype(bool) if _has_truth(truth) else None
 
     def per_modality(values: np.ndarray | None) -> list[pa.Array]:
-        return [_f32(values[:, :, j].reshape(-1)) if values is not None else pa.nulls(len(rep), pa.float32())
-                for j in range(len(mods))]
+        return [
+            _f32(values[:, :, j].reshape(-1)) if values is not None else pa.nulls(len(rep), pa.float32())
+            for j in range(len(mods))
+        ]
 
     cols = [
         pa.array([scored.ids[i] for i in rep], pa.string()),
@@ -272,7 +311,8 @@ def label_importance_table(scored: Scored, truth: list[list[str] | None] | None)
         _f32(scored.probs.reshape(-1)),
         pa.array(scored.predicted.reshape(-1), pa.bool_()),
         pa.array(y.reshape(-1) if y is not None else [None] * len(rep), pa.bool_()),
-        *per_modality(scored.label_modality), *per_modality(scored.drop),
+        *per_modality(scored.label_modality),
+        *per_modality(scored.drop),
     ]
     return pa.Table.from_arrays(cols, schema=schema.label_importance_schema(mods))
 
@@ -305,11 +345,16 @@ def elements_table(scored: Scored, meta: dict[str, dict[str, list]]) -> pa.Table
     return table.sort_by([(schema.ID, "ascending"), (schema.MODALITY, "ascending"), (schema.POSITION, "ascending")])
 
 
-def tables(scored: Scored, truth: list[list[str] | None] | None,
-           meta: dict[str, dict[str, list]]) -> dict[str, pa.Table]:
+def tables(
+    scored: Scored, truth: list[list[str] | None] | None, meta: dict[str, dict[str, list]]
+) -> dict[str, pa.Table]:
     """The four output tables of `scored` (schema.PREDICTION_TABLES)."""
-    return {"predictions": predictions_table(scored, truth), "importance": importance_table(scored),
-            "label_importance": label_importance_table(scored, truth), "elements": elements_table(scored, meta)}
+    return {
+        "predictions": predictions_table(scored, truth),
+        "importance": importance_table(scored),
+        "label_importance": label_importance_table(scored, truth),
+        "elements": elements_table(scored, meta),
+    }
 
 
 def _by_label(scored: Scored, y: np.ndarray | None, known: np.ndarray) -> dict[str, Any]:
@@ -319,8 +364,10 @@ def _by_label(scored: Scored, y: np.ndarray | None, known: np.ndarray) -> dict[s
     by_label = {}
     for j, lab in enumerate(L):
         pos = (y[:, j] > 0) & known if y is not None else scored.predicted[:, j]
-        entry: dict[str, Any] = {"positives": int(pos.sum()),
-                                 "positives_from": "labels" if y is not None else "predictions"}
+        entry: dict[str, Any] = {
+            "positives": int(pos.sum()),
+            "positives_from": "labels" if y is not None else "predictions",
+        }
         if scored.label_modality is not None:
             share = scored.label_modality[pos, j].mean(0) if pos.any() else np.zeros(len(mods))
             entry["share"] = {m: float(share[k]) for k, m in enumerate(mods)}
@@ -342,8 +389,12 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: Bund
     known = np.array([t is not None for t in truth]) if has_truth else np.zeros(len(scored.ids), bool)
     y = label_matrix(truth, L).numpy() if has_truth else None
     out: dict[str, Any] = {
-        "items": len(scored.ids), "method": scored.method["method"], "method_unit": scored.method["unit"],
-        "method_text": scored.method["text"], "labels": L, "modalities": mods,
+        "items": len(scored.ids),
+        "method": scored.method["method"],
+        "method_unit": scored.method["unit"],
+        "method_text": scored.method["text"],
+        "labels": L,
+        "modalities": mods,
         "modality_kinds": {m: bundle.provenance[m].kind if m in bundle.provenance else None for m in mods},
         "splits": {s: int((splits == s).sum()) for s in sorted(set(scored.splits))},
         "metrics": {},
@@ -358,14 +409,19 @@ def summarise(scored: Scored, truth: list[list[str] | None] | None, bundle: Bund
     if not scored.ids:
         out["metrics_note"] = "no item was scored, so there are no metrics"
     elif unlabelled:
-        out["metrics_note"] = (f"no metrics for {', '.join(unlabelled)}: those items carry no true labels "
-                               "(the dataset has no labels column, or the rows leave it blank)")
+        out["metrics_note"] = (
+            f"no metrics for {', '.join(unlabelled)}: those items carry no true labels "
+            "(the dataset has no labels column, or the rows leave it blank)"
+        )
     if scored.modality_share is not None:
-        out["modality_share"] = {m: float(scored.modality_share[:, j].mean()) if len(scored.ids) else 0.0
-                                 for j, m in enumerate(mods)}
+        out["modality_share"] = {
+            m: float(scored.modality_share[:, j].mean()) if len(scored.ids) else 0.0 for j, m in enumerate(mods)
+        }
     else:
-        out["modality_share_note"] = ("the concat baseline has no set to decompose: see each label's ablation_drop "
-                                      "(the drop in probability without each modality)")
+        out["modality_share_note"] = (
+            "the concat baseline has no set to decompose: see each label's ablation_drop "
+            "(the drop in probability without each modality)"
+        )
     out["by_label"] = _by_label(scored, y, known)
     return out
 
@@ -381,8 +437,9 @@ class Prediction:
 
 def predict_items(inputs: ScoringInputs, positions: np.ndarray, cfg: PredictConfig) -> Prediction:
     """Probabilities, decisions, importances and the summary of the items at `positions`."""
-    scored = score_store(inputs.model, inputs.bundle, inputs.store, positions,
-                         [inputs.splits[i] for i in positions], cfg)
+    scored = score_store(
+        inputs.model, inputs.bundle, inputs.store, positions, [inputs.splits[i] for i in positions], cfg
+    )
     truth = [inputs.labels[i] for i in positions]
     return Prediction(scored, truth, summarise(scored, truth, inputs.bundle))
 
@@ -396,6 +453,7 @@ def predict_nothing(model: torch.nn.Module, bundle: Bundle, cfg: PredictConfig) 
 
 def _slice(scored: Scored, start: int, stop: int) -> Scored:
     """Items start..stop of `scored` (their elements renumbered from 0)."""
+
     def rows(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[start:stop]
 
@@ -403,13 +461,24 @@ def _slice(scored: Scored, start: int, stop: int) -> Scored:
     keep = (el["item"] >= start) & (el["item"] < stop) if "item" in el else None
     elements = {k: (v[keep] - start if k == "item" else v[keep]) for k, v in el.items()} if keep is not None else {}
     return dataclasses.replace(
-        scored, ids=scored.ids[start:stop], splits=scored.splits[start:stop], probs=scored.probs[start:stop],
-        predicted=scored.predicted[start:stop], modality_share=rows(scored.modality_share),
-        label_modality=rows(scored.label_modality), drop=rows(scored.drop), elements=elements)
+        scored,
+        ids=scored.ids[start:stop],
+        splits=scored.splits[start:stop],
+        probs=scored.probs[start:stop],
+        predicted=scored.predicted[start:stop],
+        modality_share=rows(scored.modality_share),
+        label_modality=rows(scored.label_modality),
+        drop=rows(scored.drop),
+        elements=elements,
+    )
 
 
-def write_outputs(prediction: Prediction, out_dir: Path, element_meta: Callable[[list[str]], dict[str, dict[str, list]]],
-                  chunk_items: int = 4096) -> None:
+def write_outputs(
+    prediction: Prediction,
+    out_dir: Path,
+    element_meta: Callable[[list[str]], dict[str, dict[str, list]]],
+    chunk_items: int = 4096,
+) -> None:
     """The four tables, summary.json and the two SVG plots under `out_dir`. The tables are built and
     written `chunk_items` items at a time (`element_meta(ids)`: see element_metadata), so their memory
     does not grow with the number of items."""
@@ -419,8 +488,11 @@ def write_outputs(prediction: Prediction, out_dir: Path, element_meta: Callable[
     try:
         for start in range(0, max(n, 1), chunk_items):
             part = _slice(scored, start, start + chunk_items)
-            chunk = tables(part, None if prediction.truth is None else prediction.truth[start:start + chunk_items],
-                           element_meta(part.ids) if part.ids else {})
+            chunk = tables(
+                part,
+                None if prediction.truth is None else prediction.truth[start : start + chunk_items],
+                element_meta(part.ids) if part.ids else {},
+            )
             for name, table in chunk.items():
                 if name not in writers:
                     writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", table.schema, compression="zstd")
@@ -441,14 +513,21 @@ def summary_plots(summary: dict[str, Any]) -> dict[str, str]:
     what = "label-conditional share" if key == "share" else "ablation drop in probability"
     src = "true" if any(e["positives_from"] == "labels" for e in by_label.values()) else "predicted"
     rows = [lab for lab, e in by_label.items() if e["positives"]]
-    out = {"importance_by_label.svg": plots.heatmap(
-        rows, mods, {lab: by_label[lab].get(key, {}) for lab in rows},
-        f"Mean {what} per label over its {src} positives", {lab: by_label[lab].get(top) for lab in rows})}
+    out = {
+        "importance_by_label.svg": plots.heatmap(
+            rows,
+            mods,
+            {lab: by_label[lab].get(key, {}) for lab in rows},
+            f"Mean {what} per label over its {src} positives",
+            {lab: by_label[lab].get(top) for lab in rows},
+        )
+    }
     if "modality_share" in summary:
         colours = {m: plots.colour(i) for i, m in enumerate(mods)}
         unit = summary["method_unit"]
-        out["modality_importance.svg"] = plots.bars(summary["modality_share"],
-                                                    f"Mean share of {unit} per modality", colours)
+        out["modality_importance.svg"] = plots.bars(
+            summary["modality_share"], f"Mean share of {unit} per modality", colours
+        )
     return out
 
 
@@ -470,16 +549,29 @@ def write_plot_csv(summary: dict[str, Any], path: Path) -> None:
 
 
 # one parameter per input and output path the stage passes (dvc.yaml owns the paths), plus the settings
-def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_root: Path, out_dir: Path,
-                metrics_path: Path | None = None, plot_csv: Path | None = None) -> dict[str, Any]:
+def run_predict(
+    cfg: PredictConfig,
+    model_path: Path,
+    manifest: Path,
+    features_root: Path,
+    out_dir: Path,
+    metrics_path: Path | None = None,
+    plot_csv: Path | None = None,
+) -> dict[str, Any]:
     """Predict every item of the chosen splits and write the outputs; returns the summary."""
     t0 = time.perf_counter()
     inputs = load_scoring_inputs(model_path, manifest, features_root, cfg.device)
-    positions = np.array([i for i, s in enumerate(inputs.splits) if cfg.splits is None or s in cfg.splits],
-                         dtype=np.int64)
-    log.info("predicting %d of %d items (%s) with %s pooling on %s", len(positions), len(inputs.ids),
-             "all splits" if cfg.splits is None else ", ".join(cfg.splits),
-             inputs.bundle.model_config.pooling, next(inputs.model.parameters()).device)
+    positions = np.array(
+        [i for i, s in enumerate(inputs.splits) if cfg.splits is None or s in cfg.splits], dtype=np.int64
+    )
+    log.info(
+        "predicting %d of %d items (%s) with %s pooling on %s",
+        len(positions),
+        len(inputs.ids),
+        "all splits" if cfg.splits is None else ", ".join(cfg.splits),
+        inputs.bundle.model_config.pooling,
+        next(inputs.model.parameters()).device,
+    )
     prediction = predict_items(inputs, positions, cfg)
     summary = prediction.summary
     summary["seconds"] = time.perf_counter() - t0
@@ -489,6 +581,11 @@ def run_predict(cfg: PredictConfig, model_path: Path, manifest: Path, features_r
         runtime.write_json(metrics_path, summary)
     if plot_csv is not None:
         write_plot_csv(summary, plot_csv)
-    log.info("wrote predictions and %s importances of %d items to %s in %.1f s", prediction.scored.method["method"],
-             len(positions), out_dir, summary["seconds"])
+    log.info(
+        "wrote predictions and %s importances of %d items to %s in %.1f s",
+        prediction.scored.method["method"],
+        len(positions),
+        out_dir,
+        summary["seconds"],
+    )
     return summary

@@ -4,6 +4,7 @@ Each reader yields one RawRow per record of its source, in source order; a recor
 parsed still yields a row (with its error), so ingest can count and reject it. Used by ingest and by
 batch scoring, which reads a new folder under a model's dataset contract.
 """
+
 from __future__ import annotations
 
 import csv
@@ -11,9 +12,10 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline import records, runtime
 from pipeline.config import DatasetConfig
@@ -89,7 +91,7 @@ class _Cursor:
     def __init__(self, lines: list[str], pos: int):
         self.lines, self.pos = lines, pos
 
-    def __iter__(self) -> "_Cursor":
+    def __iter__(self) -> _Cursor:
         return self
 
     def __next__(self) -> str:
@@ -143,27 +145,42 @@ def _read_csv(path: Path, required: list[str], id_column: str, max_field_chars: 
         raise IngestError(f"{path}: line {first}: the header names column(s) {dup} more than once")
     missing = [c for c in required if c not in header]
     if missing:
-        raise IngestError(
-            f"{path}: column(s) {missing} named in params.yaml 'dataset' are not in the header {header}"
-        )
+        raise IngestError(f"{path}: column(s) {missing} named in params.yaml 'dataset' are not in the header {header}")
     id_index = header.index(id_column) if id_column in header else None
     for n, (first, last, cells, err) in enumerate(records, start=1):
         where = f"line {first}" if first == last else f"lines {first}-{last}"
         if cells is None:
-            yield RawRow(n, None, unescape(lines[first - 1].rstrip("\r\n"))[:10_000],
-                         RejectError("malformed_row", f"line {first}: {err}; reading resumes on the next line"))
+            yield RawRow(
+                n,
+                None,
+                unescape(lines[first - 1].rstrip("\r\n"))[:10_000],
+                RejectError("malformed_row", f"line {first}: {err}; reading resumes on the next line"),
+            )
             continue
         raw = raw_json([c[:10_000] for c in cells])
         hint = unescape(cells[id_index].strip()) if id_index is not None and id_index < len(cells) else None
-        too_long = [header[i] if i < len(header) else f"field {i + 1}" for i, c in enumerate(cells)
-                    if len(c) > max_field_chars]
+        too_long = [
+            header[i] if i < len(header) else f"field {i + 1}" for i, c in enumerate(cells) if len(c) > max_field_chars
+        ]
         if len(cells) != len(header):
-            yield RawRow(n, None, raw, RejectError(
-                "malformed_row", f"{where}: {len(cells)} fields, header has {len(header)}"), hint or None)
+            yield RawRow(
+                n,
+                None,
+                raw,
+                RejectError("malformed_row", f"{where}: {len(cells)} fields, header has {len(header)}"),
+                hint or None,
+            )
         elif too_long:
-            yield RawRow(n, None, raw, RejectError(
-                "field_too_large", f"{where}: column(s) {too_long} longer than ingest.max_field_chars="
-                                   f"{max_field_chars}"), hint or None)
+            yield RawRow(
+                n,
+                None,
+                raw,
+                RejectError(
+                    "field_too_large",
+                    f"{where}: column(s) {too_long} longer than ingest.max_field_chars={max_field_chars}",
+                ),
+                hint or None,
+            )
         elif all(not c.strip() for c in cells):
             yield RawRow(n, None, raw, RejectError("empty_row", f"{where}: every field is empty"))
         else:
@@ -182,12 +199,15 @@ def _json_record(text: str, where: str, max_field_chars: int) -> dict[str, Any]:
         raise RejectError("malformed_row", f"{where}: expected a JSON object, found {type(obj).__name__}")
     bad = records.find_bad_utf8(obj)
     if bad is not None:
-        raise RejectError("invalid_utf8", f"{where}: column {bad!r} holds a lone surrogate (an escape such as "
-                                          "\\ud800 that is no character)")
+        raise RejectError(
+            "invalid_utf8",
+            f"{where}: column {bad!r} holds a lone surrogate (an escape such as \\ud800 that is no character)",
+        )
     too_long = [k for k, v in obj.items() if isinstance(v, str) and len(v) > max_field_chars]
     if too_long:
-        raise RejectError("field_too_large",
-                          f"{where}: column(s) {too_long} longer than ingest.max_field_chars={max_field_chars}")
+        raise RejectError(
+            "field_too_large", f"{where}: column(s) {too_long} longer than ingest.max_field_chars={max_field_chars}"
+        )
     return obj
 
 
@@ -220,8 +240,10 @@ def _read_mmimdb(root: Path, max_field_chars: int) -> Iterator[RawRow]:
     split_file = root / "split.json"
     data_dir = root / "dataset"
     if not split_file.is_file() or not data_dir.is_dir():
-        raise IngestError(f"{root}: an MM-IMDb folder needs split.json and dataset/; found "
-                          f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no folder'}")
+        raise IngestError(
+            f"{root}: an MM-IMDb folder needs split.json and dataset/; found "
+            f"{sorted(p.name for p in root.iterdir()) if root.is_dir() else 'no folder'}"
+        )
     try:
         splits = json.loads(read_text(split_file, "split file"))
         split_of = {str(item_id): name for name, ids in reversed(list(splits.items())) for item_id in ids}
@@ -259,8 +281,9 @@ def required_columns(cfg: DatasetConfig) -> list[str]:
     return cols
 
 
-def read_rows(cfg: DatasetConfig, root: Path, optional: frozenset[str] = frozenset(),
-              max_field_chars: int = 1_000_000) -> list[RawRow]:
+def read_rows(
+    cfg: DatasetConfig, root: Path, optional: frozenset[str] = frozenset(), max_field_chars: int = 1_000_000
+) -> list[RawRow]:
     """Every record of the dataset at `root`, in source order; mapped columns in `optional` may be
     absent from the source (their values read as empty). A field longer than `max_field_chars` makes
     its record a reject."""
@@ -273,11 +296,16 @@ def read_rows(cfg: DatasetConfig, root: Path, optional: frozenset[str] = frozens
         path = root / cfg.manifest
         if not path.exists():
             raise IngestError(f"manifest not found: {path} (params: dataset.dir / dataset.manifest)")
-        rows = list(_read_csv(path, required, cfg.id, max_field_chars) if cfg.format == "csv"
-                    else _read_jsonl(path, max_field_chars))
+        rows = list(
+            _read_csv(path, required, cfg.id, max_field_chars)
+            if cfg.format == "csv"
+            else _read_jsonl(path, max_field_chars)
+        )
     if cfg.format != "csv":  # schemaless sources: a mapped column seen in no row is a mapping error
         seen = set().union(*(r.data.keys() for r in rows if r.data is not None))
         absent = [c for c in required if c not in seen]
         if seen and absent:
-            raise IngestError(f"{root}: column(s) {absent} named in params.yaml 'dataset' appear in no row; found {sorted(seen)}")
+            raise IngestError(
+                f"{root}: column(s) {absent} named in params.yaml 'dataset' appear in no row; found {sorted(seen)}"
+            )
     return rows

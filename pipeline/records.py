@@ -3,6 +3,7 @@
 Ingest (and later the Beam jobs) call these same functions; none of them touches global state.
 A record that cannot be used raises RejectError with a reason from schema.REJECT_REASONS.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,10 @@ import os
 import re
 import stat
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -65,6 +67,7 @@ def _has_surrogate(text: str) -> bool:
 def find_bad_utf8(row: Mapping[str, Any]) -> str | None:
     """Name the first field holding text that is not valid Unicode: bytes that were not UTF-8 (kept by
     surrogateescape) or a lone surrogate (a JSON escape such as \\ud800), in keys, values or nested lists."""
+
     def bad(value: Any) -> bool:
         if isinstance(value, str):
             return _has_surrogate(value)
@@ -82,7 +85,7 @@ def find_bad_utf8(row: Mapping[str, Any]) -> str | None:
 
 def stable_unit(key: str, salt: str) -> float:
     """A number in [0, 1) that depends only on `salt` and `key` (stable across runs and machines)."""
-    digest = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -101,9 +104,7 @@ def normalise_split(value: Any) -> str:
     """Map a split value from a manifest to train/val/test, or reject it."""
     text = "" if is_blank(value) else str(value).strip().lower()
     if text not in schema.SPLIT_ALIASES:
-        raise RejectError(
-            "bad_split", f"split value {value!r} is not one of {sorted(schema.SPLIT_ALIASES)}"
-        )
+        raise RejectError("bad_split", f"split value {value!r} is not one of {sorted(schema.SPLIT_ALIASES)}")
     return schema.SPLIT_ALIASES[text]
 
 
@@ -244,9 +245,7 @@ def parse_labels(value: Any, kind: str, separator: str, positive_name: str, colu
         return [positive_name]
     if word in FALSE_WORDS:
         return []
-    raise RejectError(
-        "bad_label", f"binary label {value!r} is not one of {sorted(TRUE_WORDS | FALSE_WORDS)}"
-    )
+    raise RejectError("bad_label", f"binary label {value!r} is not one of {sorted(TRUE_WORDS | FALSE_WORDS)}")
 
 
 class ContentChangedError(ValueError):
@@ -261,8 +260,10 @@ def read_checked(path: Path, sha256: str | None) -> bytes:
     if sha256 is not None:
         found = hashlib.sha256(data).hexdigest()
         if found != sha256:
-            raise ContentChangedError(f"{path} changed since ingest (sha256 {found[:16]}..., the manifest recorded "
-                                      f"{sha256[:16]}...): run ingest again")
+            raise ContentChangedError(
+                f"{path} changed since ingest (sha256 {found[:16]}..., the manifest recorded "
+                f"{sha256[:16]}...): run ingest again"
+            )
     return data
 
 

@@ -5,6 +5,7 @@ that mattered most for the top label outlined in red), the top labels with their
 per-modality importance bars, overall and for the top label; plus the dataset-level plots and
 metrics. Thumbnails are copied into <out>/img, so the folder can be moved or zipped as a whole.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # Extractor kinds whose elements carry image boxes -> css class. The kind comes from the features'
 # provenance (summary.json modality_kinds), so a modality keeps its boxes under any name.
 BOXED_KINDS = {"faces": "face", "ocr": "ocr"}
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """Settings of the HTML report (params report, and score.report)."""
@@ -46,8 +49,13 @@ def choose(pred: list[dict[str, Any]], labels: list[str], n: int) -> list[int]:
     predicted label appears), then the rest in a stable hash order of ids."""
     chosen: list[int] = []
     seen = set()
-    by_label = {lab: sorted((i for i, r in enumerate(pred) if lab in (r[schema.PREDICTED] or [])),
-                            key=lambda i: -pred[i][schema.prob_column(lab)]) for lab in labels}
+    by_label = {
+        lab: sorted(
+            (i for i, r in enumerate(pred) if lab in (r[schema.PREDICTED] or [])),
+            key=lambda i: -pred[i][schema.prob_column(lab)],
+        )
+        for lab in labels
+    }
     while len(chosen) < n and any(by_label.values()):
         for lab in labels:
             while by_label[lab] and by_label[lab][0] in seen:
@@ -55,8 +63,10 @@ def choose(pred: list[dict[str, Any]], labels: list[str], n: int) -> list[int]:
             if by_label[lab] and len(chosen) < n:
                 chosen.append(by_label[lab].pop(0))
                 seen.add(chosen[-1])
-    rest = sorted((i for i in range(len(pred)) if i not in seen),
-                  key=lambda i: hashlib.sha256(pred[i][schema.ID].encode()).hexdigest())
+    rest = sorted(
+        (i for i in range(len(pred)) if i not in seen),
+        key=lambda i: hashlib.sha256(pred[i][schema.ID].encode()).hexdigest(),
+    )
     return chosen + rest[: max(0, n - len(chosen))]
 
 
@@ -65,9 +75,11 @@ def _bar_rows(values: dict[str, float], colours: dict[str, str], fmt: str = "{:.
     rows = []
     for k, v in values.items():
         width = 100 * max(v, 0.0) / top if top > 0 else 0
-        rows.append(f'<div class="row"><span class="name">{escape(k)}</span><span class="bar">'
-                    f'<i style="width:{width:.1f}%;background:{colours.get(k, "#4477aa")}"></i></span>'
-                    f'<span class="val">{fmt.format(v)}</span></div>')
+        rows.append(
+            f'<div class="row"><span class="name">{escape(k)}</span><span class="bar">'
+            f'<i style="width:{width:.1f}%;background:{colours.get(k, "#4477aa")}"></i></span>'
+            f'<span class="val">{fmt.format(v)}</span></div>'
+        )
     return "\n".join(rows)
 
 
@@ -81,8 +93,14 @@ def _element_text(e: dict[str, Any], kind: str | None) -> str:
     return "the whole image" if kind == "image" else f"element {e[schema.POSITION] + 1}"
 
 
-def _poster(img_src: str, size: tuple[int, int], thumb: tuple[int, int], boxed: list[tuple[dict[str, Any], str]],
-            top_element: dict[str, Any] | None, alt: str) -> str:
+def _poster(
+    img_src: str,
+    size: tuple[int, int],
+    thumb: tuple[int, int],
+    boxed: list[tuple[dict[str, Any], str]],
+    top_element: dict[str, Any] | None,
+    alt: str,
+) -> str:
     """The thumbnail with an SVG overlay of the boxed elements ((element, kind) pairs) in image pixels."""
     W, H = size
     rects = []
@@ -93,11 +111,15 @@ def _poster(img_src: str, size: tuple[int, int], thumb: tuple[int, int], boxed: 
         tip = f"{what}: {e[schema.SHARE]:.1%} of the item"
         if e.get(schema.TOP_LABEL_SHARE) is not None:
             tip += f", {e[schema.TOP_LABEL_SHARE]:.1%} of {e[schema.TOP_LABEL]}"
-        rects.append(f'<rect class="box {cls}" x="{x0:.1f}" y="{y0:.1f}" width="{max(x1 - x0, 1):.1f}" '
-                     f'height="{max(y1 - y0, 1):.1f}"><title>{escape(tip)}</title></rect>')
-    return (f'<div class="poster" style="width:{thumb[0]}px;height:{thumb[1]}px">'
-            f'<img src="{escape(img_src)}" alt="{escape(alt)}" width="{thumb[0]}" height="{thumb[1]}">'
-            f'<svg class="boxes" viewBox="0 0 {W} {H}" preserveAspectRatio="none">{"".join(rects)}</svg></div>')
+        rects.append(
+            f'<rect class="box {cls}" x="{x0:.1f}" y="{y0:.1f}" width="{max(x1 - x0, 1):.1f}" '
+            f'height="{max(y1 - y0, 1):.1f}"><title>{escape(tip)}</title></rect>'
+        )
+    return (
+        f'<div class="poster" style="width:{thumb[0]}px;height:{thumb[1]}px">'
+        f'<img src="{escape(img_src)}" alt="{escape(alt)}" width="{thumb[0]}" height="{thumb[1]}">'
+        f'<svg class="boxes" viewBox="0 0 {W} {H}" preserveAspectRatio="none">{"".join(rects)}</svg></div>'
+    )
 
 
 CSS = """
@@ -152,16 +174,28 @@ def _read_inputs(cfg: ReportConfig, pred_dir: Path, manifest_path: Path) -> _Inp
     pool = [r for r in pred if cfg.split is None or r[schema.SPLIT] == cfg.split] or pred
     picked = [pool[i] for i in choose(pool, summary["labels"], cfg.items)]
     wanted = {r[schema.ID] for r in picked}
-    label_importance = {(r[schema.ID], r[schema.LABEL]): r
-                        for r in pq.read_table(pred_dir / "label_importance.parquet").to_pylist() if r[schema.ID] in wanted}
+    label_importance = {
+        (r[schema.ID], r[schema.LABEL]): r
+        for r in pq.read_table(pred_dir / "label_importance.parquet").to_pylist()
+        if r[schema.ID] in wanted
+    }
     elements: dict[str, list[dict[str, Any]]] = {}
     for r in pq.read_table(pred_dir / "elements.parquet").to_pylist():
         if r[schema.ID] in wanted:
             elements.setdefault(r[schema.ID], []).append(r)
-    return _Inputs(summary, kinds, {m: plots.colour(i) for i, m in enumerate(mods)},
-                   Path(mmeta["dataset"]["dir"]), names, text_cols[0] if text_cols else None, pool, picked,
-                   {r[schema.ID]: r for r in pq.read_table(pred_dir / "importance.parquet").to_pylist()},
-                   label_importance, elements)
+    return _Inputs(
+        summary,
+        kinds,
+        {m: plots.colour(i) for i, m in enumerate(mods)},
+        Path(mmeta["dataset"]["dir"]),
+        names,
+        text_cols[0] if text_cols else None,
+        pool,
+        picked,
+        {r[schema.ID]: r for r in pq.read_table(pred_dir / "importance.parquet").to_pylist()},
+        label_importance,
+        elements,
+    )
 
 
 def _image(root: Path, rel: str | None) -> Image.Image | None:
@@ -180,14 +214,19 @@ def _importance_blocks(inp: _Inputs, item: str, top_label: str | None) -> list[s
     mods, method, colours = inp.summary["modalities"], inp.summary["method"], inp.colours
     lr = inp.label_importance.get((item, top_label))
     if method == "ablation":
-        return [f"<h4>Why {escape(str(top_label))}? (drop without each modality)</h4>" +
-                _bar_rows({m: lr[schema.drop_column(m)] or 0.0 for m in mods}, colours, "{:+.2f}")]
+        return [
+            f"<h4>Why {escape(str(top_label))}? (drop without each modality)</h4>"
+            + _bar_rows({m: lr[schema.drop_column(m)] or 0.0 for m in mods}, colours, "{:+.2f}")
+        ]
     unit = inp.summary["method_unit"]  # as the model's pooling describes its shares
-    blocks = [f"<h4>All of the item ({unit})</h4>" +
-              _bar_rows({m: inp.importance[item][schema.share_column(m)] or 0.0 for m in mods}, colours)]
+    blocks = [
+        f"<h4>All of the item ({unit})</h4>"
+        + _bar_rows({m: inp.importance[item][schema.share_column(m)] or 0.0 for m in mods}, colours)
+    ]
     if lr is not None and lr[schema.share_column(mods[0])] is not None:
-        blocks.append(f"<h4>Why {escape(top_label)}?</h4>" +
-                      _bar_rows({m: lr[schema.share_column(m)] for m in mods}, colours))
+        blocks.append(
+            f"<h4>Why {escape(top_label)}?</h4>" + _bar_rows({m: lr[schema.share_column(m)] for m in mods}, colours)
+        )
     return blocks
 
 
@@ -200,10 +239,13 @@ def _card(cfg: ReportConfig, inp: _Inputs, k: int, r: dict[str, Any], img_dir: P
     probs = sorted(((lab, r[schema.prob_column(lab)]) for lab in labels), key=lambda t: -t[1])[: cfg.top_labels]
     top_label = probs[0][0] if probs else None
     els = inp.elements.get(item, [])
-    boxed = [(e, inp.kinds[e[schema.MODALITY]]) for e in els
-             if inp.kinds.get(e[schema.MODALITY]) in BOXED_KINDS and e.get(schema.BOX)]
+    boxed = [
+        (e, inp.kinds[e[schema.MODALITY]])
+        for e in els
+        if inp.kinds.get(e[schema.MODALITY]) in BOXED_KINDS and e.get(schema.BOX)
+    ]
     key = schema.TOP_LABEL_SHARE if any(e.get(schema.TOP_LABEL_SHARE) is not None for e in els) else schema.SHARE
-    top_el = max((e for e, _ in boxed), key=lambda e: (e.get(key) or 0.0), default=None)
+    top_el = max((e for e, _ in boxed), key=lambda e: e.get(key) or 0.0, default=None)
     poster = '<div class="poster"></div>'
     img = _image(inp.root, mrow.get(schema.IMAGE))
     if img is not None:
@@ -214,33 +256,47 @@ def _card(cfg: ReportConfig, inp: _Inputs, k: int, r: dict[str, Any], img_dir: P
     pred_rows = "\n".join(
         f'<div class="row{"" if lab in (r[schema.PREDICTED] or []) else " no"}"><span class="name">{escape(lab)}</span>'
         f'<span class="bar"><i style="width:{100 * p:.1f}%;background:#555"></i></span>'
-        f'<span class="val">{p:.2f}</span></div>' for lab, p in probs)
+        f'<span class="val">{p:.2f}</span></div>'
+        for lab, p in probs
+    )
     blocks = [f'<h4>Top labels</h4><div class="pred">{pred_rows}</div>', *_importance_blocks(inp, item, top_label)]
     if cfg.top_elements and els:
         best = sorted(els, key=lambda e: -(e.get(key) or 0.0))[: cfg.top_elements]
         lis = "".join(
             f'<li><b style="color:{inp.colours.get(e[schema.MODALITY], "#333")}">{escape(e[schema.MODALITY])}</b> '
-            f'{(e.get(key) or 0.0):.0%}: {escape(_element_text(e, inp.kinds.get(e[schema.MODALITY]))[:90])}'
-            f'{" <b>(outlined)</b>" if e is top_el else ""}</li>' for e in best)
-        blocks.append(f"<h4>Elements that mattered most"
-                      f"{' for ' + escape(top_label) if key == schema.TOP_LABEL_SHARE else ''}"
-                      f"</h4><ul class=\"el\">{lis}</ul>")
+            f"{(e.get(key) or 0.0):.0%}: {escape(_element_text(e, inp.kinds.get(e[schema.MODALITY]))[:90])}"
+            f"{' <b>(outlined)</b>' if e is top_el else ''}</li>"
+            for e in best
+        )
+        blocks.append(
+            f"<h4>Elements that mattered most"
+            f"{' for ' + escape(top_label) if key == schema.TOP_LABEL_SHARE else ''}"
+            f'</h4><ul class="el">{lis}</ul>'
+        )
     if r.get(schema.LABELS) is not None:
         blocks.append(f'<p class="muted">true labels: {escape(", ".join(r[schema.LABELS]) or "none")}</p>')
-    return (f'<article class="card" id="item-{k}">{poster}<div class="info">'
-            f'<h3>{escape(str(name))} <small>{escape(item)} \u00b7 {escape(r[schema.SPLIT])}</small></h3>'
-            f'{"".join(blocks)}</div></article>')
+    return (
+        f'<article class="card" id="item-{k}">{poster}<div class="info">'
+        f"<h3>{escape(str(name))} <small>{escape(item)} \u00b7 {escape(r[schema.SPLIT])}</small></h3>"
+        f"{''.join(blocks)}</div></article>"
+    )
 
 
-def write_report(cfg: ReportConfig, pred_dir: Path, manifest_path: Path, out_dir: Path,
-                 title: str = "Deep Multi-Modal Sets: predictions and importances") -> Path:
+def write_report(
+    cfg: ReportConfig,
+    pred_dir: Path,
+    manifest_path: Path,
+    out_dir: Path,
+    title: str = "Deep Multi-Modal Sets: predictions and importances",
+) -> Path:
     """Write <out_dir>/index.html (and img/) from the predict outputs in `pred_dir`; returns the page."""
     inp = _read_inputs(cfg, pred_dir, manifest_path)
     with runtime.staged_output(out_dir) as work:
         (work / "img").mkdir()
         cards = [_card(cfg, inp, k, r, work / "img") for k, r in enumerate(inp.picked)]
-        (work / "index.html").write_text(_page(title, inp.summary, pred_dir, cards, len(inp.pool), cfg),
-                                         encoding="utf-8")
+        (work / "index.html").write_text(
+            _page(title, inp.summary, pred_dir, cards, len(inp.pool), cfg), encoding="utf-8"
+        )
     page = out_dir / "index.html"
     log.info("wrote the report of %d items to %s", len(cards), page)
     return page
@@ -252,17 +308,26 @@ def _page(title: str, summary: dict[str, Any], pred_dir: Path, cards: list[str],
     mt = ""
     if metrics:
         head = "".join(f"<th>{n}</th>" for n in names)
-        body = "".join(f"<tr><td>{escape(s)}</td>" + "".join(
-            f"<td>{m[n]:.3f}</td>" if m.get(n) is not None else "<td></td>" for n in names) + "</tr>"
-            for s, m in metrics.items())
+        body = "".join(
+            f"<tr><td>{escape(s)}</td>"
+            + "".join(f"<td>{m[n]:.3f}</td>" if m.get(n) is not None else "<td></td>" for n in names)
+            + "</tr>"
+            for s, m in metrics.items()
+        )
         mt = f"<h2>Metrics</h2><table><tr><th>split</th>{head}</tr>{body}</table>"
     counts = summary.get("counts")
     ct = ""
     if counts:
-        ct = ("<p>" + ", ".join(f"{escape(k.replace('_', ' '))}: {v}" for k, v in counts.items()
-                                if isinstance(v, int)) + "</p>")
-    svgs = "".join(f"<div>{(pred_dir / n).read_text(encoding='utf-8')}</div>"
-                   for n in ("importance_by_label.svg", "modality_importance.svg") if (pred_dir / n).is_file())
+        ct = (
+            "<p>"
+            + ", ".join(f"{escape(k.replace('_', ' '))}: {v}" for k, v in counts.items() if isinstance(v, int))
+            + "</p>"
+        )
+    svgs = "".join(
+        f"<div>{(pred_dir / n).read_text(encoding='utf-8')}</div>"
+        for n in ("importance_by_label.svg", "modality_importance.svg")
+        if (pred_dir / n).is_file()
+    )
     scope = f"split {cfg.split}" if cfg.split else "all splits"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
@@ -270,18 +335,18 @@ def _page(title: str, summary: dict[str, Any], pred_dir: Path, cards: list[str],
 <style>{CSS}</style></head>
 <body>
 <h1>{escape(title)}</h1>
-<p class="muted">{summary['items']} items scored; {len(cards)} shown below (of {pool} in {escape(scope)}).
-Importance method: {escape(summary['method_text'])}.</p>
+<p class="muted">{summary["items"]} items scored; {len(cards)} shown below (of {pool} in {escape(scope)}).
+Importance method: {escape(summary["method_text"])}.</p>
 {ct}{mt}
 <h2>Which modality drives each label</h2>
 <div class="plots">{svgs}</div>
 <h2>Items</h2>
 <p class="legend"><span><i style="border-color:#1f77ff"></i>detected face</span>
 <span><i style="border-color:#ff9900"></i>OCR text box</span>
-<span><i style="border-color:#e00000;border-style:dashed"></i>the face or text box that mattered most for the top label</span></p>
+<span><i style="border-color:#e00000;border-style:dashed"></i>
+the face or text box that mattered most for the top label</span></p>
 <div class="cards">
 {chr(10).join(cards)}
 </div>
 </body></html>
 """
-

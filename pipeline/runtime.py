@@ -1,5 +1,6 @@
 """What every entry point does the same way: arguments, params overlays, logging, offline mode,
 devices, seeds, metrics JSON and user errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from pipeline.config import ConfigError, load_params
 from pipeline.schema import UnreadableFileError
@@ -28,8 +30,15 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Paths in params: a relative one in an overlay file resolves against that file's folder (in the first
 # file, params.yaml, against the working directory, where DVC runs the stages). `*` matches any key.
-PATH_KEYS = ("dataset.dir", "score.input", "extract.job.cache_dir", "extract.modalities.*.weights", "extract.modalities.*.backbone_weights",
-             "extract.modalities.*.vggface2_weights", "extract.modalities.*.model_dir")
+PATH_KEYS = (
+    "dataset.dir",
+    "score.input",
+    "extract.job.cache_dir",
+    "extract.modalities.*.weights",
+    "extract.modalities.*.backbone_weights",
+    "extract.modalities.*.vggface2_weights",
+    "extract.modalities.*.model_dir",
+)
 # Third-party chatter hidden unless --verbose: progress bars of model loading, hub and tokenizer notes.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
 
@@ -50,32 +59,41 @@ def _log_level(value: str) -> str:
     """--log-level (or $DMMS_LOG_LEVEL, which argparse passes through here too) in any case."""
     level = value.strip().upper()
     if level not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(LOG_LEVELS)} "
-                                         "(from --log-level or $DMMS_LOG_LEVEL)")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not one of {', '.join(LOG_LEVELS)} (from --log-level or $DMMS_LOG_LEVEL)"
+        )
     return level
 
 
-def parser(prog: str, description: str | None, example: str | None = None,
-           inputs: Sequence[str] = ()) -> argparse.ArgumentParser:
+def parser(
+    prog: str, description: str | None, example: str | None = None, inputs: Sequence[str] = ()
+) -> argparse.ArgumentParser:
     """An argument parser with the options every stage shares, plus the required `inputs` (keys of
     INPUTS, e.g. "manifest" for --manifest); `example` is shown under --help."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                epilog=f"example:\n  {example}" if example else None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"example:\n  {example}" if example else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name in inputs:
         p.add_argument(f"--{name}", required=True, help=INPUTS[name])
     p.add_argument(
-        "--params", action="append",
+        "--params",
+        action="append",
         help="params file; repeat to overlay files, later ones win key by key (default: params.yaml); "
-             "relative paths in an overlay resolve against the overlay's folder",
+        "relative paths in an overlay resolve against the overlay's folder",
     )
     p.add_argument(
-        "--log-level", default=os.environ.get("DMMS_LOG_LEVEL") or "INFO", type=_log_level,
+        "--log-level",
+        default=os.environ.get("DMMS_LOG_LEVEL") or "INFO",
+        type=_log_level,
         help=f"how much to log: {', '.join(LOG_LEVELS)} (default: $DMMS_LOG_LEVEL or INFO); it changes no "
-             "output, so it is not a param",
+        "output, so it is not a param",
     )
-    p.add_argument("--verbose", action="store_true",
-                   help="also show what other libraries log and warn (hidden by default)")
+    p.add_argument(
+        "--verbose", action="store_true", help="also show what other libraries log and warn (hidden by default)"
+    )
     return p
 
 
@@ -92,6 +110,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _path_keys(params: dict[str, Any]) -> Iterator[tuple[str, ...]]:
     """The PATH_KEYS present in `params`, as key tuples (wildcards expanded)."""
+
     def walk(node: Any, pattern: list[str], done: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
         if not pattern:
             yield done
@@ -233,8 +252,15 @@ class Progress:
     a log file) a log line every `every_s` seconds and at the end. The rate is the average over the
     whole run, so the ETA does not swing with one slow interval of a busy machine."""
 
-    def __init__(self, what: str, total: int, unit: str = "items", every_s: float = 10.0,
-                 logger: logging.Logger | None = None, stream: Any = None):
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        unit: str = "items",
+        every_s: float = 10.0,
+        logger: logging.Logger | None = None,
+        stream: Any = None,
+    ):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.log = logger or log
         self.stream = stream or sys.stderr
@@ -246,8 +272,10 @@ class Progress:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate and self.total >= self.done else float("nan")
-        return (f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
-                f"{'ETA %.0f s' % eta if math.isfinite(eta) else 'ETA unknown'})")
+        return (
+            f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
+            f"{f'ETA {eta:.0f} s' if math.isfinite(eta) else 'ETA unknown'})"
+        )
 
     def update(self, n: int = 1) -> None:
         self.done += n

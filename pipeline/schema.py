@@ -4,11 +4,13 @@ The manifest (ingest), the rejects and dead letters (ingest, extraction, scoring
 prediction tables (predict, score; read by the report) are defined here; the feature-set schema and
 its provenance live in `pipeline.features`.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,9 +134,7 @@ def read_metadata(sch: pa.Schema) -> dict[str, Any]:
         raise ValueError("Parquet file has no 'dmms' metadata: it was not written by this pipeline")
     meta = json.loads(raw)
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"schema version {meta.get('schema_version')} found, this code reads {SCHEMA_VERSION}"
-        )
+        raise ValueError(f"schema version {meta.get('schema_version')} found, this code reads {SCHEMA_VERSION}")
     return meta
 
 
@@ -150,8 +150,9 @@ def read_manifest(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     except FileNotFoundError:
         raise UnreadableFileError(f"manifest not found: {path}") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UnreadableFileError(f"{path}: cannot read the manifest ({type(exc).__name__}: {str(exc)[:200]}); "
-                                  "run ingest again") from None
+        raise UnreadableFileError(
+            f"{path}: cannot read the manifest ({type(exc).__name__}: {str(exc)[:200]}); run ingest again"
+        ) from None
     if meta.get("kind") != "manifest":
         raise UnreadableFileError(f"{path}: expected a canonical manifest, found a {meta.get('kind')!r} file")
     return table, meta
@@ -195,30 +196,57 @@ def drop_column(modality: str) -> str:
 
 def predictions_schema(labels: Sequence[str]) -> pa.Schema:
     """predictions.parquet: one row per item."""
-    return pa.schema([pa.field(ID, pa.string()), pa.field(SPLIT, pa.string()),
-                      pa.field(PREDICTED, pa.list_(pa.string())), pa.field(LABELS, pa.list_(pa.string())),
-                      *(pa.field(prob_column(lab), pa.float32()) for lab in labels)])
+    return pa.schema(
+        [
+            pa.field(ID, pa.string()),
+            pa.field(SPLIT, pa.string()),
+            pa.field(PREDICTED, pa.list_(pa.string())),
+            pa.field(LABELS, pa.list_(pa.string())),
+            *(pa.field(prob_column(lab), pa.float32()) for lab in labels),
+        ]
+    )
 
 
 def importance_schema(modalities: Sequence[str]) -> pa.Schema:
     """importance.parquet: one row per item."""
-    return pa.schema([pa.field(ID, pa.string()), pa.field(SPLIT, pa.string()), pa.field(METHOD, pa.string()),
-                      pa.field(TOP_MODALITY, pa.string()),
-                      *(pa.field(share_column(m), pa.float32()) for m in modalities)])
+    return pa.schema(
+        [
+            pa.field(ID, pa.string()),
+            pa.field(SPLIT, pa.string()),
+            pa.field(METHOD, pa.string()),
+            pa.field(TOP_MODALITY, pa.string()),
+            *(pa.field(share_column(m), pa.float32()) for m in modalities),
+        ]
+    )
 
 
 def label_importance_schema(modalities: Sequence[str]) -> pa.Schema:
     """label_importance.parquet: one row per item and label."""
-    return pa.schema([pa.field(ID, pa.string()), pa.field(SPLIT, pa.string()), pa.field(LABEL, pa.string()),
-                      pa.field(PROBABILITY, pa.float32()), pa.field(PREDICTED, pa.bool_()),
-                      pa.field(TRUE, pa.bool_()),
-                      *(pa.field(share_column(m), pa.float32()) for m in modalities),
-                      *(pa.field(drop_column(m), pa.float32()) for m in modalities)])
+    return pa.schema(
+        [
+            pa.field(ID, pa.string()),
+            pa.field(SPLIT, pa.string()),
+            pa.field(LABEL, pa.string()),
+            pa.field(PROBABILITY, pa.float32()),
+            pa.field(PREDICTED, pa.bool_()),
+            pa.field(TRUE, pa.bool_()),
+            *(pa.field(share_column(m), pa.float32()) for m in modalities),
+            *(pa.field(drop_column(m), pa.float32()) for m in modalities),
+        ]
+    )
 
 
-ELEMENTS_TABLE_SCHEMA = pa.schema([  # elements.parquet: one row per element (face, text box, sentence, ...)
-    pa.field(ID, pa.string()), pa.field(MODALITY, pa.string()), pa.field(POSITION, pa.int32()),
-    pa.field(SHARE, pa.float32()), pa.field(WINS, pa.float32()), pa.field(TOP_LABEL, pa.string()),
-    pa.field(TOP_LABEL_SHARE, pa.float32()), pa.field(TEXT, pa.string()), pa.field(BOX, pa.list_(pa.float32())),
-    pa.field(SCORE, pa.float32()),
-])
+ELEMENTS_TABLE_SCHEMA = pa.schema(
+    [  # elements.parquet: one row per element (face, text box, sentence, ...)
+        pa.field(ID, pa.string()),
+        pa.field(MODALITY, pa.string()),
+        pa.field(POSITION, pa.int32()),
+        pa.field(SHARE, pa.float32()),
+        pa.field(WINS, pa.float32()),
+        pa.field(TOP_LABEL, pa.string()),
+        pa.field(TOP_LABEL_SHARE, pa.float32()),
+        pa.field(TEXT, pa.string()),
+        pa.field(BOX, pa.list_(pa.float32())),
+        pa.field(SCORE, pa.float32()),
+    ]
+)

@@ -4,6 +4,7 @@ Loaded once (onto the GPU when it fits); a batch of item indices becomes a SetBa
 ops only (gather + repeat_interleave), with no per-item Python objects. Imports torch, pyarrow and
 numpy only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,14 +39,21 @@ def _packed_from_table(table: pa.Table, ids: list[str], dim: int, n_categories: 
     rows = np.array([index.get(i, -1) for i in ids], dtype=np.int64)
     counts = np.where(rows >= 0, counts_all[np.maximum(rows, 0)] if len(counts_all) else 0, 0)
     starts = np.where(rows >= 0, starts_all[np.maximum(rows, 0)] if len(starts_all) else 0, 0)
-    take = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]) if counts.sum() else np.zeros(0, np.int64)
-    vectors = torch.from_numpy(np.ascontiguousarray(flat[take], dtype=np.float32)) if dim else torch.zeros(int(counts.sum()), 0)
+    take = (
+        np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]) if counts.sum() else np.zeros(0, np.int64)
+    )
+    vectors = (
+        torch.from_numpy(np.ascontiguousarray(flat[take], dtype=np.float32))
+        if dim
+        else torch.zeros(int(counts.sum()), 0)
+    )
     offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     cats = None
     if n_categories:
         raw = table[CATEGORY_IDS].to_pylist()
-        cats = torch.tensor([raw[r] if r >= 0 and raw[r] is not None else [0] * n_categories for r in rows],
-                            dtype=torch.long)
+        cats = torch.tensor(
+            [raw[r] if r >= 0 and raw[r] is not None else [0] * n_categories for r in rows], dtype=torch.long
+        )
     return PackedModality(vectors, offsets, cats)
 
 
@@ -58,7 +66,7 @@ class FeatureStore:
         self.meta = meta  # provenance per modality, as recorded by extraction
 
     @classmethod
-    def load(cls, feature_dirs: dict[str, Path], ids: list[str]) -> "FeatureStore":
+    def load(cls, feature_dirs: dict[str, Path], ids: list[str]) -> FeatureStore:
         """Read each modality's features.parquet (checksums verified; one manifest for all)."""
         packed, metas = {}, {}
         manifests = set()
@@ -72,7 +80,8 @@ class FeatureStore:
             metas[name] = meta
         if len(manifests) > 1:
             raise FeatureMismatchError(
-                f"feature sets come from different manifests ({sorted(manifests)}); re-run extraction on one manifest")
+                f"feature sets come from different manifests ({sorted(manifests)}); re-run extraction on one manifest"
+            )
         return cls(ids, packed, metas)
 
     @property
@@ -83,10 +92,15 @@ class FeatureStore:
     def categories(self) -> dict[str, list[int]]:
         return {m: [len(values) for _, values in vocabularies(meta)] for m, meta in self.meta.items()}
 
-    def to(self, device: str | torch.device) -> "FeatureStore":
-        mods = {m: PackedModality(p.vectors.to(device), p.offsets.to(device),
-                                  None if p.category_ids is None else p.category_ids.to(device))
-                for m, p in self.modalities.items()}
+    def to(self, device: str | torch.device) -> FeatureStore:
+        mods = {
+            m: PackedModality(
+                p.vectors.to(device),
+                p.offsets.to(device),
+                None if p.category_ids is None else p.category_ids.to(device),
+            )
+            for m, p in self.modalities.items()
+        }
         return FeatureStore(self.ids, mods, self.meta)
 
     def nbytes(self) -> int:
@@ -105,8 +119,9 @@ class FeatureStore:
             # element index = start of its item + position inside the item
             first = torch.cumsum(counts, 0) - counts
             take = torch.arange(total, device=idx.device) - torch.repeat_interleave(first - starts, counts)
-            out.modalities[m] = ModalityBatch(p.vectors[take], segment,
-                                              None if p.category_ids is None else p.category_ids[idx])
+            out.modalities[m] = ModalityBatch(
+                p.vectors[take], segment, None if p.category_ids is None else p.category_ids[idx]
+            )
         return out
 
 
@@ -127,8 +142,7 @@ def read_manifest_labels(path: Path) -> tuple[list[str], list[str], list[list[st
     return (table[schema.ID].to_pylist(), table[schema.SPLIT].to_pylist(), table[schema.LABELS].to_pylist(), meta)
 
 
-def drop_elements(batch: SetBatch, element_p: float, modality_p: float,
-                  gen: torch.Generator | None = None) -> SetBatch:
+def drop_elements(batch: SetBatch, element_p: float, modality_p: float, gen: torch.Generator | None = None) -> SetBatch:
     """A training batch with elements dropped at random: each element with probability `element_p`,
     each modality of each item (its elements and categorical ids) with probability `modality_p`.
     Regularisation that fits sets: the model learns not to lean on one face, one box or one modality."""

@@ -6,13 +6,14 @@ chunks' last keys are all safe to emit (no later row of any run sorts before the
 emits at least one whole chunk with vectorised sorts and no per-row Python. With a single buffer
 and no runs nothing touches the disk.
 """
+
 from __future__ import annotations
 
 import bisect
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq

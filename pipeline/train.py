@@ -4,6 +4,7 @@ Importable with torch, pyarrow, numpy and pyyaml alone, so the stage runs on a G
 has no Beam, DVC or OCR installed. The feature tensors move to the device once; batches are built
 there with tensor ops only.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,8 +87,14 @@ def _loss(task: str, crit: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> 
     return crit(logits, y.argmax(1)) if task == "multiclass" else crit(logits, y)
 
 
-def train_one_epoch(model: nn.Module, data: "TrainData", cfg: TrainConfig, opt: torch.optim.Optimizer,
-                    crit: nn.Module, gens: tuple[torch.Generator, torch.Generator]) -> float:
+def train_one_epoch(
+    model: nn.Module,
+    data: TrainData,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    crit: nn.Module,
+    gens: tuple[torch.Generator, torch.Generator],
+) -> float:
     """One pass over the train split in shuffled batches; returns the mean training loss. `gens`: the
     shuffling generator (CPU) and the one drawing the element and modality dropout masks (on the
     store's device)."""
@@ -98,7 +105,7 @@ def train_one_epoch(model: nn.Module, data: "TrainData", cfg: TrainConfig, opt: 
     total, n = 0.0, 0
     amp = cfg.amp and idx.device.type == "cuda"
     for start in range(0, perm.numel(), cfg.batch_size):
-        b = perm[start:start + cfg.batch_size]
+        b = perm[start : start + cfg.batch_size]
         batch = drop_elements(data.store.batch(b), cfg.element_dropout, cfg.modality_dropout, drop_gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model(batch)
@@ -112,8 +119,13 @@ def train_one_epoch(model: nn.Module, data: "TrainData", cfg: TrainConfig, opt: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: "TrainData", idx: torch.Tensor, thresholds: np.ndarray | float = 0.5,
-             crit: nn.Module | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: TrainData,
+    idx: torch.Tensor,
+    thresholds: np.ndarray | float = 0.5,
+    crit: nn.Module | None = None,
+) -> dict[str, float]:
     """Loss and the field's metrics on items `idx`; `crit` is the training loss (with its class weights),
     so a val loss is the same loss as the train loss it is plotted with."""
     if idx.numel() == 0:
@@ -124,7 +136,7 @@ def evaluate(model: nn.Module, data: "TrainData", idx: torch.Tensor, thresholds:
     return out
 
 
-def labels_without_positives(data: "TrainData", split: str) -> list[str]:
+def labels_without_positives(data: TrainData, split: str) -> list[str]:
     """The labels no item of `split` carries (their AP is undefined there; mAP averages the others)."""
     idx = data.index[split]
     if not idx.numel():
@@ -187,8 +199,11 @@ def load_train_data(cfg: TrainConfig, manifest: Path, features_root: Path, devic
 def training_loss(cfg: TrainConfig, data: TrainData) -> nn.Module:
     """The loss training minimises (class-weighted from the train split when train.imbalance asks); val
     and test losses are this loss too."""
-    weights = class_weights(data.task, data.y[data.index["train"]], cfg.pos_weight_cap) \
-        if cfg.imbalance == "pos_weight" else None
+    weights = (
+        class_weights(data.task, data.y[data.index["train"]], cfg.pos_weight_cap)
+        if cfg.imbalance == "pos_weight"
+        else None
+    )
     return loss_fn(data.task, weights)
 
 
@@ -215,23 +230,45 @@ def train_loop(cfg: TrainConfig, model: nn.Module, data: TrainData, seed: int) -
         n_seen += train_idx.numel()
         val = evaluate(model, data, val_idx, crit=crit)
         score = val[cfg.monitor]
-        curve.append({"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
-                      f"val_{cfg.monitor}": round(score, 6)})
+        curve.append(
+            {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 6),
+                "val_loss": round(val["loss"], 6),
+                f"val_{cfg.monitor}": round(score, 6),
+            }
+        )
         if math.isfinite(score) and (score > best if higher else score < best):  # NaN never improves
             best, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
         per_epoch = (time.perf_counter() - t_start) / epoch  # averaged over the run: a steady ETA
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f (%.0f items/s, ETA %.0f s at most)",
-                 epoch, cfg.epochs, train_loss, val["loss"], cfg.monitor, score, train_idx.numel() / dt,
-                 per_epoch * (cfg.epochs - epoch))
+        log.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val %s %.4f (%.0f items/s, ETA %.0f s at most)",
+            epoch,
+            cfg.epochs,
+            train_loss,
+            val["loss"],
+            cfg.monitor,
+            score,
+            train_idx.numel() / dt,
+            per_epoch * (cfg.epochs - epoch),
+        )
         if stale >= cfg.patience:
-            log.info("early stop: no val %s improvement for %d epochs (best %.4f at epoch %d)",
-                     cfg.monitor, cfg.patience, best, best_epoch)
+            log.info(
+                "early stop: no val %s improvement for %d epochs (best %.4f at epoch %d)",
+                cfg.monitor,
+                cfg.patience,
+                best,
+                best_epoch,
+            )
             break
     if best_state is None:  # e.g. val mAP is NaN in every epoch: no val item carries any label
-        log.warning("val %s was never a number (no val positives?): keeping the last epoch's weights (%d)",
-                    cfg.monitor, len(curve))
+        log.warning(
+            "val %s was never a number (no val positives?): keeping the last epoch's weights (%d)",
+            cfg.monitor,
+            len(curve),
+        )
         best_epoch = len(curve)
     else:
         model.load_state_dict(best_state)
@@ -251,13 +288,17 @@ def threshold_record(cfg: TrainConfig, data: TrainData, thresholds: np.ndarray) 
     tuned = bool(cfg.tune_thresholds and data.task != "multiclass" and data.index["val"].numel())
     out: dict[str, Any] = {
         "values": {lab: float(t) for lab, t in zip(data.names, thresholds)} if data.task != "multiclass" else {},
-        "tuned": tuned, "tuned_on": "val" if tuned else None,
-        "rule": "arg-max class" if data.task == "multiclass" else
-        "a label is predicted when its probability is at least its threshold",
+        "tuned": tuned,
+        "tuned_on": "val" if tuned else None,
+        "rule": "arg-max class"
+        if data.task == "multiclass"
+        else "a label is predicted when its probability is at least its threshold",
     }
     if tuned:
-        out["note"] = ("the val F1 scores use thresholds tuned on val, so they are optimistic; test is the split "
-                       "the tuning did not see. AP and mAP do not depend on thresholds.")
+        out["note"] = (
+            "the val F1 scores use thresholds tuned on val, so they are optimistic; test is the split "
+            "the tuning did not see. AP and mAP do not depend on thresholds."
+        )
     return out
 
 
@@ -265,12 +306,18 @@ def bundle_of(model: nn.Module, cfg: TrainConfig, data: TrainData, thresholds: n
     """The trained model as a bundle: weights, configs, labels, thresholds, the provenance of its features
     and the dataset contract of training (so new folders are scored the same way)."""
     return Bundle(
-        model_config=cfg.model, train_config={**to_dict(cfg), "seed": seed}, task=data.task,
-        label_names=list(data.names), thresholds=[float(t) for t in np.broadcast_to(thresholds, (len(data.names),))],
-        dims=data.store.dims, categories=data.store.categories,
+        model_config=cfg.model,
+        train_config={**to_dict(cfg), "seed": seed},
+        task=data.task,
+        label_names=list(data.names),
+        thresholds=[float(t) for t in np.broadcast_to(thresholds, (len(data.names),))],
+        dims=data.store.dims,
+        categories=data.store.categories,
         provenance={m: ModalityRecord.from_meta(m, meta) for m, meta in data.store.meta.items()},
-        dataset=data.manifest_meta.get("dataset"), fields=data.manifest_meta.get("fields"),
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+        dataset=data.manifest_meta.get("dataset"),
+        fields=data.manifest_meta.get("fields"),
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    )
 
 
 def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
@@ -283,20 +330,36 @@ def write_curve(curve: list[dict[str, Any]], path: Path) -> None:
 
 
 # the settings, one parameter per input and output path the stage passes (dvc.yaml owns the paths), the seed
-def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, metrics_path: Path,
-        plots_path: Path, seed: int = 0) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig,
+    manifest: Path,
+    features_root: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    plots_path: Path,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Train, early-stop on val, evaluate on test, and write the bundle, metrics and curves."""
     runtime.seed_everything(seed, cfg.deterministic)
     device = runtime.resolve_device(cfg.device)
     data = load_train_data(cfg, manifest, features_root, device)
-    log.info("train on %s: %d/%d/%d items, %d labels (%s), modalities %s, %.1f MB of features on the device",
-             device, *(data.index[s].numel() for s in ("train", "val", "test")), len(data.names), data.task,
-             sorted(data.store.dims), data.store.nbytes() / 1e6)
+    log.info(
+        "train on %s: %d/%d/%d items, %d labels (%s), modalities %s, %.1f MB of features on the device",
+        device,
+        *(data.index[s].numel() for s in ("train", "val", "test")),
+        len(data.names),
+        data.task,
+        sorted(data.store.dims),
+        data.store.nbytes() / 1e6,
+    )
     for split in ("val", "test"):
         missing = labels_without_positives(data, split)
         if missing:  # their AP is undefined there: mAP and the F1 averages are over the other labels
-            log.warning("%s has no positive item for label(s) %s: their AP is undefined there and left out of mAP",
-                        split, missing)
+            log.warning(
+                "%s has no positive item for label(s) %s: their AP is undefined there and left out of mAP",
+                split,
+                missing,
+            )
     model = build_model(cfg.model, data.store.dims, data.store.categories, len(data.names)).to(device)
     run = train_loop(cfg, model, data, seed)
     crit = training_loss(cfg, data)
@@ -304,21 +367,34 @@ def fit(cfg: TrainConfig, manifest: Path, features_root: Path, out_dir: Path, me
     y_np = data.y.cpu().numpy()
     test = data.index["test"]
     result = {
-        "task": data.task, "labels": data.names, "device": str(device), "architecture": cfg.model.architecture,
-        "pooling": cfg.model.pooling, "modalities": sorted(data.store.dims), "epochs_run": len(run["curve"]),
-        "best_epoch": run["best_epoch"], "train_items_per_s": round(run["items_per_s"], 1), "seed": seed,
+        "task": data.task,
+        "labels": data.names,
+        "device": str(device),
+        "architecture": cfg.model.architecture,
+        "pooling": cfg.model.pooling,
+        "modalities": sorted(data.store.dims),
+        "epochs_run": len(run["curve"]),
+        "best_epoch": run["best_epoch"],
+        "train_items_per_s": round(run["items_per_s"], 1),
+        "seed": seed,
         "thresholds": threshold_record(cfg, data, thresholds),
-        "loss": "the training loss" + (" with per-label positive weights (train.imbalance: pos_weight)"
-                                      if cfg.imbalance == "pos_weight" else ""),
+        "loss": "the training loss"
+        + (" with per-label positive weights (train.imbalance: pos_weight)" if cfg.imbalance == "pos_weight" else ""),
         "val": evaluate(model, data, data.index["val"], thresholds, crit),
         "test": evaluate(model, data, test, thresholds, crit),
         "labels_without_positives": {s: labels_without_positives(data, s) for s in ("val", "test")},
         "test_label_frequency_baseline": frequency_baseline(
-            data.task, y_np, data.index["train"].cpu().numpy(), test.cpu().numpy()) if test.numel() else {},
+            data.task, y_np, data.index["train"].cpu().numpy(), test.cpu().numpy()
+        )
+        if test.numel()
+        else {},
     }
     bundle_of(model, cfg, data, thresholds, seed).to_file(out_dir / "model.pt")
     runtime.write_json(metrics_path, result)
     write_curve(run["curve"], plots_path)
-    log.info("test: %s (label-frequency baseline: %s)", {k: round(v, 4) for k, v in result["test"].items()},
-             {k: round(v, 4) for k, v in result["test_label_frequency_baseline"].items()})
+    log.info(
+        "test: %s (label-frequency baseline: %s)",
+        {k: round(v, 4) for k, v in result["test"].items()},
+        {k: round(v, 4) for k, v in result["test_label_frequency_baseline"].items()},
+    )
     return result

@@ -1,4 +1,5 @@
 """DVC stage extract@<modality>: one Beam job turning the manifest into that modality's feature sets."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

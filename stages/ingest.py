@@ -1,4 +1,5 @@
 """DVC stage ingest: validate the raw dataset, write the canonical manifest, rejects and counts."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

@@ -1,4 +1,5 @@
 """DVC stage make_demo: generate the embedded demo dataset (the default input of the pipeline)."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

@@ -1,4 +1,5 @@
 """DVC stage predict: predictions and per-modality importances of the trained bundle."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

@@ -1,4 +1,5 @@
 """DVC stage report: the static HTML report of predictions and importances."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

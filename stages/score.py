@@ -1,4 +1,5 @@
 """DVC stage score: batch-score the folder params score.input names with the trained bundle."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

@@ -1,4 +1,5 @@
 """DVC stage train: fit the set model on the extracted feature sets; write the bundle, metrics, curves."""
+
 from pipeline import runtime
 
 runtime.quiet_imports()  # before the stage's libraries log while importing

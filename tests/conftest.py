@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated datasets, written fresh into tmp_path by each test."""
+
 from __future__ import annotations
 
 import csv
@@ -116,7 +117,9 @@ def good_dataset(tmp_path: Path) -> Path:
     rows = []
     for i in range(10):
         write_image(root / "img" / f"{i}.jpg", seed=i)
-        rows.append([f"item{i}", f"img/{i}.jpg", f"Title {i}", "a|b" if i % 2 else "", 1990 + i, "US", "x|y" if i % 3 else "x"])
+        rows.append(
+            [f"item{i}", f"img/{i}.jpg", f"Title {i}", "a|b" if i % 2 else "", 1990 + i, "US", "x|y" if i % 3 else "x"]
+        )
     write_csv(root / "manifest.csv", HEADER, rows)
     return root
 
@@ -143,13 +146,28 @@ def demo_run(tmp_path_factory):
     run_ingest(dataset, section(params, "ingest", IngestConfig), root / "ingest", root / "metrics" / "ingest.json")
     manifest = root / "ingest" / "manifest.parquet"
     for modality in params["extract"]["modalities"]:
-        extract_modality(params, modality, manifest, root / "features" / modality, root / "metrics" / f"{modality}.json")
-    train = fit(section(params, "train", TrainConfig), manifest, root / "features", root / "model",
-                root / "metrics" / "train.json", root / "metrics" / "curve.csv", seed=section(params, "base", BaseConfig).seed)
-    summary = run_predict(section(params, "predict", PredictConfig), root / "model" / "model.pt", manifest,
-                          root / "features", root / "predictions")
-    return SimpleNamespace(root=root, params=params, manifest=manifest, model=root / "model" / "model.pt",
-                           train=train, summary=summary)
+        extract_modality(
+            params, modality, manifest, root / "features" / modality, root / "metrics" / f"{modality}.json"
+        )
+    train = fit(
+        section(params, "train", TrainConfig),
+        manifest,
+        root / "features",
+        root / "model",
+        root / "metrics" / "train.json",
+        root / "metrics" / "curve.csv",
+        seed=section(params, "base", BaseConfig).seed,
+    )
+    summary = run_predict(
+        section(params, "predict", PredictConfig),
+        root / "model" / "model.pt",
+        manifest,
+        root / "features",
+        root / "predictions",
+    )
+    return SimpleNamespace(
+        root=root, params=params, manifest=manifest, model=root / "model" / "model.pt", train=train, summary=summary
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,6 @@
 """The per-item extraction cache: warm runs equal cold ones, only new items are computed, filters do
 not rerun detectors, killed writes are never read back, and the cache can be turned off."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ingested_demo
+
 from pipeline import cache, features, schema
 from pipeline.config import from_dict
 from pipeline.extract import JobConfig, modality, run_extraction
@@ -60,7 +61,9 @@ def test_a_code_change_gives_new_keys_a_comment_does_not(tmp_path, monkeypatch):
         return cache.code_digest(["dmms_probe_extractor"])
 
     base = digest('"""Doc."""\ndef split(text):\n    return text.split(".")\n')
-    assert digest('"""Other doc."""\n# a comment\ndef split(text):\n    """Says."""\n    return text.split(".")\n') == base
+    assert (
+        digest('"""Other doc."""\n# a comment\ndef split(text):\n    """Says."""\n    return text.split(".")\n') == base
+    )
     assert digest('"""Doc."""\ndef split(text):\n    return text.split("!")\n') != base
     assert digest('"""Doc."""\ndef split(text):\n    return text.split(".")[:32]\n') != base
     cache._module_digest.cache_clear()
@@ -80,10 +83,17 @@ def test_every_project_module_an_extractor_imports_is_in_its_code_version():
         cls = extractors.get(kind)
         module = sys.modules[cls.__module__]
         tree = ast.parse(Path(module.__file__).read_text())
-        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                    and n.module.startswith("pipeline")}
-        imported |= {f"pipeline.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                     and n.module == "pipeline" for a in n.names}
+        imported = {
+            n.module
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("pipeline")
+        }
+        imported |= {
+            f"pipeline.{a.name}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module == "pipeline"
+            for a in n.names
+        }
         assert imported - shapes_nothing <= set(cls.sources), (kind, imported - set(cls.sources))
         assert module.__name__ in cls.sources
         assert cache.code_digest(cls.sources)
@@ -91,8 +101,17 @@ def test_every_project_module_an_extractor_imports_is_in_its_code_version():
 
 def raw_rows(keys, dim=3):
     return pa.Table.from_pylist(
-        [{cache.KEY: k, features.VECTORS: [[float(i)] * dim], features.ELEMENTS: [features.element(index=0)],
-          features.CATEGORY_IDS: None} for i, k in enumerate(keys)], schema=cache.raw_schema(dim))
+        [
+            {
+                cache.KEY: k,
+                features.VECTORS: [[float(i)] * dim],
+                features.ELEMENTS: [features.element(index=0)],
+                features.CATEGORY_IDS: None,
+            }
+            for i, k in enumerate(keys)
+        ],
+        schema=cache.raw_schema(dim),
+    )
 
 
 def test_a_failed_part_write_leaves_nothing_readable(tmp_path, caplog):
@@ -129,7 +148,7 @@ def test_external_sort_spills_and_merges_in_order(tmp_path):
     ids = [f"id{rng.randrange(10**9):09d}-{i}" for i in range(5000)]
     sorter = ExternalSort("id", max_bytes=20_000, tmp_dir=tmp_path, chunk_rows=97)  # many runs
     for start in range(0, len(ids), 333):
-        chunk = ids[start:start + 333]
+        chunk = ids[start : start + 333]
         sorter.add(pa.table({"id": chunk, "v": [len(i) for i in chunk]}))
     assert len(sorter.runs) >= 4
     out = list(sorter.sorted())
@@ -140,7 +159,9 @@ def test_external_sort_spills_and_merges_in_order(tmp_path):
 
 def test_streamed_feature_file_checks_order_and_content(tmp_path):
     dim = 2
-    rows = [{"id": f"i{i:05d}", "vectors": [[1.0, float(i)]], "elements": [], "category_ids": None} for i in range(9000)]
+    rows = [
+        {"id": f"i{i:05d}", "vectors": [[1.0, float(i)]], "elements": [], "category_ids": None} for i in range(9000)
+    ]
     table = pa.Table.from_pylist(rows, schema=features.feature_schema(dim))
     path = tmp_path / "features.parquet"
     with features.FeatureWriter(path, dim, {"modality": "x"}) as w:
@@ -154,9 +175,11 @@ def test_streamed_feature_file_checks_order_and_content(tmp_path):
             w.write(table.slice(0, 5))
     assert not list(tmp_path.glob("*bad*")), "a failed write leaves nothing"
     # files written before streaming (one digest over the whole table) still read
-    legacy = table.replace_schema_metadata(schema.with_metadata(
-        features.feature_schema(dim), {"kind_of_file": "features", "content_sha256": features.content_sha256(table)}
-    ).metadata)
+    legacy = table.replace_schema_metadata(
+        schema.with_metadata(
+            features.feature_schema(dim), {"kind_of_file": "features", "content_sha256": features.content_sha256(table)}
+        ).metadata
+    )
     pq.write_table(legacy, tmp_path / "legacy.parquet")
     assert features.read_features(tmp_path / "legacy.parquet")[0].num_rows == 9000
 
@@ -243,7 +266,11 @@ def test_cache_off_computes_everything_and_writes_no_cache(grown, tmp_path):
     for out in ("a", "b"):
         m, _, _ = run(params, "title", first, tmp_path / out, None)
         assert (m["computed"], m["reused"], m["cache"]) == (8, 0, None)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["dead_letters.parquet", "features.parquet", "metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "dead_letters.parquet",
+        "features.parquet",
+        "metrics.json",
+    ]
     assert not any(p.name == "cache" for p in tmp_path.rglob("*")) and not (root / "cache").exists()
 
 
@@ -273,7 +300,7 @@ def test_stale_writes_aside_are_removed_live_ones_kept(tmp_path):
     store = cache.FeatureCache(tmp_path, "image", "f" * 64, 3)
     store.folder.mkdir(parents=True)
     host = socket.gethostname()
-    dead = store.folder / f".part-a.parquet~{host}~{2 ** 22 + 12345}.partial"  # no such process
+    dead = store.folder / f".part-a.parquet~{host}~{2**22 + 12345}.partial"  # no such process
     live = store.folder / f".part-b.parquet~{host}~{os.getpid()}.partial"  # this process: being written
     elsewhere = store.folder / ".part-c.parquet~otherhost~1.partial"  # another machine's, recent
     old = store.folder / ".part-d.parquet.partial"  # an earlier version's name, untouched for two hours
@@ -294,16 +321,20 @@ def test_duplicate_entries_resolve_to_the_first_part_written(tmp_path):
     assert first.name < second.name, "part names sort by the time they were written"
     found = store.locate(["k0", "k1", "k2"])
     assert found == {"k0": (first, 0), "k1": (first, 1), "k2": (second, 1)}
-    got = {r["id"]: r[features.VECTORS][0][0]
-           for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()}
+    got = {
+        r["id"]: r[features.VECTORS][0][0]
+        for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()
+    }
     assert got == {"a": 0.0, "b": 1.0, "c": 8.0}
     stats = cache.compact(store)  # one part, one entry per key, the same entries in use
     assert (stats["parts_after"], stats["entries_before"], stats["entries_after"]) == (1, 4, 3)
     [part] = store.parts()
     assert part.name < second.name
     found = store.locate(["k0", "k1", "k2"])
-    again = {r["id"]: r[features.VECTORS][0][0]
-             for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()}
+    again = {
+        r["id"]: r[features.VECTORS][0][0]
+        for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()
+    }
     assert again == got
 
 
@@ -315,7 +346,7 @@ def flip_data_page_bytes(part: Path, column: str = features.VECTORS) -> None:
     start = col.data_page_offset
     at = start + col.total_compressed_size // 2
     data = bytearray(part.read_bytes())
-    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
     part.write_bytes(bytes(data))
 
 
@@ -336,19 +367,27 @@ def test_a_part_with_flipped_bytes_is_quarantined_by_name(tmp_path, caplog):
 def same_titles(tmp_path_factory):
     """100 rows that share one title (and 3 with their own), ingested."""
     from conftest import dataset_config, ingest_config, write_csv
+
     from pipeline.ingest import run_ingest
 
     root = tmp_path_factory.mktemp("same_titles")
     rows = [[f"t{k:03d}", "The same title", "A" if k % 2 else "B"] for k in range(100)]
     rows += [[f"u{k}", f"Another title {k}", "A"] for k in range(3)]
     write_csv(root / "raw" / "manifest.csv", ["id", "title", "labels"], rows)
-    ds = dataset_config(root / "raw", image=None, image_required=False, text=["title"], lists={}, numeric=[],
-                        categorical=[])
+    ds = dataset_config(
+        root / "raw", image=None, image_required=False, text=["title"], lists={}, numeric=[], categorical=[]
+    )
     run_ingest(ds, ingest_config(), root / "ingest", root / "ingest.json")
     return root / "ingest" / "manifest.parquet"
 
 
-TITLE = {"kind": "text", "column": "title", "split_sentences": False, "max_length": 32, "device": "cpu"}  # as params.yaml
+TITLE = {
+    "kind": "text",
+    "column": "title",
+    "split_sentences": False,
+    "max_length": 32,
+    "device": "cpu",
+}  # as params.yaml
 
 
 def title_run(manifest, out: Path, cache_dir):
@@ -452,6 +491,7 @@ def test_every_worker_checks_the_model_files_it_loads():
 @pytest.mark.slow
 def test_dmms_cache_lists_prunes_and_compacts(same_titles, tmp_path, capsys):
     from conftest import REPO
+
     from pipeline import cli
 
     store = tmp_path / "cache"

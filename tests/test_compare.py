@@ -1,5 +1,6 @@
 """Comparisons over seeds: mean ± std per variant, paired differences with a 95% interval, the table
 and chart; the same table from a DVC experiments sweep (a real queue, run on a few demo items)."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_project
-from pipeline import compare
 from test_model import train_cfg, write_synthetic
+
+from pipeline import compare
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -24,7 +25,7 @@ def test_paired_difference_and_its_interval_by_hand():
     p = compare.paired(runs, "a", "b", "f1_macro")
     # differences 0.10, 0.07, 0.13: mean 0.10, sd 0.03, t(0.975, 2) = 4.303
     assert p.n == 3 and p.mean == pytest.approx(0.10)
-    assert (p.low, p.high) == pytest.approx((0.10 - 4.303 * 0.03 / 3 ** 0.5, 0.10 + 4.303 * 0.03 / 3 ** 0.5))
+    assert (p.low, p.high) == pytest.approx((0.10 - 4.303 * 0.03 / 3**0.5, 0.10 + 4.303 * 0.03 / 3**0.5))
     assert p.verdict == "a better"
     assert compare.paired(runs[:1] + runs[3:4], "a", "b", "f1_macro").verdict == "one seed: no interval"
 
@@ -55,19 +56,42 @@ def test_compare_trains_every_variant_and_seed_and_writes_the_table(tmp_path):
 
 def test_runs_are_read_from_dvc_exp_show_and_named_by_what_they_change():
     def rev(name, seed, pooling, f1):
-        return {"rev": name * 7, "name": name, "error": None, "data": {
-            "params": {"params.yaml": {"data": {"base": {"seed": seed}, "train": {"model": {"pooling": pooling}}}}},
-            "metrics": {"data/metrics/train.json": {"data": {
-                "test": {m: f1 for m in compare.METRICS}, "test_label_frequency_baseline": {"f1_macro": 0.08}}}}}}
+        return {
+            "rev": name * 7,
+            "name": name,
+            "error": None,
+            "data": {
+                "params": {"params.yaml": {"data": {"base": {"seed": seed}, "train": {"model": {"pooling": pooling}}}}},
+                "metrics": {
+                    "data/metrics/train.json": {
+                        "data": {
+                            "test": {m: f1 for m in compare.METRICS},
+                            "test_label_frequency_baseline": {"f1_macro": 0.08},
+                        }
+                    }
+                },
+            },
+        }
 
-    shown = [{"rev": "workspace", **rev("w", 0, "max", 0.5)},
-             {**rev("main", 0, "max", 0.5), "experiments": [
-                 {"revs": [rev("e1", 1, "max", 0.6)]}, {"revs": [rev("e2", 0, "sum", 0.3)]},
-                 {"revs": [rev("e3", 1, "sum", 0.4)]}, {"revs": [{**rev("e4", 2, "sum", 0.1), "error": "failed"}]}]}]
+    shown = [
+        {"rev": "workspace", **rev("w", 0, "max", 0.5)},
+        {
+            **rev("main", 0, "max", 0.5),
+            "experiments": [
+                {"revs": [rev("e1", 1, "max", 0.6)]},
+                {"revs": [rev("e2", 0, "sum", 0.3)]},
+                {"revs": [rev("e3", 1, "sum", 0.4)]},
+                {"revs": [{**rev("e4", 2, "sum", 0.1), "error": "failed"}]},
+            ],
+        },
+    ]
     runs = compare.runs_from_experiments(shown)
     assert sorted((r.variant, r.seed, r.test["f1_macro"]) for r in runs) == [
-        ("params.yaml as committed", 0, 0.5), ("params.yaml as committed", 1, 0.6),
-        ("train.model.pooling=sum", 0, 0.3), ("train.model.pooling=sum", 1, 0.4)]
+        ("params.yaml as committed", 0, 0.5),
+        ("params.yaml as committed", 1, 0.6),
+        ("train.model.pooling=sum", 0, 0.3),
+        ("train.model.pooling=sum", 1, 0.4),
+    ]
     assert compare.summarise(runs)[-1].variant == compare.FREQUENCY
 
 
@@ -75,12 +99,21 @@ def test_runs_are_read_from_dvc_exp_show_and_named_by_what_they_change():
 def test_a_dvc_experiments_queue_feeds_the_same_table(tmp_path):
     """A git + DVC copy of the pipeline on a 16-item demo; two queued experiments with other seeds, run
     by `dvc queue start`, then `dmms compare --experiments dvc` reads them into the table."""
-    root = copy_project(tmp_path / "proj", demo={"items": 24, "unlabelled": 2, "unlabelled_broken": 0},
-                        train={"epochs": 3, "patience": 3})
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.org"}
+    root = copy_project(
+        tmp_path / "proj",
+        demo={"items": 24, "unlabelled": 2, "unlabelled_broken": 0},
+        train={"epochs": 3, "patience": 3},
+    )
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(root),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+    }
 
     def run(*cmd: str, timeout: int = 900) -> str:
         done = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,11 +1,21 @@
 """Typed params: unknown keys and wrong types fail loudly; overlays merge key by key."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from pipeline import runtime
-from pipeline.config import ConfigError, DatasetConfig, DemoConfig, IngestConfig, BaseConfig, from_dict, load_params, section
+from pipeline.config import (
+    BaseConfig,
+    ConfigError,
+    DatasetConfig,
+    DemoConfig,
+    IngestConfig,
+    from_dict,
+    load_params,
+    section,
+)
 
 
 def test_repo_params_build_every_section():
@@ -18,7 +28,9 @@ def test_repo_params_build_every_section():
 
 
 def test_unknown_key_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"ingest: unknown key\(s\) \['max_reject'\]; valid keys are .*max_reject_fraction"):
+    with pytest.raises(
+        ConfigError, match=r"ingest: unknown key\(s\) \['max_reject'\]; valid keys are .*max_reject_fraction"
+    ):
         from_dict(IngestConfig, {"max_reject": 0.1}, "ingest")
 
 
@@ -38,7 +50,9 @@ def test_wrong_types_and_values_are_errors():
     with pytest.raises(ConfigError, match="dataset.labels.kind"):
         from_dict(DatasetConfig, {"dir": "x", "labels": {"kind": "regression"}}, "dataset")
     with pytest.raises(ConfigError, match="fractions"):
-        from_dict(DatasetConfig, {"dir": "x", "split": {"fractions": {"train": 0.5, "val": 0.2, "test": 0.2}}}, "dataset")
+        from_dict(
+            DatasetConfig, {"dir": "x", "split": {"fractions": {"train": 0.5, "val": 0.2, "test": 0.2}}}, "dataset"
+        )
     with pytest.raises(ConfigError, match="more than one role"):
         from_dict(DatasetConfig, {"dir": "x", "text": ["t"], "categorical": ["t"]}, "dataset")
     with pytest.raises(ConfigError, match="clash with canonical"):
@@ -49,8 +63,9 @@ def test_wrong_types_and_values_are_errors():
 
 def test_overlay_merges_key_by_key(tmp_path):
     (tmp_path / "over.yaml").write_text("dataset:\n  dir: elsewhere\n  labels: {column: genres}\n")
-    args = runtime.parser("dmms test", None).parse_args(["--params", str(REPO / "params.yaml"), "--params",
-                                                        str(tmp_path / "over.yaml")])
+    args = runtime.parser("dmms test", None).parse_args(
+        ["--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "over.yaml")]
+    )
     params = runtime.setup(args)
     ds = section(params, "dataset", DatasetConfig)
     assert ds.dir == str(tmp_path / "elsewhere"), "a relative path in an overlay is taken from the overlay's folder"
@@ -62,7 +77,8 @@ def test_paths_resolve_against_the_overlay_that_declares_them(tmp_path, monkeypa
     (tmp_path / "conf" / "data").mkdir(parents=True)
     (tmp_path / "conf" / "mine.yaml").write_text(
         "dataset: {dir: data}\nscore: {input: /abs/batch}\n"
-        "extract: {modalities: {image: {weights: w/lite.pth}, title: {model: minilm}}}\n")
+        "extract: {modalities: {image: {weights: w/lite.pth}, title: {model: minilm}}}\n"
+    )
     (tmp_path / "base.yaml").write_text("dataset: {dir: data/demo/raw}\nscore: {input: data/demo/unlabelled}\n")
     monkeypatch.chdir(tmp_path / "conf" / "data")  # any working directory
     params = runtime.load_overlaid([tmp_path / "base.yaml"])
@@ -72,8 +88,12 @@ def test_paths_resolve_against_the_overlay_that_declares_them(tmp_path, monkeypa
     assert params["score"]["input"] == "/abs/batch", "absolute paths are kept"
     assert params["extract"]["modalities"]["image"]["weights"] == str(tmp_path / "conf" / "w" / "lite.pth")
     assert params["extract"]["modalities"]["title"]["model"] == "minilm", "only path keys are resolved"
-    assert runtime.origin_of([tmp_path / "base.yaml", tmp_path / "conf" / "mine.yaml"], "dataset.dir") == \
-        str(tmp_path / "conf" / "mine.yaml")
-    with pytest.raises(runtime.UserError, match=r"dataset folder not found: .*/conf/data/nope \(dataset.dir in x.yaml, "
-                                                 r"relative to the working directory .*/conf/data\)"):
+    assert runtime.origin_of([tmp_path / "base.yaml", tmp_path / "conf" / "mine.yaml"], "dataset.dir") == str(
+        tmp_path / "conf" / "mine.yaml"
+    )
+    with pytest.raises(
+        runtime.UserError,
+        match=r"dataset folder not found: .*/conf/data/nope \(dataset.dir in x.yaml, "
+        r"relative to the working directory .*/conf/data\)",
+    ):
         runtime.require_folder("nope", "dataset folder", "dataset.dir in x.yaml")

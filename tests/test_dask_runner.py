@@ -2,6 +2,7 @@
 
 Outputs come back through files (the workers are other processes) and are compared as sorted lists.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ def cluster():
     import dask
 
     with dask.config.set({"distributed.scheduler.work-stealing": False}):
-        with ddist.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                dashboard_address="127.0.0.1:0") as c:
+        with ddist.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
+        ) as c:
             with ddist.Client(c) as client:
                 workers = sorted(client.scheduler_info()["workers"])
             assert len(workers) == 2
@@ -89,8 +91,7 @@ def test_reshuffle_spreads_a_one_bundle_read_over_both_workers(cluster, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     p = beam.Pipeline(options=options(cluster))
-    (p | beam.io.ReadFromParquet(str(src)) | beam.Reshuffle() | beam.ParDo(Where())
-     | beam.ParDo(Collect(str(out))))
+    (p | beam.io.ReadFromParquet(str(src)) | beam.Reshuffle() | beam.ParDo(Where()) | beam.ParDo(Collect(str(out))))
     result = run(p)
     got = collected(out)
     assert sorted(x for x, _ in got) == list(range(40)), "every row once"
@@ -124,8 +125,12 @@ def test_batch_elements_keeps_the_last_partial_batch(cluster, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     p = beam.Pipeline(options=options(cluster))
-    (p | beam.Create(range(10)) | beam.BatchElements(min_batch_size=3, max_batch_size=3)
-     | beam.ParDo(Collect(str(out))))
+    (
+        p
+        | beam.Create(range(10))
+        | beam.BatchElements(min_batch_size=3, max_batch_size=3)
+        | beam.ParDo(Collect(str(out)))
+    )
     run(p)
     batches = collected(out)
     assert sorted(x for b in batches for x in b) == list(range(10))
@@ -138,14 +143,19 @@ def test_write_to_parquet_writes_every_row_and_two_sinks_are_both_written(cluste
     p = beam.Pipeline(options=options(cluster))
     created = p | beam.Create(rows)
     created | "first" >> beam.io.WriteToParquet(str(tmp_path / "a" / "part"), schema, file_name_suffix=".parquet")
-    (created | beam.Filter(lambda r: r["x"] % 5 == 0)
-     | "second" >> beam.io.WriteToParquet(str(tmp_path / "b" / "part"), schema, num_shards=1,
-                                         file_name_suffix=".parquet"))
+    (
+        created
+        | beam.Filter(lambda r: r["x"] % 5 == 0)
+        | "second"
+        >> beam.io.WriteToParquet(str(tmp_path / "b" / "part"), schema, num_shards=1, file_name_suffix=".parquet")
+    )
     run(p)
 
     def read(folder):
-        return sorted((r for f in (tmp_path / folder).glob("part-*.parquet") for r in pq.read_table(f).to_pylist()),
-                      key=lambda r: r["x"])
+        return sorted(
+            (r for f in (tmp_path / folder).glob("part-*.parquet") for r in pq.read_table(f).to_pylist()),
+            key=lambda r: r["x"],
+        )
 
     assert read("a") == rows
     assert read("b") == [r for r in rows if r["x"] % 5 == 0]
@@ -169,13 +179,18 @@ def test_side_inputs_give_the_right_result_and_are_computed_once(cluster, tmp_pa
     p = beam.Pipeline(options=options(cluster, "--dask_npartitions=4"))
     table = p | "table" >> beam.Create([("a", 1), ("b", 2), ("c", 3)]) | "mark" >> beam.ParDo(Mark(str(marks)))
     extra = p | "extra" >> beam.Create([10, 20])
-    (p | "main" >> beam.Create(["a", "b", "c", "a"]) | beam.Reshuffle()
-     | beam.Map(lambda k, d, e: (k, d[k] + sum(e)), beam.pvalue.AsDict(table), beam.pvalue.AsList(extra))
-     | beam.ParDo(Collect(str(out))))
+    (
+        p
+        | "main" >> beam.Create(["a", "b", "c", "a"])
+        | beam.Reshuffle()
+        | beam.Map(lambda k, d, e: (k, d[k] + sum(e)), beam.pvalue.AsDict(table), beam.pvalue.AsList(extra))
+        | beam.ParDo(Collect(str(out)))
+    )
     run(p)
     assert collected(out) == [("a", 31), ("a", 31), ("b", 32), ("c", 33)]
-    assert sorted(f.name.split("-")[0] for f in marks.iterdir()) == ["('a', 1)", "('b', 2)", "('c', 3)"], \
+    assert sorted(f.name.split("-")[0] for f in marks.iterdir()) == ["('a', 1)", "('b', 2)", "('c', 3)"], (
         "the side input's upstream ran once per element, not once per consuming bundle"
+    )
 
 
 class Fail(beam.DoFn):
@@ -240,8 +255,13 @@ def test_a_dofn_is_set_up_once_per_worker_process_not_per_bundle(cluster, tmp_pa
     setups.mkdir()
     out.mkdir()
     p = beam.Pipeline(options=options(cluster, "--dask_npartitions=8"))  # 8 bundles over 2 workers
-    (p | beam.Create(list(range(40))) | beam.Reshuffle() | beam.ParDo(CountSetups(str(setups)))
-     | beam.ParDo(Collect(str(out))))
+    (
+        p
+        | beam.Create(list(range(40)))
+        | beam.Reshuffle()
+        | beam.ParDo(CountSetups(str(setups)))
+        | beam.ParDo(Collect(str(out)))
+    )
     run(p)
     pids = collected(out)
     assert len(pids) == 40

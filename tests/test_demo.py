@@ -1,4 +1,5 @@
 """The demo generator: deterministic, labels planted exactly as its map says, valid under the contract."""
+
 from __future__ import annotations
 
 import csv
@@ -6,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, ingest_config
+
 from pipeline import demo
 from pipeline.config import DatasetConfig, DemoConfig, from_dict, load_params, section
 from pipeline.ingest import run_ingest
@@ -60,8 +61,13 @@ def test_labels_follow_the_planted_map(tmp_path, noise):
     out = gen(tmp_path, "d", items=80, label_noise=noise)
     summary = json.loads((out / "planted_labels.json").read_text())
     assert {k: v["modality"] for k, v in summary["labels"].items()} == {
-        "Ensemble": "faces", "Horror": "ocr", "Romance": "description",
-        "Comedy": "tags", "Classic": "meta", "Sci-Fi": "image"}
+        "Ensemble": "faces",
+        "Horror": "ocr",
+        "Romance": "description",
+        "Comedy": "tags",
+        "Classic": "meta",
+        "Sci-Fi": "image",
+    }
     rows = {r["id"]: r for r in read_csv(out / "manifest.csv")}
     flips = 0
     for item in read_csv(out / "planted_items.csv"):

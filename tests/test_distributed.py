@@ -1,5 +1,6 @@
 """The extraction jobs on a Dask distributed cluster (runner `dask`, pipeline.dask_runner): a local
 cluster of two worker processes gives what the in-process runner gives, and both workers work."""
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["image", "title"])
-def test_a_two_worker_dask_cluster_equals_the_in_process_runner(grown, tmp_path, name):
+def test_a_two_worker_dask_cluster_equals_the_in_process_runner(grown, tmp_path, name):  # noqa: F811
     params, _, full, root = grown
     params = copy.deepcopy(params)
     params["extract"]["job"]["max_failure_fraction"] = 0.5
@@ -31,8 +32,10 @@ def test_a_two_worker_dask_cluster_equals_the_in_process_runner(grown, tmp_path,
     finally:
         victim.write_bytes(good)
     assert_same_features(dist, local)  # same ids, vectors within 1e-4, the same elements
-    dead = [pq.read_table(tmp_path / d / "dead_letters.parquet").select(["id", "modality", "stage"]).to_pylist()
-            for d in ("local", "dask")]
+    dead = [
+        pq.read_table(tmp_path / d / "dead_letters.parquet").select(["id", "modality", "stage"]).to_pylist()
+        for d in ("local", "dask")
+    ]
     assert dead[0] == dead[1] and len(dead[0]) == (1 if name == "image" else 0)
     assert dask_m["items_in"] == dask_m["written"] + dask_m["failed"] == 12
     tasks = dask_m["worker_tasks"]

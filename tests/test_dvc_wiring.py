@@ -6,6 +6,7 @@ real; then every params section (and every subsection) and every module (library
 stage modules) is changed in turn and `dvc status` must report exactly the stages that list it, and
 a real `dvc repro` after a change must run those stages and their descendants only.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_project
 from test_layout import stages
 
@@ -28,8 +28,12 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(cwd)}  # the stages import the copy's pipeline/, not the installed one
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd),
+    }  # the stages import the copy's pipeline/, not the installed one
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc

@@ -1,11 +1,11 @@
 """Extraction: handlers on known inputs, the Beam job, empty sets, dead letters, schema, provenance.
 
 Pure per-record functions run in the quick loop; real models and Beam jobs are marked slow."""
+
 from __future__ import annotations
 
-import dataclasses
-
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from conftest import extract_modality, ingested_demo
 from PIL import Image
 
-from conftest import extract_modality, ingested_demo
 from pipeline import features, records, schema
 from pipeline.config import ConfigError, from_dict, section
 from pipeline.extract import ExtractionError, JobConfig, JobPlan, beam_options, build, describe, modality
-from pipeline.schema import read_manifest
 from pipeline.extractors import base, faces, image, meta, ocr, text
+from pipeline.schema import read_manifest
 
 MODALITIES = ("image", "faces", "ocr", "title", "description", "tags", "meta")
 
@@ -50,11 +50,13 @@ def test_face_selection_thresholds_orders_and_caps():
 
 
 def test_ocr_box_selection_and_reading_order():
-    found = [([[50, 100], [90, 100], [90, 120], [50, 120]], "WORLD", 0.9),
-             ([[0, 101], [40, 101], [40, 121], [0, 121]], "HELLO", 0.8),
-             ([[0, 0], [40, 0], [40, 20], [0, 20]], "TOP", 0.95),
-             ([[0, 200], [40, 200], [40, 220], [0, 220]], "faint", 0.1),
-             ([[0, 300], [40, 300], [40, 320], [0, 320]], "  ", 0.99)]
+    found = [
+        ([[50, 100], [90, 100], [90, 120], [50, 120]], "WORLD", 0.9),
+        ([[0, 101], [40, 101], [40, 121], [0, 121]], "HELLO", 0.8),
+        ([[0, 0], [40, 0], [40, 20], [0, 20]], "TOP", 0.95),
+        ([[0, 200], [40, 200], [40, 220], [0, 220]], "faint", 0.1),
+        ([[0, 300], [40, 300], [40, 320], [0, 320]], "  ", 0.99),
+    ]
     boxes = [(ocr.box_of(p), t, c) for p, t, c in found]
     kept = ocr.select_boxes(boxes, 0.3, 10)
     assert [found[i][1] for i in kept] == ["TOP", "HELLO", "WORLD"]
@@ -68,8 +70,13 @@ def test_ocr_box_selection_and_reading_order():
 def test_meta_statistics_come_from_train_only():
     import pyarrow as pa
 
-    table = pa.table({"split": ["train", "train", "test", "train"], "year": [1990.0, 2010.0, 5000.0, None],
-                      "country": ["US", "FR", "XX", "US"]})
+    table = pa.table(
+        {
+            "split": ["train", "train", "test", "train"],
+            "year": [1990.0, 2010.0, 5000.0, None],
+            "country": ["US", "FR", "XX", "US"],
+        }
+    )
     stats = meta.fit(table, "split", ["year"], ["country"], 10)
     assert stats["numeric"] == [{"column": "year", "mean": 2000.0, "std": 10.0, "n": 2}]
     assert stats["categorical"] == [{"column": "country", "values": ["FR", "US"]}]
@@ -80,7 +87,11 @@ def test_meta_statistics_come_from_train_only():
 
 
 def test_sentence_split():
-    assert records.split_sentences("Dr. Who returns. He wins!\n\nThe end", 0) == ["Dr. Who returns.", "He wins!", "The end"]
+    assert records.split_sentences("Dr. Who returns. He wins!\n\nThe end", 0) == [
+        "Dr. Who returns.",
+        "He wins!",
+        "The end",
+    ]
     assert records.split_sentences("short one", 0) == ["short one"]
     assert records.split_sentences("A a. B b. C c. D d.", 2) == ["A a.", "B b. C c. D d."]
     assert records.split_sentences(None, 5) == [] and records.split_sentences(" \n ", 5) == []
@@ -225,9 +236,15 @@ def test_beam_job_in_a_test_pipeline(tiny, tmp_path):
         expected = {}
         for row in pq.read_table(manifest).to_pylist():
             expected[row["id"]] = row["tags"]
-        assert_that(rows | "texts" >> __import__("apache_beam").Map(
-            lambda r: (r["id"], [e["text"] for e in r["elements"]], len(r["vectors"]))),
-            equal_to([(i, t, len(t)) for i, t in expected.items()]), label="rows")
+        assert_that(
+            rows
+            | "texts"
+            >> __import__("apache_beam").Map(
+                lambda r: (r["id"], [e["text"] for e in r["elements"]], len(r["vectors"]))
+            ),
+            equal_to([(i, t, len(t)) for i, t in expected.items()]),
+            label="rows",
+        )
         assert_that(dead, equal_to([]), label="dead")
 
 
@@ -248,16 +265,21 @@ def test_every_modality_writes_reconciled_sets(tiny, tmp_path, modality):
     n = [len(v) for v in table[features.VECTORS].to_pylist()]
     assert metrics["elements"] == sum(n) and metrics["empty_sets"] == n.count(0)
     assert all(len(e) == k for e, k in zip(table[features.ELEMENTS].to_pylist(), n))
-    assert meta_["modality"] == modality and meta_["dim"] == table.schema.field(features.VECTORS).type.value_type.list_size
+    assert (
+        meta_["modality"] == modality and meta_["dim"] == table.schema.field(features.VECTORS).type.value_type.list_size
+    )
     assert meta_["manifest_sha256"] == features.file_sha256(manifest) and len(meta_["weights_sha256"]) >= 64
-    planted = {r["id"]: r for r in __import__("csv").DictReader(open(Path(params["dataset"]["dir"]) / "planted_items.csv"))}
+    planted = {
+        r["id"]: r for r in __import__("csv").DictReader(open(Path(params["dataset"]["dir"]) / "planted_items.csv"))
+    }
     rows = {r["id"]: r for r in table.to_pylist()}
     if modality == "faces":
         assert meta_["embedder"] == "backbone"
         assert sum(len(rows[i]["vectors"]) == int(p["faces"]) for i, p in planted.items()) >= 8
     if modality == "ocr":
-        assert sum(any(p["word"] == e["text"] for e in rows[i]["elements"]) for i, p in planted.items() if p["word"]) >= \
-            0.8 * sum(1 for p in planted.values() if p["word"])
+        assert sum(
+            any(p["word"] == e["text"] for e in rows[i]["elements"]) for i, p in planted.items() if p["word"]
+        ) >= 0.8 * sum(1 for p in planted.values() if p["word"])
     if modality == "tags":
         src = {r["id"]: r["tags"] for r in pq.read_table(manifest).to_pylist()}
         assert all([e["text"] for e in rows[i]["elements"]] == src[i] for i in rows)
@@ -269,11 +291,11 @@ def test_every_modality_writes_reconciled_sets(tiny, tmp_path, modality):
 @pytest.mark.slow
 def test_output_is_identical_twice_and_readable_everywhere(tiny, tmp_path):
     params, manifest = tiny
-    for modality in ("image", "description"):
-        extract(params, manifest, modality, tmp_path / "a")
-        extract(params, manifest, modality, tmp_path / "b")
-        a = tmp_path / "a" / modality / "features.parquet"
-        assert a.read_bytes() == (tmp_path / "b" / modality / "features.parquet").read_bytes()
+    for name in ("image", "description"):
+        extract(params, manifest, name, tmp_path / "a")
+        extract(params, manifest, name, tmp_path / "b")
+        a = tmp_path / "a" / name / "features.parquet"
+        assert a.read_bytes() == (tmp_path / "b" / name / "features.parquet").read_bytes()
     import duckdb
     import pandas as pd
 
@@ -289,7 +311,9 @@ def test_mismatched_provenance_is_refused(tiny, tmp_path):
     extract(params, manifest, "title", tmp_path)
     path = tmp_path / "title" / "features.parquet"
     _, meta_ = features.read_features(path, {"modality": "title", "dim": 384})
-    with pytest.raises(features.FeatureMismatchError, match=r"model_id: expected 'roberta-base', found 'minilm'.*dim: expected 768"):
+    with pytest.raises(
+        features.FeatureMismatchError, match=r"model_id: expected 'roberta-base', found 'minilm'.*dim: expected 768"
+    ):
         features.read_features(path, {"model_id": "roberta-base", "dim": 768})
     with pytest.raises(features.FeatureMismatchError, match="not a feature set"):
         features.read_features(manifest)
@@ -321,7 +345,11 @@ def test_corrupt_image_goes_to_dead_letters_and_counts_reconcile(tiny, tmp_path)
 
 
 def test_beam_options_pass_through():
-    job = from_dict(JobConfig, {"runner": "FlinkRunner", "options": {"flink_master": "localhost:8081", "save_main_session": True}}, "j")
+    job = from_dict(
+        JobConfig,
+        {"runner": "FlinkRunner", "options": {"flink_master": "localhost:8081", "save_main_session": True}},
+        "j",
+    )
     opts = beam_options(dataclasses.replace(job, flags=("--parallelism=4",))).get_all_options()
     assert opts["runner"] == "FlinkRunner" and opts["flink_master"] == "localhost:8081"
     assert opts["save_main_session"] is True and opts["parallelism"] == 4
@@ -330,15 +358,21 @@ def test_beam_options_pass_through():
 @pytest.mark.slow
 def test_degenerate_images_give_empty_sets_or_real_pixels_in_every_image_extractor(tmp_path):
     """Tiny, extreme-aspect, 16-bit and palette images: never an extraction failure."""
-    images = {"one_pixel": Image.new("RGB", (1, 1), (200, 10, 10)), "strip": Image.new("RGB", (3000, 3), (9, 9, 9)),
-              "tower": Image.new("RGB", (2, 4000), (9, 9, 9)),
-              "grey16": Image.fromarray(np.linspace(0, 65535, 96 * 96).reshape(96, 96).astype(np.uint16)),
-              "palette": Image.new("P", (40, 40), 0)}
+    images = {
+        "one_pixel": Image.new("RGB", (1, 1), (200, 10, 10)),
+        "strip": Image.new("RGB", (3000, 3), (9, 9, 9)),
+        "tower": Image.new("RGB", (2, 4000), (9, 9, 9)),
+        "grey16": Image.fromarray(np.linspace(0, 65535, 96 * 96).reshape(96, 96).astype(np.uint16)),
+        "palette": Image.new("P", (40, 40), 0),
+    }
     for name, img in images.items():
         img.save(tmp_path / f"{name}.png")
     rows = [{"id": n, "image": f"{n}.png"} for n in images]
-    for ext in (image.ImageExtractor(image.ImageConfig(device="cpu")), faces.FacesExtractor(faces.FacesConfig(device="cpu")),
-                ocr.OcrExtractor(ocr.OcrConfig(device="cpu"))):
+    for ext in (
+        image.ImageExtractor(image.ImageConfig(device="cpu")),
+        faces.FacesExtractor(faces.FacesConfig(device="cpu")),
+        ocr.OcrExtractor(ocr.OcrConfig(device="cpu")),
+    ):
         handler = ext.handler(ext.describe_files())
         model = handler.load_model()
         results = handler.run_inference([ext.prepare(r, tmp_path) for r in rows], model)

@@ -1,5 +1,6 @@
 """An extractor kind is one class: a toy one defined in this file alone (nothing under pipeline/ knows
 it) runs through extract (the real Beam job and cache), train, predict and score."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import dataset_config, ingest_config, write_csv
+
 from pipeline import extractors, features
 from pipeline.config import IngestConfig, from_dict
 from pipeline.extract import JobConfig, modality, run_extraction
@@ -44,10 +45,16 @@ class WordsHandler(SetModelHandler):
     def infer_batch(self, batch: list[list[str]], model: HashedWords) -> list[ItemResult]:
         out = []
         for words in batch:
-            vecs = [np.random.default_rng(int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)).standard_normal(DIM)
-                    for w in words]
-            out.append(ItemResult(np.asarray(vecs, dtype=np.float32).reshape(-1, DIM),
-                                  [features.element(index=i, text=w) for i, w in enumerate(words)]))
+            vecs = [
+                np.random.default_rng(int(hashlib.sha256(w.encode()).hexdigest()[:8], 16)).standard_normal(DIM)
+                for w in words
+            ]
+            out.append(
+                ItemResult(
+                    np.asarray(vecs, dtype=np.float32).reshape(-1, DIM),
+                    [features.element(index=i, text=w) for i, w in enumerate(words)],
+                )
+            )
         return out
 
 
@@ -106,27 +113,46 @@ def test_it_runs_through_extract_train_predict_and_score(tmp_path):
     manifest = tmp_path / "ingest" / "manifest.parquet"
     job = JobConfig(cache_dir=str(tmp_path / "cache"))
     raw_params = {"kind": "toy-words", "column": "plot", "min_length": 3}
-    m = run_extraction(modality("words", raw_params), job, manifest, tmp_path / "features" / "words", tmp_path / "w.json")
+    m = run_extraction(
+        modality("words", raw_params), job, manifest, tmp_path / "features" / "words", tmp_path / "w.json"
+    )
     assert (m["items_in"], m["written"], m["failed"]) == (120, 120, 0)
     table, meta = features.read_features(tmp_path / "features" / "words" / "features.parquet")
     assert meta["kind"] == "toy-words" and meta["dim"] == DIM
     assert all(len(e["text"]) >= 3 for es in table["elements"].to_pylist() for e in es), "the kind's filter ran"
-    again = run_extraction(modality("words", {**raw_params, "min_length": 1}), job, manifest,
-                           tmp_path / "features2", tmp_path / "w2.json")
+    again = run_extraction(
+        modality("words", {**raw_params, "min_length": 1}), job, manifest, tmp_path / "features2", tmp_path / "w2.json"
+    )
     assert (again["computed"], again["reused"]) == (0, 120), "a filter param reuses the cached sets"
 
-    cfg = from_dict(TrainConfig, {"epochs": 30, "batch_size": 16, "lr": 0.01, "device": "cpu",
-                                  "model": {"dim": 16, "dropout": 0.0, "head_hidden": [16]}}, "train")
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "epochs": 30,
+            "batch_size": 16,
+            "lr": 0.01,
+            "device": "cpu",
+            "model": {"dim": 16, "dropout": 0.0, "head_hidden": [16]},
+        },
+        "train",
+    )
     result = fit(cfg, manifest, tmp_path / "features", tmp_path / "model", tmp_path / "train.json", tmp_path / "c.csv")
     assert result["test"]["mean_average_precision"] > result["test_label_frequency_baseline"]["mean_average_precision"]
-    run_predict(PredictConfig(device="cpu"), tmp_path / "model" / "model.pt", manifest, tmp_path / "features",
-                tmp_path / "pred")
+    run_predict(
+        PredictConfig(device="cpu"), tmp_path / "model" / "model.pt", manifest, tmp_path / "features", tmp_path / "pred"
+    )
     elements = pq.read_table(tmp_path / "pred" / "elements.parquet").to_pylist()
     assert any(e["text"] in WORDS["A"] for e in elements)
 
     score_cfg = from_dict(ScoreConfig, {"device": "cpu", "write_report": False}, "score")
-    summary = run_score(score_cfg, tmp_path / "model" / "model.pt", raw, tmp_path / "scored", job,
-                        from_dict(IngestConfig, {"max_reject_fraction": 1.0}, "ingest"))
+    summary = run_score(
+        score_cfg,
+        tmp_path / "model" / "model.pt",
+        raw,
+        tmp_path / "scored",
+        job,
+        from_dict(IngestConfig, {"max_reject_fraction": 1.0}, "ingest"),
+    )
     assert summary["counts"]["scored"] == 120 and summary["extraction"]["words"]["reused"] == 120
     predicted = {r["id"]: r for r in pq.read_table(tmp_path / "pred" / "predictions.parquet").to_pylist()}
     for r in pq.read_table(tmp_path / "scored" / "predictions.parquet").to_pylist():

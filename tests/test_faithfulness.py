@@ -1,6 +1,7 @@
 """Importances are faithful on the demo dataset, whose labels are planted in known modalities
 (pipeline/demo.py: Ensemble <- faces, Horror <- ocr, Romance <- description, Comedy <- tags,
 Classic <- meta (year), Sci-Fi <- image). The model is trained with the shipped params.yaml."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ def planted(demo_run) -> dict[str, str]:
 
 def test_the_model_learned_the_demo(demo_run):
     test = demo_run.train["test"]
-    assert test["f1_micro"] > 0.75 and test["f1_micro"] > demo_run.train["test_label_frequency_baseline"]["f1_micro"] + 0.3
+    assert (
+        test["f1_micro"] > 0.75 and test["f1_micro"] > demo_run.train["test_label_frequency_baseline"]["f1_micro"] + 0.3
+    )
 
 
 def test_top_label_conditional_modality_is_the_planted_one(demo_run):
@@ -31,7 +34,9 @@ def test_top_label_conditional_modality_is_the_planted_one(demo_run):
     for label, modality in planted(demo_run).items():
         entry = demo_run.summary["by_label"][label]
         rows.append((label, modality, entry["top_modality"], entry["share"]))
-    wrong = [(lab, want, got, {m: round(v, 3) for m, v in share.items()}) for lab, want, got, share in rows if got != want]
+    wrong = [
+        (lab, want, got, {m: round(v, 3) for m, v in share.items()}) for lab, want, got, share in rows if got != want
+    ]
     assert not wrong, f"label, planted, top modality, shares: {wrong}"
 
 
@@ -42,8 +47,7 @@ def test_removing_the_planted_modality_lowers_the_label_most(demo_run):
     y = label_matrix(labels, bundle.label_names).numpy() > 0
     idx = torch.arange(len(ids))
     full = predict(model, store, idx, bundle.task).numpy()
-    drops = {m: full - predict(model, store, idx, bundle.task, drop=frozenset({m})).numpy()
-             for m in model.modalities}
+    drops = {m: full - predict(model, store, idx, bundle.task, drop=frozenset({m})).numpy() for m in model.modalities}
     for label, modality in planted(demo_run).items():
         j = bundle.label_names.index(label)
         mean_drop = {m: float(d[y[:, j], j].mean()) for m, d in drops.items()}

@@ -1,5 +1,6 @@
 """Importances: the pooled vector decomposes exactly over elements; argmax winners hold the maxima;
 shares add up; label-conditional shares follow the head's weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,9 @@ def test_winners_hold_the_maximum_and_ties_are_split():
     model = build_model(from_dict(ModelConfig, {"dim": 2}, "m"), {"a": 1}, {}, 1)
     pooled, parts, wins = decompose(model, x, seg, torch.zeros_like(seg), 3)
     assert pooled.tolist() == [[3.0, 5.0], [2.0, 0.0], [0.0, 0.0]]
-    assert wins.tolist() == [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 0.0]], "row 1 wins dim 0; rows 0 and 1 tie on dim 1"
+    assert wins.tolist() == [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 0.0]], (
+        "row 1 wins dim 0; rows 0 and 1 tie on dim 1"
+    )
     assert parts.tolist() == [[0.0, 2.5], [3.0, 2.5], [2.0, 0.0], [0.0, 0.0]]
 
 
@@ -39,17 +42,29 @@ def random_model(**over):
 
 def random_batch() -> SetBatch:
     g = torch.Generator().manual_seed(1)
-    return SetBatch(size=4, modalities={
-        "a": ModalityBatch(torch.randn(4, 5, generator=g), torch.tensor([0, 0, 1, 2])),
-        "b": ModalityBatch(torch.randn(2, 3, generator=g), torch.tensor([0, 2])),
-        "meta": ModalityBatch(torch.randn(3, 2, generator=g), torch.tensor([0, 1, 2]),
-                              torch.tensor([[1], [0], [3], [0]])),
-    })
+    return SetBatch(
+        size=4,
+        modalities={
+            "a": ModalityBatch(torch.randn(4, 5, generator=g), torch.tensor([0, 0, 1, 2])),
+            "b": ModalityBatch(torch.randn(2, 3, generator=g), torch.tensor([0, 2])),
+            "meta": ModalityBatch(
+                torch.randn(3, 2, generator=g), torch.tensor([0, 1, 2]), torch.tensor([[1], [0], [3], [0]])
+            ),
+        },
+    )
 
 
-@pytest.mark.parametrize("over", [{"pooling": "max"}, {"pooling": "sum"}, {"pooling": "mean"},
-                                  {"pooling": "max", "hierarchical": True}, {"pooling": "sum", "hierarchical": True},
-                                  {"pooling": "mean", "hierarchical": True}])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"pooling": "max"},
+        {"pooling": "sum"},
+        {"pooling": "mean"},
+        {"pooling": "max", "hierarchical": True},
+        {"pooling": "sum", "hierarchical": True},
+        {"pooling": "mean", "hierarchical": True},
+    ],
+)
 def test_the_parts_add_up_to_the_pooled_vector_the_model_uses(over):
     model, batch = random_model(**over), random_batch()
     with torch.no_grad():
@@ -97,8 +112,13 @@ def two_channel_model() -> torch.nn.Module:
 
 def test_label_conditional_shares_follow_the_head():
     model = two_channel_model()
-    batch = SetBatch(size=1, modalities={"a": ModalityBatch(torch.tensor([[2.0], [1.0]]), torch.tensor([0, 0])),
-                                         "b": ModalityBatch(torch.tensor([[3.0]]), torch.tensor([0]))})
+    batch = SetBatch(
+        size=1,
+        modalities={
+            "a": ModalityBatch(torch.tensor([[2.0], [1.0]]), torch.tensor([0, 0])),
+            "b": ModalityBatch(torch.tensor([[3.0]]), torch.tensor([0])),
+        },
+    )
     imp = explain(model, batch)
     assert imp.modality_share.tolist() == [[0.5, 0.5]]  # one dimension each
     assert imp.label_modality[0].tolist() == [[1.0, 0.0], [0.0, 1.0]], "why label 0: a; why label 1: b"

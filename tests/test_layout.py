@@ -1,6 +1,7 @@
 """The code's seams, checked statically (no DVC run): stage modules apart from the library and never
 importing one another, every stage's code and params deps in dvc.yaml exactly what it imports and
 reads, and the stages the GPU machine runs importable without Beam, DVC or the OCR/face packages."""
+
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 STAGE_PACKAGE = "pipeline.stages"
@@ -32,7 +32,9 @@ def stages() -> dict[str, dict[str, Any]]:
         items = lookup(params, re.fullmatch(r"\$\{([^}]+)\}", body["foreach"]).group(1))
         for key, item in items.items():
             local = {**params, "key": key, "item": item}
-            text = re.sub(r"\$\{([^}]+)\}", lambda m: str(lookup(local, m.group(1))), yaml.safe_dump(body["do"]))
+            text = re.sub(
+                r"\$\{([^}]+)\}", lambda m, local=local: str(lookup(local, m.group(1))), yaml.safe_dump(body["do"])
+            )
             out[f"{name}@{key}"] = {**yaml.safe_load(text), "foreach_key": key, "kind": item.get("kind")}
     return out
 
@@ -62,8 +64,11 @@ def imported_names(path: Path) -> set[str]:
         for name in names:
             parts = name.split(".")
             # importing pipeline.a.b runs pipeline/a/__init__.py too (pipeline/__init__.py is empty)
-            found |= {".".join(parts[:d]) for d in range(2, len(parts) + 1)
-                      if parts[0] == "pipeline" and module_file(".".join(parts[:d])) is not None}
+            found |= {
+                ".".join(parts[:d])
+                for d in range(2, len(parts) + 1)
+                if parts[0] == "pipeline" and module_file(".".join(parts[:d])) is not None
+            }
     return found
 
 
@@ -86,14 +91,16 @@ def module_file(name: str) -> Path | None:
 
 
 def stage_modules() -> list[str]:
-    return sorted(f"{STAGE_PACKAGE}.{p.stem}" for p in (REPO / "pipeline" / "stages").glob("*.py")
-                  if p.stem != "__init__")
+    return sorted(
+        f"{STAGE_PACKAGE}.{p.stem}" for p in (REPO / "pipeline" / "stages").glob("*.py") if p.stem != "__init__"
+    )
 
 
 def entry_modules() -> list[str]:
     """Stage modules and command modules: the only places that read params."""
-    return stage_modules() + sorted(f"{COMMAND_PACKAGE}.{p.stem}" for p in (REPO / "pipeline" / "commands").glob("*.py")
-                                    if p.stem != "__init__")
+    return stage_modules() + sorted(
+        f"{COMMAND_PACKAGE}.{p.stem}" for p in (REPO / "pipeline" / "commands").glob("*.py") if p.stem != "__init__"
+    )
 
 
 def entry_module(script: str) -> str:
@@ -101,8 +108,9 @@ def entry_module(script: str) -> str:
     text = (REPO / script).read_text()
     m = re.search(r"run_main\((\w+)\.main\)", text)
     assert m, f"{script} should call runtime.run_main(<stage module>.main)"
-    assert re.search(rf"from {re.escape(STAGE_PACKAGE)} import {m.group(1)}\b", text), \
+    assert re.search(rf"from {re.escape(STAGE_PACKAGE)} import {m.group(1)}\b", text), (
         f"{script} should run a module of {STAGE_PACKAGE}"
+    )
     return f"{STAGE_PACKAGE}.{m.group(1)}"
 
 
@@ -111,8 +119,9 @@ def entry_module(script: str) -> str:
 
 @pytest.mark.parametrize("module", entry_modules())
 def test_no_stage_module_imports_another(module):
-    others = {m for m in pipeline_imports(module_file(module))
-              if m.startswith((STAGE_PACKAGE + ".", COMMAND_PACKAGE + "."))}
+    others = {
+        m for m in pipeline_imports(module_file(module)) if m.startswith((STAGE_PACKAGE + ".", COMMAND_PACKAGE + "."))
+    }
     assert not others, f"{module} imports entry module(s) {sorted(others)}: move what they share into the library"
 
 
@@ -131,21 +140,25 @@ def test_every_stage_module_has_a_dvc_stage_and_a_dmms_command():
     run_by_dvc = {entry_module(script_of(s)) for s in stages().values()}
     assert run_by_dvc == set(stage_modules())
     modules = [module for module, _ in COMMANDS.values()]
-    assert modules[:7] == [f"{STAGE_PACKAGE}.{n}" for n in (
-        "make_demo", "ingest", "extract", "train", "predict", "report", "score")], "dmms lists the stages in order"
-    assert sorted(modules[7:]) == entry_modules()[len(stage_modules()):], "then the tools"
+    assert modules[:7] == [
+        f"{STAGE_PACKAGE}.{n}" for n in ("make_demo", "ingest", "extract", "train", "predict", "report", "score")
+    ], "dmms lists the stages in order"
+    assert sorted(modules[7:]) == entry_modules()[len(stage_modules()) :], "then the tools"
 
 
 @pytest.mark.parametrize("module", ["pipeline.stages.train", "pipeline.stages.predict"])
 def test_gpu_stages_import_without_beam_dvc_or_ocr(module):
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in {'apache_beam', 'dvc', 'easyocr', 'facenet_pytorch', 'transformers', 'PIL', 'skimage'}:\n"
-            "            raise ImportError('blocked ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            f"import {module}\n"
-            "print('ok')\n")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'apache_beam', 'dvc', 'easyocr', 'facenet_pytorch', 'transformers',\n"
+        "                                  'PIL', 'skimage'}:\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"import {module}\n"
+        "print('ok')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -204,8 +217,12 @@ def test_library_functions_take_typed_configs_not_params():
         rel = file.relative_to(REPO)
         if rel.parts[1] in ("stages", "commands") or rel.name in ("config.py", "runtime.py"):
             continue
-        calls = [n for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.Call) and
-                 (getattr(n.func, "attr", None) or getattr(n.func, "id", None)) in ("section", "load_params")]
+        calls = [
+            n
+            for n in ast.walk(ast.parse(file.read_text()))
+            if isinstance(n, ast.Call)
+            and (getattr(n.func, "attr", None) or getattr(n.func, "id", None)) in ("section", "load_params")
+        ]
         assert not calls, f"{rel} reads params sections itself; take a typed config instead"
 
 

@@ -1,6 +1,7 @@
 """Malformed datasets: every case is a reject of that record only (or one clear refusal of the whole
 file), counts reconcile (read = accepted + rejected, every record once), and exactly the valid rows
 survive. Nothing hangs and nothing crashes the run."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import HEADER, REPO, dataset_config, write_csv, write_image
+from PIL import Image
+from test_ingest import assert_reconciled, ingest, png_header_only
+
 from pipeline import records
 from pipeline.ingest import IngestError
-from test_ingest import assert_reconciled, ingest, png_header_only
 
 OK = ["T", "a|b", "2000", "US", "x"]  # title, tags, year, country, labels of a valid row
 
@@ -50,8 +51,13 @@ def test_an_unterminated_quote_rejects_its_row_only(tmp_path):
 
 
 def test_a_stray_quote_that_pairs_with_a_later_one_does_not_swallow_rows(tmp_path):
-    lines = [row(0), 'r1,img/1.jpg,"Opened here,a|b,2000,US,x\n', row(2), 'r3,img/3.jpg,"Quoted" title,a|b,2000,US,x\n',
-             row(4)]
+    lines = [
+        row(0),
+        'r1,img/1.jpg,"Opened here,a|b,2000,US,x\n',
+        row(2),
+        'r3,img/3.jpg,"Quoted" title,a|b,2000,US,x\n',
+        row(4),
+    ]
     root = csv_dataset(tmp_path / "ds", lines)
     metrics, manifest, rejects = ingest(dataset_config(root), tmp_path)
     assert_reconciled(metrics, manifest, rejects)
@@ -104,16 +110,27 @@ def test_bad_paths_and_files_are_rejects_not_crashes(tmp_path):
     os.mkfifo(root / "img" / "fifo.jpg")
     os.symlink("loop.jpg", root / "img" / "loop.jpg")
     (root / "img" / "dev.jpg").symlink_to("/dev/zero")  # outside the folder: unsafe before anything is read
-    lines = [row(0), "p1,img/fifo.jpg,T,,2000,US,x\n", "p2,img/loop.jpg,T,,2000,US,x\n",
-             "p3,img/a\x00b.jpg,T,,2000,US,x\n", f"p4,img/{'n' * 300}.jpg,T,,2000,US,x\n", row(1),
-             "p6,img/dev.jpg,T,,2000,US,x\n", row(2)]
+    lines = [
+        row(0),
+        "p1,img/fifo.jpg,T,,2000,US,x\n",
+        "p2,img/loop.jpg,T,,2000,US,x\n",
+        "p3,img/a\x00b.jpg,T,,2000,US,x\n",
+        f"p4,img/{'n' * 300}.jpg,T,,2000,US,x\n",
+        row(1),
+        "p6,img/dev.jpg,T,,2000,US,x\n",
+        row(2),
+    ]
     (root / "manifest.csv").write_text(",".join(HEADER) + "\n" + "".join(lines), encoding="utf-8")
     metrics, manifest, rejects = ingest(dataset_config(root), tmp_path)
     assert_reconciled(metrics, manifest, rejects)
     assert [r["id"] for r in manifest] == ["r0", "r1", "r2"]
     assert {r["id"]: r["reason"] for r in rejects} == {
-        "p1": "unreadable_image", "p2": "unreadable_image", "p3": "unsafe_path", "p4": "unreadable_image",
-        "p6": "unsafe_path"}
+        "p1": "unreadable_image",
+        "p2": "unreadable_image",
+        "p3": "unsafe_path",
+        "p4": "unreadable_image",
+        "p6": "unsafe_path",
+    }
     by_id = {r["id"]: r["detail"] for r in rejects}
     assert "FIFO" in by_id["p1"] and "NUL" in by_id["p3"] and "too long" in by_id["p4"].lower()
 
@@ -125,8 +142,22 @@ def test_a_fifo_manifest_or_image_never_hangs_the_command(tmp_path):
     write_csv(root / "manifest.csv", HEADER, [["a", "img/0.jpg", *OK], ["b", "img/fifo.jpg", *OK]])
     overlay = tmp_path / "over.yaml"
     overlay.write_text("ingest: {max_reject_fraction: 0.5}\ndataset: {text: [title]}\n")
-    cmd = [sys.executable, "-m", "pipeline.cli", "ingest", "--params", str(REPO / "params.yaml"), "--params",
-           str(overlay), "--dataset-dir", str(root), "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "ingest",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--params",
+        str(overlay),
+        "--dataset-dir",
+        str(root),
+        "--out",
+        str(tmp_path / "o"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "m.json").read_text())["accepted"] == 1
@@ -160,20 +191,28 @@ def jsonl_dataset(root: Path, lines: list[bytes]) -> Path:
 
 
 def item(i: int, **over) -> bytes:
-    obj = {"id": f"j{i}", "image": f"{i}.jpg", "title": "T", "tags": ["a"], "year": 2000, "country": "US",
-           "labels": ["x"], **over}
+    obj = {
+        "id": f"j{i}",
+        "image": f"{i}.jpg",
+        "title": "T",
+        "tags": ["a"],
+        "year": 2000,
+        "country": "US",
+        "labels": ["x"],
+        **over,
+    }
     return json.dumps(obj).encode() + b"\n"
 
 
 def test_jsonl_bom_surrogates_huge_integers_and_nested_values(tmp_path):
     lines = [
-        b"\xef\xbb\xbf" + item(0),                                       # 1 a BOM: the first row is valid
-        item(1, title="\ud800 broken"),                                  # 2 a lone surrogate: invalid_utf8
+        b"\xef\xbb\xbf" + item(0),  # 1 a BOM: the first row is valid
+        item(1, title="\ud800 broken"),  # 2 a lone surrogate: invalid_utf8
         b'{"id": "j2", "image": "2.jpg", "year": ' + b"9" * 5000 + b"}\n",  # 3 an integer over Python's limit
-        item(3, year=10 ** 30, title=[["Part", "one"], "two"], country=7),  # 4 valid: nested lists flatten
-        item(9, title={"en": "An object"}),                              # 5 an object is no text
-        b"[1, 2]\n",                                                     # 6 not an object
-        b"\n",                                                           # not a record
+        item(3, year=10**30, title=[["Part", "one"], "two"], country=7),  # 4 valid: nested lists flatten
+        item(9, title={"en": "An object"}),  # 5 an object is no text
+        b"[1, 2]\n",  # 6 not an object
+        b"\n",  # not a record
     ]
     root = jsonl_dataset(tmp_path / "ds", lines)
     metrics, manifest, rejects = ingest(dataset_config(root, format="jsonl", manifest="items.jsonl"), tmp_path)
@@ -235,8 +274,11 @@ def test_a_media_folder_that_leads_outside_is_one_error_up_front(tmp_path):
     root.mkdir()
     (root / "img").symlink_to(elsewhere)
     write_csv(root / "manifest.csv", HEADER, [[f"r{i}", f"img/{i}.jpg", *OK] for i in range(3)])
-    with pytest.raises(IngestError, match=r"the media folder .*/ds/img resolves to .*/elsewhere, outside the dataset "
-                                          r"folder .*Point dataset.dir at a folder that holds the media"):
+    with pytest.raises(
+        IngestError,
+        match=r"the media folder .*/ds/img resolves to .*/elsewhere, outside the dataset "
+        r"folder .*Point dataset.dir at a folder that holds the media",
+    ):
         ingest(dataset_config(root), tmp_path)
     (root / "img").unlink()
     write_image(root / "real" / "0.jpg")

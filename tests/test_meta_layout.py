@@ -1,6 +1,7 @@
 """Meta features whose layout is defined by column name and order: any number of numeric and
 categorical columns in any order train, predict and score identically, and the cache key separates
 columns whose values are swapped."""
+
 from __future__ import annotations
 
 import random
@@ -10,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import dataset_config, ingest_config, write_csv
+
 from pipeline import bundle as bundle_mod
 from pipeline import features
 from pipeline.config import IngestConfig, from_dict
@@ -44,8 +45,9 @@ def write_meta_dataset(root: Path, n: int = 90, seed: int = 3) -> Path:
 
 
 def dataset(root: Path):
-    return dataset_config(root, image=None, image_required=False, text=[], lists={}, numeric=NUMERIC,
-                          categorical=CATEGORICAL)
+    return dataset_config(
+        root, image=None, image_required=False, text=[], lists={}, numeric=NUMERIC, categorical=CATEGORICAL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,11 @@ def trained(tmp_path_factory):
     manifest = root / "ingest" / "manifest.parquet"
     job = JobConfig(cache_dir=str(root / "cache"))
     run_extraction(modality("meta", {"kind": "meta"}), job, manifest, root / "features" / "meta", root / "meta.json")
-    cfg = from_dict(TrainConfig, {"epochs": 8, "batch_size": 16, "device": "cpu",
-                                  "model": {"dim": 8, "dropout": 0.0, "head_hidden": [8]}}, "train")
+    cfg = from_dict(
+        TrainConfig,
+        {"epochs": 8, "batch_size": 16, "device": "cpu", "model": {"dim": 8, "dropout": 0.0, "head_hidden": [8]}},
+        "train",
+    )
     fit(cfg, manifest, root / "features", root / "model", root / "train.json", root / "curve.csv", seed=0)
     return root, raw, manifest, job
 
@@ -76,10 +81,22 @@ def test_the_layout_follows_the_configured_column_order(trained):
 
 def test_scoring_the_training_rows_gives_predicts_probabilities(trained, tmp_path):
     root, raw, manifest, job = trained
-    run_predict(PredictConfig(device="cpu", splits=None), root / "model" / "model.pt", manifest, root / "features", tmp_path / "pred")
+    run_predict(
+        PredictConfig(device="cpu", splits=None),
+        root / "model" / "model.pt",
+        manifest,
+        root / "features",
+        tmp_path / "pred",
+    )
     cfg = from_dict(ScoreConfig, {"device": "cpu", "write_report": False}, "score")
-    run_score(cfg, root / "model" / "model.pt", raw, tmp_path / "scored", job,
-              from_dict(IngestConfig, {"max_reject_fraction": 1.0}, "ingest"))
+    run_score(
+        cfg,
+        root / "model" / "model.pt",
+        raw,
+        tmp_path / "scored",
+        job,
+        from_dict(IngestConfig, {"max_reject_fraction": 1.0}, "ingest"),
+    )
     predicted = {r["id"]: r for r in pq.read_table(tmp_path / "pred" / "predictions.parquet").to_pylist()}
     scored = {r["id"]: r for r in pq.read_table(tmp_path / "scored" / "predictions.parquet").to_pylist()}
     assert set(scored) == set(predicted) and len(scored) == 90
@@ -95,7 +112,13 @@ def test_scoring_the_training_rows_gives_predicts_probabilities(trained, tmp_pat
 
 def test_element_records_name_each_categorical_value_under_its_own_column(trained, tmp_path):
     root, _, manifest, _ = trained
-    run_predict(PredictConfig(device="cpu", splits=None), root / "model" / "model.pt", manifest, root / "features", tmp_path / "pred")
+    run_predict(
+        PredictConfig(device="cpu", splits=None),
+        root / "model" / "model.pt",
+        manifest,
+        root / "features",
+        tmp_path / "pred",
+    )
     source = {r["id"]: r for r in pq.read_table(manifest).to_pylist()}
     elements = pq.read_table(tmp_path / "pred" / "elements.parquet").to_pylist()
     texts = [(e["id"], e["text"]) for e in elements if e.get("text") and ": " in (e["text"] or "")]
@@ -107,8 +130,10 @@ def test_element_records_name_each_categorical_value_under_its_own_column(traine
 
 def test_the_cache_key_separates_swapped_columns(tmp_path):
     """Two items whose values are each other's under swapped column names never share a key."""
-    stats = {"numeric": [{"column": "a", "mean": 0.0, "std": 1.0, "n": 2}, {"column": "b", "mean": 0.0, "std": 1.0, "n": 2}],
-             "categorical": []}
+    stats = {
+        "numeric": [{"column": "a", "mean": 0.0, "std": 1.0, "n": 2}, {"column": "b", "mean": 0.0, "std": 1.0, "n": 2}],
+        "categorical": [],
+    }
     swapped = {"numeric": stats["numeric"][::-1], "categorical": []}
     assert meta.item_input([1.0, 2.0], stats) != meta.item_input([2.0, 1.0], swapped)
     from pipeline import cache
@@ -116,7 +141,9 @@ def test_the_cache_key_separates_swapped_columns(tmp_path):
     fp = cache.fingerprint(meta.describe_stats(stats), {}, (), {})
     fp_swapped = cache.fingerprint(meta.describe_stats(swapped), {}, (), {})
     assert fp != fp_swapped, "the column order is part of the fingerprint"
-    assert cache.item_key(fp, meta.item_input([1.0, 2.0], stats)) != cache.item_key(fp, meta.item_input([2.0, 1.0], stats))
+    assert cache.item_key(fp, meta.item_input([1.0, 2.0], stats)) != cache.item_key(
+        fp, meta.item_input([2.0, 1.0], stats)
+    )
     r1, r2 = meta.encode({"a": 1.0, "b": 2.0}, stats), meta.encode({"a": 1.0, "b": 2.0}, swapped)
     assert r1.vectors.tolist() == [[1.0, 0.0, 2.0, 0.0]] and r2.vectors.tolist() == [[2.0, 0.0, 1.0, 0.0]]
 
@@ -132,7 +159,10 @@ def test_reordering_columns_never_serves_the_other_orders_vectors(tmp_path):
         name = "-".join(order)
         spec = modality("meta", {"kind": "meta", "numeric": order, "categorical": []})
         m = run_extraction(spec, job, manifest, tmp_path / name, tmp_path / f"{name}.json")
-        got[name] = (m, {r["id"]: r["vectors"] for r in pq.read_table(tmp_path / name / "features.parquet").to_pylist()})
+        got[name] = (
+            m,
+            {r["id"]: r["vectors"] for r in pq.read_table(tmp_path / name / "features.parquet").to_pylist()},
+        )
     assert got["zeta-alpha"][0]["reused"] == 0
     for item, vecs in got["alpha-zeta"][1].items():
         a = np.asarray(vecs[0])
@@ -146,10 +176,21 @@ def test_a_format_1_bundle_is_migrated_in_the_order_it_was_trained(trained, tmp_
     root, _, _, _ = trained
     raw = torch.load(root / "model" / "model.pt", weights_only=True)
     rec = raw["provenance"]["meta"]
-    old_stats = {"numeric": {s["column"]: {k: v for k, v in s.items() if k != "column"} for s in rec["stats"]["numeric"]},
-                 "categorical": {s["column"]: s["values"] for s in rec["stats"]["categorical"]}}
-    old = {**raw, "format": 1, "provenance": {"meta": {**rec, "stats": dict(sorted(old_stats.items())),
-                                                        "categorical": dict(sorted(old_stats["categorical"].items()))}}}
+    old_stats = {
+        "numeric": {s["column"]: {k: v for k, v in s.items() if k != "column"} for s in rec["stats"]["numeric"]},
+        "categorical": {s["column"]: s["values"] for s in rec["stats"]["categorical"]},
+    }
+    old = {
+        **raw,
+        "format": 1,
+        "provenance": {
+            "meta": {
+                **rec,
+                "stats": dict(sorted(old_stats.items())),
+                "categorical": dict(sorted(old_stats["categorical"].items())),
+            }
+        },
+    }
     torch.save(old, tmp_path / "old.pt")
     _, migrated = bundle_mod.load_bundle(tmp_path / "old.pt")
     assert migrated.format == bundle_mod.BUNDLE_FORMAT

@@ -1,4 +1,5 @@
 """The set model: invariances, empty and missing sets, packed == padded pooling, training, bundles."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,18 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import write_features
-from pipeline import features, metrics, schema, setdata
+
+from pipeline import features, metrics, pooling, schema, setdata
 from pipeline import train as train_mod
+from pipeline.bundle import check_store_matches, load_bundle, predict
 from pipeline.config import from_dict
 from pipeline.features import FeatureMismatchError
-from pipeline import pooling
 from pipeline.model import ModalityBatch, ModelConfig, SetBatch, build_model
-from pipeline.setdata import FeatureStore, PackedModality
-from pipeline.bundle import check_store_matches, load_bundle, predict
 from pipeline.predict import PredictConfig, run_predict
 from pipeline.runtime import UserError
+from pipeline.setdata import FeatureStore, PackedModality
 from pipeline.train import TrainConfig, fit
 
 DIMS = {"a": 6, "b": 4, "meta": 2}
@@ -48,8 +48,16 @@ def model(**over) -> torch.nn.Module:
 SIZES = {"a": [2, 0, 3, 1], "b": [1, 4, 0, 0], "meta": [1, 1, 1, 0]}
 
 
-@pytest.mark.parametrize("over", [{"pooling": "max"}, {"pooling": "sum"}, {"pooling": "mean"},
-                                  {"pooling": "max", "hierarchical": True}, {"pooling": "mean", "hierarchical": True}])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"pooling": "max"},
+        {"pooling": "sum"},
+        {"pooling": "mean"},
+        {"pooling": "max", "hierarchical": True},
+        {"pooling": "mean", "hierarchical": True},
+    ],
+)
 def test_invariant_to_element_and_modality_order(over):
     net = model(**over)
     batch = random_batch(torch.Generator().manual_seed(1), SIZES)
@@ -61,9 +69,17 @@ def test_invariant_to_element_and_modality_order(over):
         shuffled.modalities[m] = ModalityBatch(mb.vectors[perm], mb.segment[perm], mb.category_ids)
     assert torch.allclose(ref, net(shuffled), atol=1e-5)
     # and an item's output does not depend on the other items of its batch
-    one = SetBatch(size=1, modalities={m: ModalityBatch(mb.vectors[mb.segment == 0], mb.segment[mb.segment == 0] * 0,
-                                                        None if mb.category_ids is None else mb.category_ids[:1])
-                                       for m, mb in batch.modalities.items()})
+    one = SetBatch(
+        size=1,
+        modalities={
+            m: ModalityBatch(
+                mb.vectors[mb.segment == 0],
+                mb.segment[mb.segment == 0] * 0,
+                None if mb.category_ids is None else mb.category_ids[:1],
+            )
+            for m, mb in batch.modalities.items()
+        },
+    )
     assert torch.allclose(ref[:1], net(one), atol=1e-5)
 
 
@@ -88,7 +104,7 @@ def test_packed_pooling_equals_a_padded_reference():
     mask = torch.zeros(5, int(counts.max()), dtype=torch.bool)
     at = 0
     for i, c in enumerate(counts.tolist()):
-        pad[i, :c], mask[i, :c] = x[at:at + c], True
+        pad[i, :c], mask[i, :c] = x[at : at + c], True
         at += c
     ref_max = pad.masked_fill(~mask[..., None], float("-inf")).amax(1)
     ref_max[counts == 0] = 0
@@ -145,8 +161,9 @@ def test_tuned_threshold_splits_float32_scores_as_prediction_does():
     assert metrics.f1_scores(y, metrics.decide("multilabel", probs, t))["f1_micro"] == 1.0
 
 
-def write_synthetic(root: Path, n: int = 240, seed: int = 0, rates: tuple[float, float] = (0.4, 0.4),
-                    strength: float = 4.0) -> Path:
+def write_synthetic(
+    root: Path, n: int = 240, seed: int = 0, rates: tuple[float, float] = (0.4, 0.4), strength: float = 4.0
+) -> Path:
     """A manifest and two modalities whose label 'A' is driven by modality a, 'B' by modality b
     (`rates`: how often each label is on; `strength`: how far its element stands out)."""
     rng = np.random.default_rng(seed)
@@ -154,10 +171,14 @@ def write_synthetic(root: Path, n: int = 240, seed: int = 0, rates: tuple[float,
     ya, yb = rng.random(n) < rates[0], rng.random(n) < rates[1]
     labels = [[name for name, on in (("A", a), ("B", b)) if on] for a, b in zip(ya, yb)]
     split = ["train" if k % 10 < 7 else "val" if k % 10 < 9 else "test" for k in range(n)]
-    msch = schema.with_metadata(schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel",
-                                                                         "label_names": ["A", "B"]})
+    msch = schema.with_metadata(
+        schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel", "label_names": ["A", "B"]}
+    )
     manifest = root / "manifest.parquet"
-    rows = [{"id": i, "split": s, "source_row": k + 1, "labels": l} for k, (i, s, l) in enumerate(zip(ids, split, labels))]
+    rows = [
+        {"id": i, "split": s, "source_row": k + 1, "labels": lab}
+        for k, (i, s, lab) in enumerate(zip(ids, split, labels))
+    ]
     pq.write_table(pa.Table.from_pylist(rows, schema=msch), manifest)
     sha = features.file_sha256(manifest)
     for name, dim, signal in (("a", 6, ya), ("b", 4, yb)):
@@ -167,18 +188,41 @@ def write_synthetic(root: Path, n: int = 240, seed: int = 0, rates: tuple[float,
             vecs = rng.normal(size=(k, dim)).astype(np.float32)
             if k and on:
                 vecs[0, 0] += strength
-            rows.append({"id": i, "vectors": vecs.tolist(), "elements": [features.element(index=j) for j in range(k)],
-                         "category_ids": None})
-        meta = {"modality": name, "kind": "text", "extractor": "synthetic", "model_id": f"gen-{name}",
-                "weights_sha256": "0" * 64, "dim": dim, "manifest_sha256": sha}
-        write_features(pa.Table.from_pylist(rows, schema=features.feature_schema(dim)), dim, meta,
-                                     root / "features" / name / "features.parquet")
+            rows.append(
+                {
+                    "id": i,
+                    "vectors": vecs.tolist(),
+                    "elements": [features.element(index=j) for j in range(k)],
+                    "category_ids": None,
+                }
+            )
+        meta = {
+            "modality": name,
+            "kind": "text",
+            "extractor": "synthetic",
+            "model_id": f"gen-{name}",
+            "weights_sha256": "0" * 64,
+            "dim": dim,
+            "manifest_sha256": sha,
+        }
+        write_features(
+            pa.Table.from_pylist(rows, schema=features.feature_schema(dim)),
+            dim,
+            meta,
+            root / "features" / name / "features.parquet",
+        )
     return manifest
 
 
 def train_cfg(**over) -> TrainConfig:
-    base = {"epochs": 25, "batch_size": 32, "lr": 0.01, "patience": 25, "device": "cpu",
-            "model": {"dim": 16, "dropout": 0.0, "head_hidden": [16]}}
+    base = {
+        "epochs": 25,
+        "batch_size": 32,
+        "lr": 0.01,
+        "patience": 25,
+        "device": "cpu",
+        "model": {"dim": 16, "dropout": 0.0, "head_hidden": [16]},
+    }
     base.update(over)
     return from_dict(TrainConfig, base, "train")
 
@@ -189,15 +233,24 @@ def test_training_lowers_the_loss_and_beats_label_frequencies(tmp_path):
     curve = (tmp_path / "c.csv").read_text().splitlines()
     first, last = (float(curve[i].split(",")[1]) for i in (1, -1))
     assert last < 0.5 * first, f"train loss {first} -> {last}"
-    assert res["test"]["f1_micro"] > 0.8 and res["test"]["f1_micro"] > res["test_label_frequency_baseline"]["f1_micro"] + 0.3
+    assert (
+        res["test"]["f1_micro"] > 0.8
+        and res["test"]["f1_micro"] > res["test_label_frequency_baseline"]["f1_micro"] + 0.3
+    )
     on_disk = json.loads((tmp_path / "m.json").read_text())
     assert on_disk["best_epoch"] >= 1 and set(on_disk["test"]) >= {"f1_micro", "f1_macro", "f1_weighted", "f1_samples"}
 
 
 def test_bundle_round_trip_and_feature_mismatch(tmp_path):
     manifest = write_synthetic(tmp_path)
-    fit(train_cfg(epochs=3, model={"dim": 8, "pooling": "mean", "hierarchical": True}), manifest,
-        tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    fit(
+        train_cfg(epochs=3, model={"dim": 8, "pooling": "mean", "hierarchical": True}),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "c.csv",
+    )
     net, bundle = load_bundle(tmp_path / "model" / "model.pt")
     assert bundle.label_names == ["A", "B"] and bundle.provenance["a"].model_id == "gen-a"
     assert bundle.model_config.pooling == "mean" and bundle.model_config.hierarchical and bundle.format == 2
@@ -219,8 +272,14 @@ def test_training_on_cuda(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     manifest = write_synthetic(tmp_path)
-    res = fit(train_cfg(device="cuda", amp=True), manifest, tmp_path / "features", tmp_path / "model",
-              tmp_path / "m.json", tmp_path / "c.csv")
+    res = fit(
+        train_cfg(device="cuda", amp=True),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "c.csv",
+    )
     assert res["device"].startswith("cuda") and res["test"]["f1_micro"] > 0.8
 
 
@@ -230,14 +289,21 @@ def test_training_on_cuda(tmp_path):
 def corrupt(path: Path, where: float = 0.5, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
     at = int(len(data) * where)
-    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
     path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage", ["flipped bytes", "truncated", "values changed"])
 def test_damaged_features_are_refused_by_train_and_predict_naming_the_file(tmp_path, damage):
     manifest = write_synthetic(tmp_path)
-    fit(train_cfg(epochs=2), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    fit(
+        train_cfg(epochs=2),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "c.csv",
+    )
     path = tmp_path / "features" / "b" / "features.parquet"
     if damage == "flipped bytes":
         corrupt(path)
@@ -248,13 +314,28 @@ def test_damaged_features_are_refused_by_train_and_predict_naming_the_file(tmp_p
         vecs = table["vectors"].to_pylist()
         k = next(i for i, v in enumerate(vecs) if v)
         vecs[k][0][0] += 1e24
-        pq.write_table(table.set_column(1, "vectors", pa.array(vecs, table.schema.field("vectors").type)), path,
-                       write_page_checksum=True)
+        pq.write_table(
+            table.set_column(1, "vectors", pa.array(vecs, table.schema.field("vectors").type)),
+            path,
+            write_page_checksum=True,
+        )
     with pytest.raises(features.FeaturesUnreadableError, match=r"features/b/features\.parquet.*(corrupted|truncated)"):
-        fit(train_cfg(epochs=2), manifest, tmp_path / "features", tmp_path / "m2", tmp_path / "m2.json", tmp_path / "c2.csv")
+        fit(
+            train_cfg(epochs=2),
+            manifest,
+            tmp_path / "features",
+            tmp_path / "m2",
+            tmp_path / "m2.json",
+            tmp_path / "c2.csv",
+        )
     with pytest.raises(features.FeaturesUnreadableError, match=r"features/b/features\.parquet"):
-        run_predict(PredictConfig(device="cpu"), tmp_path / "model" / "model.pt", manifest, tmp_path / "features",
-                    tmp_path / "pred")
+        run_predict(
+            PredictConfig(device="cpu"),
+            tmp_path / "model" / "model.pt",
+            manifest,
+            tmp_path / "features",
+            tmp_path / "pred",
+        )
     assert not (tmp_path / "pred").exists() and not (tmp_path / "m2" / "model.pt").exists()
 
 
@@ -263,13 +344,32 @@ def test_an_unfinished_modality_is_refused_unless_the_modalities_are_named(tmp_p
     killed = tmp_path / "features" / "ocr"
     (killed / "_shards").mkdir(parents=True)  # what an extraction killed half-way leaves
     with pytest.raises(UserError, match=r"\['ocr'\] hold no features.parquet: their extraction did not finish"):
-        fit(train_cfg(epochs=2), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
-    res = fit(train_cfg(epochs=2, modalities=["a", "b"]), manifest, tmp_path / "features", tmp_path / "model",
-              tmp_path / "m.json", tmp_path / "c.csv")
+        fit(
+            train_cfg(epochs=2),
+            manifest,
+            tmp_path / "features",
+            tmp_path / "model",
+            tmp_path / "m.json",
+            tmp_path / "c.csv",
+        )
+    res = fit(
+        train_cfg(epochs=2, modalities=["a", "b"]),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "c.csv",
+    )
     assert res["modalities"] == ["a", "b"]
     with pytest.raises(UserError, match=r"train.modalities \['ocr'\] have no features"):
-        fit(train_cfg(epochs=2, modalities=["a", "ocr"]), manifest, tmp_path / "features", tmp_path / "model",
-            tmp_path / "m.json", tmp_path / "c.csv")
+        fit(
+            train_cfg(epochs=2, modalities=["a", "ocr"]),
+            manifest,
+            tmp_path / "features",
+            tmp_path / "model",
+            tmp_path / "m.json",
+            tmp_path / "c.csv",
+        )
 
 
 def test_a_file_that_is_not_a_bundle_is_one_clear_error(tmp_path):
@@ -284,8 +384,14 @@ def test_a_file_that_is_not_a_bundle_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("tune", [False, True])
 def test_train_metrics_record_the_thresholds_and_where_they_were_tuned(tmp_path, tune):
     manifest = write_synthetic(tmp_path)
-    fit(train_cfg(epochs=3, tune_thresholds=tune), manifest, tmp_path / "features", tmp_path / "model",
-        tmp_path / "m.json", tmp_path / "c.csv")
+    fit(
+        train_cfg(epochs=3, tune_thresholds=tune),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "c.csv",
+    )
     rec = json.loads((tmp_path / "m.json").read_text())["thresholds"]
     bundle = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     assert list(rec["values"]) == ["A", "B"] and list(rec["values"].values()) == pytest.approx(bundle["thresholds"])
@@ -312,8 +418,14 @@ def test_pos_weight_raises_the_rare_labels_probabilities(tmp_path):
     manifest = write_synthetic(tmp_path, n=400, seed=3, rates=(0.06, 0.5), strength=1.0)
     rates = {}
     for mode in ("none", "pos_weight"):
-        fit(train_cfg(epochs=15, patience=15, imbalance=mode, tune_thresholds=False), manifest, tmp_path / "features",
-            tmp_path / mode, tmp_path / f"{mode}.json", tmp_path / f"{mode}.csv")
+        fit(
+            train_cfg(epochs=15, patience=15, imbalance=mode, tune_thresholds=False),
+            manifest,
+            tmp_path / "features",
+            tmp_path / mode,
+            tmp_path / f"{mode}.json",
+            tmp_path / f"{mode}.csv",
+        )
         net, bundle = load_bundle(tmp_path / mode / "model.pt")
         ids = pq.read_table(manifest)["id"].to_pylist()
         store = FeatureStore.load({m: tmp_path / "features" / m for m in ("a", "b")}, ids)
@@ -324,38 +436,63 @@ def test_pos_weight_raises_the_rare_labels_probabilities(tmp_path):
 def test_element_and_modality_dropout_masks():
     gen = torch.Generator().manual_seed(0)
     seg = torch.arange(1000).repeat_interleave(10)  # 1000 items x 10 elements
-    batch = SetBatch(size=1000, modalities={
-        "a": ModalityBatch(torch.arange(10000.0)[:, None], seg),
-        "meta": ModalityBatch(torch.ones(1000, 2), torch.arange(1000), torch.full((1000, 1), 3))})
+    batch = SetBatch(
+        size=1000,
+        modalities={
+            "a": ModalityBatch(torch.arange(10000.0)[:, None], seg),
+            "meta": ModalityBatch(torch.ones(1000, 2), torch.arange(1000), torch.full((1000, 1), 3)),
+        },
+    )
     assert setdata.drop_elements(batch, 0.0, 0.0, gen) is batch, "no dropout: the batch as it is"
     out = setdata.drop_elements(batch, 0.3, 0.0, gen)
     kept = out.modalities["a"].segment.numel() / 10000
-    assert 0.67 < kept < 0.73 and torch.equal(out.modalities["a"].vectors[:, 0].long() // 10, out.modalities["a"].segment)
+    assert 0.67 < kept < 0.73 and torch.equal(
+        out.modalities["a"].vectors[:, 0].long() // 10, out.modalities["a"].segment
+    )
     out = setdata.drop_elements(batch, 0.0, 0.5, gen)
-    per_item = torch.zeros(1000).index_add_(0, out.modalities["a"].segment, torch.ones(out.modalities["a"].segment.numel()))
+    per_item = torch.zeros(1000).index_add_(
+        0, out.modalities["a"].segment, torch.ones(out.modalities["a"].segment.numel())
+    )
     assert set(per_item.tolist()) == {0.0, 10.0}, "a modality of an item is kept or dropped whole"
     meta = out.modalities["meta"]
     dropped = set(range(1000)) - set(meta.segment.tolist())
-    assert 400 < len(dropped) < 600 and all(meta.category_ids[i, 0] == 0 for i in dropped), "dropped ids read as missing"
+    assert 400 < len(dropped) < 600 and all(meta.category_ids[i, 0] == 0 for i in dropped), (
+        "dropped ids read as missing"
+    )
     again = setdata.drop_elements(batch, 0.3, 0.5, torch.Generator().manual_seed(7))
-    assert torch.equal(again.modalities["a"].segment,
-                       setdata.drop_elements(batch, 0.3, 0.5, torch.Generator().manual_seed(7)).modalities["a"].segment)
+    assert torch.equal(
+        again.modalities["a"].segment,
+        setdata.drop_elements(batch, 0.3, 0.5, torch.Generator().manual_seed(7)).modalities["a"].segment,
+    )
 
 
 def test_dropout_changes_training_not_prediction(tmp_path):
     manifest = write_synthetic(tmp_path)
-    plain = fit(train_cfg(epochs=8, patience=8), manifest, tmp_path / "features", tmp_path / "p", tmp_path / "p.json",
-                tmp_path / "p.csv")
-    dropped = fit(train_cfg(epochs=8, patience=8, element_dropout=0.3, modality_dropout=0.2), manifest,
-                  tmp_path / "features", tmp_path / "d", tmp_path / "d.json", tmp_path / "d.csv")
+    plain = fit(
+        train_cfg(epochs=8, patience=8),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "p",
+        tmp_path / "p.json",
+        tmp_path / "p.csv",
+    )
+    dropped = fit(
+        train_cfg(epochs=8, patience=8, element_dropout=0.3, modality_dropout=0.2),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "d",
+        tmp_path / "d.json",
+        tmp_path / "d.csv",
+    )
     assert (tmp_path / "p.csv").read_text() != (tmp_path / "d.csv").read_text(), "the masks change the training path"
     assert dropped["test"]["mean_average_precision"] > 0.7 and plain["test"]["mean_average_precision"] > 0.7
     net, _ = load_bundle(tmp_path / "d" / "model.pt")
     ids = pq.read_table(manifest)["id"].to_pylist()
     store = FeatureStore.load({m: tmp_path / "features" / m for m in ("a", "b")}, ids)
     idx = torch.arange(len(ids))
-    assert torch.equal(predict(net, store, idx, "multilabel"), predict(net, store, idx, "multilabel")), \
+    assert torch.equal(predict(net, store, idx, "multilabel"), predict(net, store, idx, "multilabel")), (
         "prediction uses every element, every time"
+    )
 
 
 def test_val_loss_is_the_training_loss(tmp_path):
@@ -384,8 +521,9 @@ def test_a_val_split_without_positives_trains_and_says_so(tmp_path, caplog):
     manifest = write_synthetic(tmp_path)
     table = pq.read_table(manifest)
     labels = [[] if s == "val" else lab for s, lab in zip(table["split"].to_pylist(), table["labels"].to_pylist())]
-    table = table.set_column(table.schema.get_field_index("labels"), "labels",
-                             pa.array(labels, table.schema.field("labels").type))
+    table = table.set_column(
+        table.schema.get_field_index("labels"), "labels", pa.array(labels, table.schema.field("labels").type)
+    )
     pq.write_table(table, manifest)
     for m in ("a", "b"):  # the features recorded the manifest's checksum: record the new one
         path = tmp_path / "features" / m / "features.parquet"
@@ -404,7 +542,14 @@ def test_a_val_split_without_positives_trains_and_says_so(tmp_path, caplog):
 
 def test_a_bundle_of_an_unknown_format_is_refused_saying_how_to_retrain(tmp_path):
     manifest = write_synthetic(tmp_path)
-    fit(train_cfg(epochs=1), manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
+    fit(
+        train_cfg(epochs=1),
+        manifest,
+        tmp_path / "features",
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "c.csv",
+    )
     raw = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     assert isinstance(raw, dict) and isinstance(raw["model_config"], dict), "saved as plain data"
     torch.save({**raw, "format": 99}, tmp_path / "future.pt")

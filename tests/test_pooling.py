@@ -1,5 +1,6 @@
 """A pooling is one class: a toy one defined here alone (nothing under pipeline/ knows it) trains,
 predicts and explains, and its decomposition adds up to the pooled vector the model uses."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,15 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_importance import random_batch, random_model
+from test_model import train_cfg, write_synthetic
 
 from pipeline import pooling
 from pipeline.config import ConfigError, from_dict
 from pipeline.importance import decompose, explain
 from pipeline.model import ModelConfig
-from pipeline.predict import PredictConfig, run_predict
 from pipeline.pooling import Pooling, register, segment_sum
-from test_importance import random_batch, random_model
-from test_model import train_cfg, write_synthetic
+from pipeline.predict import PredictConfig, run_predict
 
 
 @register
@@ -29,7 +30,8 @@ class SoftMaxPooling(Pooling):
 
     def _weights(self, x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
         top = torch.zeros(size, x.shape[1], dtype=x.dtype, device=x.device).scatter_reduce(
-            0, segment[:, None].expand(-1, x.shape[1]), x, reduce="amax", include_self=False)
+            0, segment[:, None].expand(-1, x.shape[1]), x, reduce="amax", include_self=False
+        )
         e = torch.exp(x - top[segment])  # (N, D), stable
         return e / segment_sum(e, segment, size)[segment]
 
@@ -74,8 +76,9 @@ def test_it_trains_predicts_and_explains(tmp_path):
     result = fit(cfg, manifest, tmp_path / "features", tmp_path / "model", tmp_path / "m.json", tmp_path / "c.csv")
     assert result["pooling"] == "toy-softmax"
     assert result["test"]["mean_average_precision"] > result["test_label_frequency_baseline"]["mean_average_precision"]
-    run_predict(PredictConfig(device="cpu"), tmp_path / "model" / "model.pt", manifest, tmp_path / "features",
-                tmp_path / "pred")
+    run_predict(
+        PredictConfig(device="cpu"), tmp_path / "model" / "model.pt", manifest, tmp_path / "features", tmp_path / "pred"
+    )
     summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
     assert summary["method"] == "contribution" and summary["method_unit"] == "softmax-weighted mass"
     assert summary["method_text"].startswith("toy softmax pooling")

@@ -1,5 +1,6 @@
 """The predict stage on generated feature sets: tables that reconcile, each importance method, splits,
 and refusal of features that do not match the bundle."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_model import train_cfg, write_synthetic
 
 from pipeline import schema
+from pipeline.bundle import load_bundle, predict
 from pipeline.features import FeatureMismatchError
 from pipeline.predict import PredictConfig, run_predict
 from pipeline.report import choose
 from pipeline.setdata import FeatureStore
-from pipeline.bundle import load_bundle, predict
 from pipeline.train import fit
-from test_model import train_cfg, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,18 @@ def trained(tmp_path_factory):
 
 def predict_with(trained, name, out, **cfg):
     root, manifest, bundles = trained
-    summary = run_predict(PredictConfig(device="cpu", **cfg), bundles[name][0], manifest, root / "features", out,
-                          out / "summary-copy.json", out / "plot.csv")
-    return summary, {t: pq.read_table(out / f"{t}.parquet") for t in
-                     ("predictions", "importance", "label_importance", "elements")}
+    summary = run_predict(
+        PredictConfig(device="cpu", **cfg),
+        bundles[name][0],
+        manifest,
+        root / "features",
+        out,
+        out / "summary-copy.json",
+        out / "plot.csv",
+    )
+    return summary, {
+        t: pq.read_table(out / f"{t}.parquet") for t in ("predictions", "importance", "label_importance", "elements")
+    }
 
 
 def test_argmax_outputs_reconcile_and_point_at_the_driving_modality(trained, tmp_path):
@@ -47,8 +56,10 @@ def test_argmax_outputs_reconcile_and_point_at_the_driving_modality(trained, tmp
     n = pq.read_table(manifest).num_rows
     assert t["predictions"].num_rows == n and t["importance"].num_rows == n
     assert t["label_importance"].num_rows == 2 * n
-    n_elements = sum(sum(len(v) for v in pq.read_table(root / "features" / m / "features.parquet")["vectors"].to_pylist())
-                     for m in ("a", "b"))
+    n_elements = sum(
+        sum(len(v) for v in pq.read_table(root / "features" / m / "features.parquet")["vectors"].to_pylist())
+        for m in ("a", "b")
+    )
     assert t["elements"].num_rows == n_elements
     imp = t["importance"].to_pandas()
     assert (imp["method"] == "argmax").all()
@@ -61,8 +72,10 @@ def test_argmax_outputs_reconcile_and_point_at_the_driving_modality(trained, tmp
     assert summary["metrics"]["test"]["f1_micro"] == pytest.approx(bundles["max"][1]["test"]["f1_micro"], abs=1e-9)
     pred = t["predictions"].to_pandas()
     thresholds = dict(zip(("A", "B"), torch.load(bundles["max"][0], weights_only=True)["thresholds"]))
-    assert all(set(p) == {lab for lab in ("A", "B") if row[f"prob_{lab}"] >= np.float32(thresholds[lab])}
-               for p, (_, row) in zip(pred["predicted"], pred.iterrows())), "the bundle's (tuned) thresholds decide"
+    assert all(
+        set(p) == {lab for lab in ("A", "B") if row[f"prob_{lab}"] >= np.float32(thresholds[lab])}
+        for p, (_, row) in zip(pred["predicted"], pred.iterrows())
+    ), "the bundle's (tuned) thresholds decide"
     # generated so that A is carried by modality a and B by b: both views must say so
     assert summary["by_label"]["A"]["top_modality"] == "a" and summary["by_label"]["B"]["top_modality"] == "b"
     assert summary["by_label"]["A"]["top_ablation"] == "a" and summary["by_label"]["B"]["top_ablation"] == "b"
@@ -123,8 +136,10 @@ def test_features_that_do_not_match_the_bundle_are_refused(trained, tmp_path):
 
 
 def test_report_sample_covers_every_predicted_label_first():
-    pred = [{schema.ID: f"i{k}", "predicted": labs, "prob_A": pa, "prob_B": pb}
-            for k, (labs, pa, pb) in enumerate([(["A"], .9, .1), (["A"], .95, .2), ([], .1, .1), (["B"], .2, .7)])]
+    pred = [
+        {schema.ID: f"i{k}", "predicted": labs, "prob_A": pa, "prob_B": pb}
+        for k, (labs, pa, pb) in enumerate([(["A"], 0.9, 0.1), (["A"], 0.95, 0.2), ([], 0.1, 0.1), (["B"], 0.2, 0.7)])
+    ]
     picked = choose(pred, ["A", "B"], 3)
     assert picked[:2] == [1, 3], "the most confident A, then the most confident B"
     assert len(picked) == 3 and len(set(picked)) == 3

@@ -1,4 +1,5 @@
 """Pure per-record functions: split hashing, path safety, value parsing."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,7 +25,9 @@ def test_split_fractions_are_respected():
     counts = Counter(records.assign_split(str(i), FRACTIONS, "s") for i in range(20000))
     for name, frac in FRACTIONS.items():
         assert abs(counts[name] / 20000 - frac) < 0.015
-    assert set(Counter(records.assign_split(str(i), {"train": 1.0, "val": 0.0, "test": 0.0}, "s") for i in range(500))) == {"train"}
+    assert set(
+        Counter(records.assign_split(str(i), {"train": 1.0, "val": 0.0, "test": 0.0}, "s") for i in range(500))
+    ) == {"train"}
 
 
 def test_stable_unit_has_a_known_value():

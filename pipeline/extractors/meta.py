@@ -9,18 +9,19 @@ The layout is defined by column name and order, once: the fitted statistics are 
 so the vector slots and the categorical ids follow that order in extraction, training, prediction
 and scoring alike (a JSON object would come back with its keys sorted, in another order).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from apache_beam.ml.inference.base import ModelHandler
 
 from pipeline import schema
@@ -52,7 +53,9 @@ def columns(cfg: MetaConfig, fields: dict[str, list[str]]) -> tuple[list[str], l
     return numeric, categorical
 
 
-def fit(table: pa.Table, split_column: str, numeric: list[str], categorical: list[str], max_categories: int) -> dict[str, Any]:
+def fit(
+    table: pa.Table, split_column: str, numeric: list[str], categorical: list[str], max_categories: int
+) -> dict[str, Any]:
     """Statistics from the train split only, in column order: mean/std per numeric column, vocabulary
     per categorical column."""
     train = table.filter(pc.equal(table[split_column], "train"))
@@ -61,8 +64,9 @@ def fit(table: pa.Table, split_column: str, numeric: list[str], categorical: lis
         values = [v for v in train[col].to_pylist() if v is not None]
         mean = math.fsum(values) / len(values) if values else 0.0
         var = math.fsum((v - mean) ** 2 for v in values) / len(values) if values else 0.0
-        stats["numeric"].append({"column": col, "mean": mean, "std": math.sqrt(var) if var > 0 else 1.0,
-                                 "n": len(values)})
+        stats["numeric"].append(
+            {"column": col, "mean": mean, "std": math.sqrt(var) if var > 0 else 1.0, "n": len(values)}
+        )
     for col in categorical:
         counts: dict[str, int] = {}
         for v in train[col].to_pylist():
@@ -88,8 +92,7 @@ class Encoder:
 
     def __init__(self, stats: dict[str, Any]):
         self.numeric = [(s["column"], float(s["mean"]), float(s["std"])) for s in stats["numeric"]]
-        self.categorical = [(s["column"], {v: i + 1 for i, v in enumerate(s["values"])})
-                            for s in stats["categorical"]]
+        self.categorical = [(s["column"], {v: i + 1 for i, v in enumerate(s["values"])}) for s in stats["categorical"]]
 
     def __call__(self, row: dict[str, Any]) -> ItemResult:
         """One item's meta element (pure): [z, missing] per numeric column, ids per categorical column."""
@@ -116,21 +119,28 @@ def item_input(row_values: list[Any], stats: dict[str, Any]) -> list[list[Any]]:
 
 def describe_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """Provenance: no model; the statistics are the 'weights'."""
-    return {"extractor": "meta", "model_id": "standardise+vocabulary", "weights_sha256": json_sha256(stats),
-            "dim": 2 * len(stats["numeric"]), "stats": stats}
+    return {
+        "extractor": "meta",
+        "model_id": "standardise+vocabulary",
+        "weights_sha256": json_sha256(stats),
+        "dim": 2 * len(stats["numeric"]),
+        "stats": stats,
+    }
 
 
 class MetaHandler(ModelHandler):
     """A ModelHandler without a model: its 'model' is the Encoder of the fitted statistics."""
 
-    def __init__(self, extractor: "MetaExtractor", described: dict[str, Any]):
+    def __init__(self, extractor: MetaExtractor, described: dict[str, Any]):
         super().__init__()
         self.stats = described["stats"]
 
     def load_model(self) -> Encoder:
         return Encoder(self.stats)
 
-    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args: dict | None = None) -> list[ItemResult]:
+    def run_inference(
+        self, batch: Sequence[Any], model: Encoder, inference_args: dict | None = None
+    ) -> list[ItemResult]:
         return [model(row) for row in batch]
 
 
@@ -149,13 +159,15 @@ class MetaExtractor(Extractor):
     fitted = True
     checks_model_files = False  # no model files: the statistics travel inside the job
 
-    def describe(self, manifest: pa.Table | None, fields: dict[str, list[str]] | None,
-                 expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def describe(
+        self, manifest: pa.Table | None, fields: dict[str, list[str]] | None, expect: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         cfg = self.cfg
         if expect is not None:  # scoring: the training statistics, on the columns they were fitted on
             stats = expect["stats"]
-            cfg = dataclasses.replace(cfg, numeric=tuple(numeric_columns(stats)),
-                                      categorical=tuple(categorical_columns(stats)))
+            cfg = dataclasses.replace(
+                cfg, numeric=tuple(numeric_columns(stats)), categorical=tuple(categorical_columns(stats))
+            )
             if fields is not None:
                 columns(cfg, fields)
             return describe_stats(stats)

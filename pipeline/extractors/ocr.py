@@ -1,5 +1,6 @@
 """OCR: easyocr (packaged English weights, downloads disabled) finds 0..N text boxes per image;
 each box's text is embedded by the text encoder. Text, box and confidence are kept per element."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import (
-    ImageReading, ItemResult, SetModelHandler, files_sha256, register, require_file,
+    ImageReading,
+    ItemResult,
+    SetModelHandler,
+    files_sha256,
+    register,
+    require_file,
 )
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
 from pipeline.features import element, file_sha256, tree_sha256
@@ -79,8 +85,14 @@ class OcrModel:
         for name in OCR_FILES:
             require_file(where / name, "easyocr")
         self._net_dir = tempfile.mkdtemp(prefix="dmms-easyocr-")  # easyocr writes here, not ~/.EasyOCR
-        self.reader = easyocr.Reader(["en"], gpu=device.startswith("cuda"), model_storage_directory=str(where),
-                                     user_network_directory=self._net_dir, download_enabled=False, verbose=False)
+        self.reader = easyocr.Reader(
+            ["en"],
+            gpu=device.startswith("cuda"),
+            model_storage_directory=str(where),
+            user_network_directory=self._net_dir,
+            download_enabled=False,
+            verbose=False,
+        )
         self.encoder = TextEncoder(cfg.text_model, cfg.max_length, device)
         self.dim = self.encoder.dim
 
@@ -114,8 +126,18 @@ class OcrExtractor(ImageReading):
     handler_class = OcrHandler
     # easyocr and what it runs (torch, OpenCV, scikit-image, SciPy, Pillow), then the text encoder's libraries
     sources = ("pipeline.extractors.ocr", "pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
-    libraries = ("easyocr", "torch", "torchvision", "opencv-python-headless", "scikit-image", "scipy", "pillow",
-                 "numpy", "transformers", "tokenizers")
+    libraries = (
+        "easyocr",
+        "torch",
+        "torchvision",
+        "opencv-python-headless",
+        "scikit-image",
+        "scipy",
+        "pillow",
+        "numpy",
+        "transformers",
+        "tokenizers",
+    )
     filter_params = ("min_confidence", "max_boxes")  # applied by `select` to the cached unfiltered set
 
     def describe_files(self) -> dict[str, Any]:
@@ -127,11 +149,17 @@ class OcrExtractor(ImageReading):
         sums.append(file_sha256(text_weights))
         combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
         files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_weights.parent)}
-        return {"extractor": "ocr", "model_id": f"easyocr:en+{cfg.text_model}", "weights_sha256": combined,
-                "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)),
-                "model_files_sha256": files_sha256(files), "dim": text_dim(cfg.text_model)}
+        return {
+            "extractor": "ocr",
+            "model_id": f"easyocr:en+{cfg.text_model}",
+            "weights_sha256": combined,
+            "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)),
+            "model_files_sha256": files_sha256(files),
+            "dim": text_dim(cfg.text_model),
+        }
 
     def select(self, elements: list[dict[str, Any]]) -> list[int]:
         """Which boxes of a cached (unfiltered) set are kept, in output order."""
-        return select_boxes([(e["box"], e["text"], e["score"]) for e in elements], self.cfg.min_confidence,
-                            self.cfg.max_boxes)
+        return select_boxes(
+            [(e["box"], e["text"], e["score"]) for e in elements], self.cfg.min_confidence, self.cfg.max_boxes
+        )

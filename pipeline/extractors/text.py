@@ -4,6 +4,7 @@ A long text becomes one element per sentence, a short text one element; a list f
 element per item. All elements of a batch of items are encoded together, in chunks of
 `text_batch_size`, then split back per item.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,7 +72,8 @@ def _weights_file(model: str) -> Path:
         except Exception as exc:
             raise MissingModelError(
                 f"text model {model!r} is neither a local folder nor in the local Hugging Face cache "
-                f"(nothing is downloaded): {exc}") from None
+                f"(nothing is downloaded): {exc}"
+            ) from None
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (where / name).is_file():
             return where / name
@@ -100,14 +102,15 @@ class TextEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                chunk = texts[start:start + batch_size]
-                enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                     return_tensors="pt").to(self.device)
+                chunk = texts[start : start + batch_size]
+                enc = self.tokenizer(
+                    chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                ).to(self.device)
                 hidden = self.model(**enc).last_hidden_state  # (B, L, D)
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
-                out[start:start + len(chunk)] = pooled.float().cpu().numpy()
+                out[start : start + len(chunk)] = pooled.float().cpu().numpy()
         return out
 
 
@@ -117,7 +120,7 @@ def encode_sets(encoder: TextEncoder, sets: list[list[str]], batch_size: int) ->
     vecs = encoder(flat, batch_size) if flat else np.zeros((0, encoder.dim), dtype=np.float32)
     out, at = [], 0
     for s in sets:
-        out.append(vecs[at:at + len(s)])
+        out.append(vecs[at : at + len(s)])
         at += len(s)
     return out
 
@@ -130,10 +133,7 @@ class TextHandler(SetModelHandler):
 
     def infer_batch(self, batch: list[list[str]], model: TextEncoder) -> list[ItemResult]:
         vecs = encode_sets(model, batch, self.cfg.text_batch_size)
-        return [
-            ItemResult(v, [element(index=i, text=t) for i, t in enumerate(texts)])
-            for texts, v in zip(batch, vecs)
-        ]
+        return [ItemResult(v, [element(index=i, text=t) for i, t in enumerate(texts)]) for texts, v in zip(batch, vecs)]
 
 
 def text_dim(model: str) -> int:
@@ -160,12 +160,19 @@ class TextExtractor(Extractor):
 
     def check_columns(self, fields: dict[str, list[str]]) -> None:
         if self.cfg.column not in fields[self.role]:
-            raise ConfigError(f"column: {self.cfg.column!r} is not a {self.kind} column of the manifest; it has {fields}")
+            raise ConfigError(
+                f"column: {self.cfg.column!r} is not a {self.kind} column of the manifest; it has {fields}"
+            )
 
     def describe_files(self) -> dict[str, Any]:
         weights = _weights_file(self.cfg.model)
-        return {"extractor": self.kind, "model_id": self.cfg.model, "weights_sha256": file_sha256(weights),
-                "model_files_sha256": tree_sha256(weights.parent), "dim": text_dim(self.cfg.model)}
+        return {
+            "extractor": self.kind,
+            "model_id": self.cfg.model,
+            "weights_sha256": file_sha256(weights),
+            "model_files_sha256": tree_sha256(weights.parent),
+            "dim": text_dim(self.cfg.model),
+        }
 
     def prepare(self, row: dict[str, Any], root: Path) -> list[str] | None:
         """The texts of one item (sentences, or the whole text); None when there are none."""

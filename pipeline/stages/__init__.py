@@ -1,1 +1,2 @@
-"""The pipeline's stages, one module each, in the order data flows: make_demo, ingest, extract, train, predict, report, score."""
+"""The pipeline's stages, one module each, in the order data flows: make_demo, ingest, extract, train,
+predict, report, score."""

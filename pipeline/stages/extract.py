@@ -4,11 +4,12 @@ variable-length feature sets, with dead letters and counts that reconcile.
 params: extract.job, extract.modalities.<modality>. Library: pipeline.extract, pipeline.extractors.
 Flags this parser does not know go to Beam (e.g. --runner=FlinkRunner --flink_master=host:8081).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline import extract, runtime
 from pipeline.config import section
@@ -16,9 +17,13 @@ from pipeline.config import section
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
-    p = runtime.parser("dmms extract", "Extract one modality's feature sets with Apache Beam.",
-                       "dmms extract --modality image --manifest data/ingest/manifest.parquet --out data/features/image "
-                       "--metrics data/metrics/extract/image.json", inputs=("manifest",))
+    p = runtime.parser(
+        "dmms extract",
+        "Extract one modality's feature sets with Apache Beam.",
+        "dmms extract --modality image --manifest data/ingest/manifest.parquet --out data/features/image "
+        "--metrics data/metrics/extract/image.json",
+        inputs=("manifest",),
+    )
     p.add_argument("--modality", required=True, help="a key of params extract.modalities")
     p.add_argument("--out", required=True, help="folder for features.parquet and dead_letters.parquet")
     p.add_argument("--metrics", required=True, help="metrics JSON")

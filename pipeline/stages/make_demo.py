@@ -2,10 +2,11 @@
 
 params: demo. Library: pipeline.demo.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline import demo, runtime
 from pipeline.config import DemoConfig, section
@@ -13,11 +14,15 @@ from pipeline.config import DemoConfig, section
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The entry point (argv without the program name)."""
-    p = runtime.parser("dmms demo", "Generate the embedded demo dataset.",
-                       "dmms demo --out data/demo/raw --unlabelled-out data/demo/unlabelled")
+    p = runtime.parser(
+        "dmms demo",
+        "Generate the embedded demo dataset.",
+        "dmms demo --out data/demo/raw --unlabelled-out data/demo/unlabelled",
+    )
     p.add_argument("--out", required=True, help="dataset folder to (re)write")
     p.add_argument("--unlabelled-out", help="folder for the unlabelled batch (params demo.unlabelled items)")
     args = p.parse_args(argv)
     params = runtime.setup(args)
-    demo.generate(section(params, "demo", DemoConfig), Path(args.out),
-                  Path(args.unlabelled_out) if args.unlabelled_out else None)
+    demo.generate(
+        section(params, "demo", DemoConfig), Path(args.out), Path(args.unlabelled_out) if args.unlabelled_out else None
+    )
