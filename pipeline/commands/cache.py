@@ -6,8 +6,8 @@
 
 The cache root is params extract.job.cache_dir (or --cache-dir). "In use" means: the fingerprint of an
 extractor configured in extract.modalities here (installed models, libraries and code). A meta
-modality's fingerprint depends on the statistics fitted on a manifest: give --manifest to tell (and
-prune) meta folders; without it they are kept. Run prune and compact while no extraction runs.
+modality's fingerprint depends on the statistics fitted on a manifest (a fitted kind): give --manifest
+to tell (and prune) its folders; without it they are kept. Run prune and compact while no extraction runs.
 
 params: extract.job, extract.modalities. Library: pipeline.cache, pipeline.extract.
 """
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import cache, extract, runtime
+from pipeline import cache, extract, extractors, runtime
 from pipeline.config import section
 
 
@@ -41,13 +41,21 @@ def _in_use(params: dict[str, Any], manifest: str | None) -> tuple[dict[str, str
     return used, all(fp is not None for fp in fps.values())
 
 
-def _table(rows: list[dict[str, Any]], used: dict[str, str], meta_known: bool) -> str:
+def _fitted(kind: str) -> bool:
+    """Whether a folder's kind fits statistics on a manifest (meta): its fingerprint needs --manifest."""
+    try:
+        return extractors.get(kind).fitted
+    except ValueError:  # a kind no longer installed: its folder is unused
+        return False
+
+
+def _table(rows: list[dict[str, Any]], used: dict[str, str], fitted_known: bool) -> str:
     lines = [f"{'folder':<26} {'model':<34} {'entries':>8} {'parts':>5} {'size':>9}  {'last written':<16}  in use"]
     for r in rows:
         when = (
             datetime.datetime.fromtimestamp(r["last_written"]).strftime("%Y-%m-%d %H:%M") if r["last_written"] else "-"
         )
-        status = used.get(r["folder"]) or ("? (give --manifest)" if r["kind"] == "meta" and not meta_known else "no")
+        status = used.get(r["folder"]) or ("? (give --manifest)" if _fitted(r["kind"]) and not fitted_known else "no")
         extra = f"  [{r['quarantined']} quarantined]" if r["quarantined"] else ""
         lines.append(
             f"{r['folder']:<26} {str(r['model_id'])[:34]:<34} {r['entries']:>8} {r['parts']:>5} "
@@ -87,11 +95,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{got['parts_after']} part(s), {got['entries_after']} entries"
             )
         return
-    used, meta_known = _in_use(params, args.manifest)
+    used, fitted_known = _in_use(params, args.manifest)
     if args.action == "list":
-        print(_table(rows, used, meta_known))
+        print(_table(rows, used, fitted_known))
         return
-    drop = [r for r in rows if r["folder"] not in used and (meta_known or r["kind"] != "meta")]
+    drop = [r for r in rows if r["folder"] not in used and (fitted_known or not _fitted(r["kind"]))]
     for r in drop:
         print(
             f"{'would delete' if args.dry_run else 'deleting'} {root / r['folder']} ({r['kind']}, "
