@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import LAYOUT, synthetic_store  # noqa: E402
 
-from pipeline.bundle import predict  # noqa: E402
+from pipeline.bundle import Bundle, predict  # noqa: E402
 from pipeline.config import from_dict  # noqa: E402
 from pipeline.importance import explain  # noqa: E402
 from pipeline.model import ModelConfig, SetModel  # noqa: E402
@@ -59,11 +59,16 @@ def main() -> None:
     store = synthetic_store(args.items, torch.Generator().manual_seed(0)).to(device)
     cfg = from_dict(ModelConfig, {"dim": 256, "pooling": "max"}, "model")
     model = SetModel(cfg, {m: d for m, (d, _, _) in LAYOUT.items()}, {}, args.labels).to(device).eval()
-    bundle = {
-        "task": "multilabel",
-        "label_names": [f"L{i}" for i in range(args.labels)],
-        "thresholds": [0.5] * args.labels,
-    }
+    bundle = Bundle(
+        model_config=cfg,
+        train_config={},
+        task="multilabel",
+        label_names=[f"L{i}" for i in range(args.labels)],
+        thresholds=[0.5] * args.labels,
+        dims={m: d for m, (d, _, _) in LAYOUT.items()},
+        categories={},
+        provenance={},
+    )
     idx = torch.arange(args.items, device=device)
     bs = args.batch_size
 
