@@ -84,6 +84,7 @@ class Pooling:
 
 
 REGISTRY: dict[str, type[Pooling]] = {}
+L1_SHARE = "a modality's share is its fraction of the pooled vector's L1 mass (argmax importance needs max pooling)"
 
 
 def register(cls: type[Pooling]) -> type[Pooling]:
@@ -145,10 +146,7 @@ class SumPooling(Pooling):
     """The sum of the elements: every element contributes its own vector."""
 
     name = "sum"
-    description = (
-        "sum pooling: a modality's share is its fraction of the pooled vector's L1 mass "
-        "(argmax importance needs max pooling)"
-    )
+    description = f"sum pooling: {L1_SHARE}"
 
     def reduce(self, x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
         return segment_sum(x, segment, size)
@@ -165,10 +163,7 @@ class MeanPooling(Pooling):
     """The mean of the elements (hierarchical: the mean over the present modalities of their means)."""
 
     name = "mean"
-    description = (
-        "mean pooling: a modality's share is its fraction of the pooled vector's L1 mass "
-        "(argmax importance needs max pooling)"
-    )
+    description = f"mean pooling: {L1_SHARE}"
 
     def reduce(self, x: torch.Tensor, segment: torch.Tensor, size: int) -> torch.Tensor:
         return segment_sum(x, segment, size) / segment_counts(segment, size, x.dtype).clamp(min=1)[:, None]

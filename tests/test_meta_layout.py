@@ -67,6 +67,10 @@ def trained(tmp_path_factory):
     return root, raw, manifest, job
 
 
+def predict_all(root: Path, manifest: Path, out: Path) -> None:
+    run_predict(PredictConfig(device="cpu", splits=None), root / "model" / "model.pt", manifest, root / "features", out)
+
+
 def test_the_layout_follows_the_configured_column_order(trained):
     root, _, _, _ = trained
     table, fmeta = features.read_features(root / "features" / "meta" / "features.parquet")
@@ -81,13 +85,7 @@ def test_the_layout_follows_the_configured_column_order(trained):
 
 def test_scoring_the_training_rows_gives_predicts_probabilities(trained, tmp_path):
     root, raw, manifest, job = trained
-    run_predict(
-        PredictConfig(device="cpu", splits=None),
-        root / "model" / "model.pt",
-        manifest,
-        root / "features",
-        tmp_path / "pred",
-    )
+    predict_all(root, manifest, tmp_path / "pred")
     cfg = from_dict(ScoreConfig, {"device": "cpu", "write_report": False}, "score")
     run_score(
         cfg,
@@ -112,13 +110,7 @@ def test_scoring_the_training_rows_gives_predicts_probabilities(trained, tmp_pat
 
 def test_element_records_name_each_categorical_value_under_its_own_column(trained, tmp_path):
     root, _, manifest, _ = trained
-    run_predict(
-        PredictConfig(device="cpu", splits=None),
-        root / "model" / "model.pt",
-        manifest,
-        root / "features",
-        tmp_path / "pred",
-    )
+    predict_all(root, manifest, tmp_path / "pred")
     source = {r["id"]: r for r in pq.read_table(manifest).to_pylist()}
     elements = pq.read_table(tmp_path / "pred" / "elements.parquet").to_pylist()
     texts = [(e["id"], e["text"]) for e in elements if e.get("text") and ": " in (e["text"] or "")]
