@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -338,9 +339,12 @@ class Counts:
         self.max_elements = max(self.max_elements, int(n.max(initial=0)))
 
     def metrics(
-        self, dead: pa.Table, computed: int, reused: int, cache_dir: str | None, seconds: float
+        self, dead: pa.Table, computed: int, reused: int, cache_dir: str | None, seconds: float, cpu: float | None
     ) -> dict[str, Any]:
+        """The metrics JSON; `cpu`: CPU seconds of this process over the run (None where the work ran in
+        other processes: a cluster runner)."""
         failed_stages = dead[schema.STAGE].to_pylist()
+        threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
         return {
             "modality": self.spec.name,
             "kind": self.spec.kind,
@@ -356,6 +360,9 @@ class Counts:
             "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))},
             "seconds": round(seconds, 1),
             "items_per_s": round(len(self.ids) / seconds, 2) if seconds else None,
+            "computed_per_s": round(computed / seconds, 2) if seconds else None,  # reused items cost ~nothing
+            "cpu_seconds": None if cpu is None else round(cpu, 1),  # core-seconds: all threads of the process
+            "torch_threads": threads,
         }
 
 
@@ -531,7 +538,7 @@ def run_extraction(
     kind (meta) reuses the bundle's training statistics instead of fitting new ones.
     """
     _quiet()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     shutil.rmtree(out_dir, ignore_errors=True)
     run = Run(spec, job, manifest_path, out_dir, expect)
     run.work.mkdir(parents=True)
@@ -556,7 +563,9 @@ def run_extraction(
     shutil.rmtree(run.work, ignore_errors=True)
 
     computed = len(counts.written) - reused
-    metrics = counts.metrics(dead, computed, reused, job.cache_dir, time.perf_counter() - t0)
+    in_process = job.runner.lower() in ("fnapirunner", "directrunner") and job.direct_running_mode != "multi_processing"
+    cpu = time.process_time() - cpu0 if in_process else None  # elsewhere the work ran in other processes
+    metrics = counts.metrics(dead, computed, reused, job.cache_dir, time.perf_counter() - t0, cpu)
     metrics["sent_to_job"] = sent  # distinct inputs computed (computed counts every item that got a result)
     if run.store.quarantined:
         metrics["cache_quarantined"] = run.store.quarantined
