@@ -52,6 +52,7 @@ class Run:
     seed: int
     test: dict[str, float]
     baseline: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # a DVC experiment's params (flattened keys)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def runs_from_experiments(
         if (variant, seed) in seen:  # the workspace and a queued copy of the baseline are one run
             continue
         seen.add((variant, seed))
-        runs.append(Run(variant, seed, metrics["test"], metrics.get("test_label_frequency_baseline") or {}))
+        runs.append(Run(variant, seed, metrics["test"], metrics.get("test_label_frequency_baseline") or {}, params))
     return runs
 
 

@@ -1,12 +1,14 @@
 """`dmms compare`: train model variants with several seeds (or read the runs of a DVC experiments
 sweep) and report mean ± std of every test metric, paired differences with a 95% interval, as a
-markdown table and an SVG chart.
+markdown table and an SVG chart. With --leave-one-out: what each modality is worth, the model without
+it against the model with all, beside its extraction cost (table.md, worth.json, chart.svg).
 
-params: base (seed), train (the variants override it). Library: pipeline.compare.
+params: base (seed), train (the variants override it). Library: pipeline.compare, pipeline.worth.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from collections.abc import Sequence
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import compare, runtime
+from pipeline import compare, runtime, worth
+from pipeline.bundle import feature_dirs
 from pipeline.config import BaseConfig, section
 from pipeline.train import TrainConfig
 
@@ -69,9 +72,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar=("A", "B"),
         help="also report A minus B paired by seed, with a 95%% interval (repeatable)",
     )
+    p.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="what each modality is worth: the model without each modality of --features (or of the sweep) "
+        "against the model with all, over the seeds, beside its extraction cost (--extract-metrics)",
+    )
+    p.add_argument(
+        "--extract-metrics",
+        metavar="DIR",
+        help="with --leave-one-out: the extract stages' metrics (<modality>.json), e.g. data/metrics/extract",
+    )
+    p.add_argument(
+        "--metric",
+        default="mean_average_precision",
+        choices=compare.METRICS,
+        help="with --leave-one-out: the metric of the verdicts (default mean_average_precision)",
+    )
     p.add_argument("--out", required=True, help="folder for table.md, chart.svg and runs.json (and trained models)")
     args = p.parse_args(argv)
     params = runtime.setup(args)
+    if args.leave_one_out:
+        leave_one_out(args, params)
+        return
     if args.runs:
         runs = [r for path in args.runs for r in compare.read_runs(Path(path))]
     elif args.experiments:
@@ -101,3 +124,41 @@ def main(argv: Sequence[str] | None = None) -> None:
             on_run=lambda done: compare.write(done, Path(args.out)),
         )  # kept as they come
     print(compare.write(runs, Path(args.out), [tuple(p) for p in args.pair]), end="")
+
+
+def _loo_modalities(args: argparse.Namespace) -> list[str]:
+    """The modalities to leave out: the feature folders of --features, else the extract metrics files."""
+    if args.features:
+        return sorted(feature_dirs(Path(args.features), None, "--features"))
+    if args.extract_metrics and Path(args.extract_metrics).is_dir():
+        return sorted(p.stem for p in Path(args.extract_metrics).glob("*.json"))
+    raise runtime.UserError("--leave-one-out needs --features (the modalities to leave out), or --extract-metrics")
+
+
+def leave_one_out(args: argparse.Namespace, params: dict) -> None:
+    """`--leave-one-out`: train (or read from a DVC sweep) the full model and one without each modality,
+    and write the worth table, JSON and chart beside each modality's extraction cost."""
+    modalities = _loo_modalities(args)
+    out = Path(args.out)
+    if args.experiments:
+        runs = worth.label_experiments(
+            compare.runs_from_experiments(_experiments(args.experiments), args.metrics_file), modalities
+        )
+    elif args.runs:
+        runs = [r for path in args.runs for r in compare.read_runs(Path(path))]
+    else:
+        if not (args.manifest and args.features):
+            raise runtime.UserError("--leave-one-out trains: give --manifest and --features (or --experiments)")
+        section(params, "train", TrainConfig)
+        seeds = _seeds(args.seeds, section(params, "base", BaseConfig).seed)
+        runs = compare.train_runs(
+            worth.variants(modalities),
+            seeds,
+            params["train"],
+            Path(args.manifest),
+            Path(args.features),
+            out,
+            on_run=lambda done: compare.write(done, out / "variants"),
+        )  # kept as they come
+    costs = worth.read_costs(Path(args.extract_metrics), modalities) if args.extract_metrics else {}
+    print(worth.write(runs, worth.assess(runs, modalities, costs), out, args.metric), end="")

@@ -1,0 +1,237 @@
+"""What each modality is worth and what it costs: leave-one-out over seeds, beside its extraction cost.
+
+For every modality, the model without it is trained with the same seeds as the model with all of
+them (or read from a DVC experiments sweep), and the drop in each test metric (all minus without,
+paired by seed) gets a 95% t-interval (pipeline.compare.paired). Its cost comes from the extract
+stage's metrics file: wall seconds, CPU seconds of the stage process (core-seconds, all threads),
+items computed, and its share of the whole extraction pass. A verdict line puts the two together.
+
+Models are chosen on val (early stopping, thresholds) and reported on test, as `dmms compare` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from pipeline import compare, plots, runtime
+from pipeline.compare import METRICS, SHORT, Paired, Run
+
+FULL = "all modalities"
+PREFIX = "without "
+
+
+def without(modality: str) -> str:
+    """The variant name of the model trained without `modality`."""
+    return f"{PREFIX}{modality}"
+
+
+def variants(modalities: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Overrides of params train, one variant per modality left out, and the full model."""
+    mods = sorted(modalities)
+    out: dict[str, dict[str, Any]] = {FULL: {"modalities": mods}}
+    for m in mods:
+        out[without(m)] = {"modalities": [x for x in mods if x != m]}
+    return out
+
+
+def label_experiments(runs: Sequence[Run], modalities: Sequence[str], key: str = "train.modalities") -> list[Run]:
+    """Runs of a DVC experiments sweep named as the leave-one-out variants by their `train.modalities`
+    (null or every modality: the full model); runs of other modality sets are left out."""
+    full = set(modalities)
+    out = []
+    for r in runs:
+        chosen = r.params.get(key)
+        mods = full if chosen is None else set(chosen)
+        if mods == full:
+            out.append(Run(FULL, r.seed, r.test, r.baseline, r.params))
+        elif len(full - mods) == 1 and mods < full:
+            out.append(Run(without(next(iter(full - mods))), r.seed, r.test, r.baseline, r.params))
+    return out
+
+
+@dataclass
+class Cost:
+    """One modality's extraction cost, from its extract metrics file."""
+
+    items_in: int
+    computed: int  # items whose features this run computed (the others came from the cache)
+    seconds: float  # wall seconds of the stage
+    cpu_seconds: float | None  # core-seconds of the stage process (null: a cluster runner)
+    share: float | None = None  # of the whole pass: CPU seconds where all are known, else wall seconds
+
+    @property
+    def per_item(self) -> float | None:
+        """Core-seconds (else wall seconds) per computed item; None when nothing was computed."""
+        spent = self.cpu_seconds if self.cpu_seconds is not None else self.seconds
+        return spent / self.computed if self.computed else None
+
+    @property
+    def unit(self) -> str:
+        return "core-s" if self.cpu_seconds is not None else "wall s"
+
+
+def read_costs(metrics_dir: Path, modalities: Sequence[str]) -> dict[str, Cost]:
+    """The cost of each modality whose extract metrics file (<modality>.json) is in `metrics_dir`."""
+    costs: dict[str, Cost] = {}
+    for m in modalities:
+        path = Path(metrics_dir) / f"{m}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        costs[m] = Cost(
+            int(data["items_in"]),
+            int(data.get("computed", data["items_in"])),
+            float(data["seconds"]),
+            None if data.get("cpu_seconds") is None else float(data["cpu_seconds"]),
+        )
+    use_cpu = all(c.cpu_seconds is not None for c in costs.values())
+    total = sum((c.cpu_seconds if use_cpu else c.seconds) or 0.0 for c in costs.values())
+    for c in costs.values():
+        c.share = ((c.cpu_seconds if use_cpu else c.seconds) / total) if total else None
+    return costs
+
+
+@dataclass
+class Worth:
+    """One modality: the drop in each metric without it (all minus without), and its cost."""
+
+    modality: str
+    drops: dict[str, Paired]
+    cost: Cost | None
+
+    def verdict(self, metric: str) -> str:
+        d = self.drops[metric]
+        share = (
+            f"{self.cost.share:.0%} of the extraction" if self.cost and self.cost.share is not None else "cost unknown"
+        )
+        if d.n < 2:
+            return f"one seed: no interval ({share})"
+        interval = f"drop in {SHORT[metric]} {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+        if d.low > 0:
+            return f"worth it: {interval} ({share})"
+        if d.high < 0:
+            return f"costs accuracy, the model is better without it: {interval} ({share})"
+        return f"no measurable value at this cost: {interval} covers 0 ({share})"
+
+
+def assess(runs: Sequence[Run], modalities: Sequence[str], costs: Mapping[str, Cost]) -> list[Worth]:
+    """Every modality's drops (paired by seed) and cost, in the order of `modalities`."""
+    return [Worth(m, {k: compare.paired(runs, FULL, without(m), k) for k in METRICS}, costs.get(m)) for m in modalities]
+
+
+def markdown(worths: Sequence[Worth], metric: str, seeds: int, split: str = "test") -> str:
+    """The table: per modality the drop in each metric with its interval, the cost, the verdict."""
+    cols = ("f1_macro", "mean_average_precision", "f1_micro")
+    lines = [
+        f"Leave-one-out over {seeds} seed(s), {split} split (models chosen on val); a drop is the metric "
+        "with every modality minus the metric without this one, paired by seed, with its 95% interval.",
+        "",
+        "| modality | "
+        + " | ".join(f"drop in {SHORT[c]}" for c in cols)
+        + " | items computed | seconds | core-s per item | share of the pass | verdict |",
+        "|---|" + "---:|" * len(cols) + "---:|---:|---:|---:|---|",
+    ]
+    for w in worths:
+        cells = []
+        for c in cols:
+            d = w.drops[c]
+            cells.append(f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" if math.isfinite(d.low) else f"{d.mean:+.4f}")
+        cost = w.cost
+        per = (
+            f"{cost.per_item:.4f} {'' if cost.unit == 'core-s' else '(wall)'}".strip()
+            if cost and cost.per_item
+            else "-"
+        )
+        lines.append(
+            f"| {w.modality} | " + " | ".join(cells) + f" | {cost.computed if cost else '-'} | "
+            f"{f'{cost.seconds:.1f}' if cost else '-'} | {per} | "
+            f"{f'{cost.share:.0%}' if cost and cost.share is not None else '-'} | {w.verdict(metric)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(worths: Sequence[Worth], metric: str) -> str:
+    """An SVG: per modality, its drop in `metric` (with the 95% interval) against its cost per item."""
+    width, height, left, right, top, bottom = 640, 360, 70, 150, 36, 50
+    pts = [(w, w.cost.per_item, w.drops[metric]) for w in worths if w.cost and w.cost.per_item]
+    title = f"What each modality is worth (drop in test {SHORT[metric]} without it) and costs"
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="12">',
+        f'<text x="4" y="18" font-size="14" font-weight="bold">{escape(title)}</text>',
+    ]
+    if pts:
+        xs = [math.log10(p) for _, p, _ in pts]
+        ys = [v for _, _, d in pts for v in (d.low, d.high, d.mean) if math.isfinite(v)] + [0.0]
+        x0, x1 = min(xs) - 0.3, max(xs) + 0.3
+        y0, y1 = min(ys), max(ys)
+        pad = (y1 - y0) * 0.1 or 0.01
+        y0, y1 = y0 - pad, y1 + pad
+
+        def sx(v: float) -> float:
+            return left + (math.log10(v) - x0) / (x1 - x0) * (width - left - right)
+
+        def sy(v: float) -> float:
+            return top + (y1 - v) / (y1 - y0) * (height - top - bottom)
+
+        out.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#999" '
+            'stroke-dasharray="4 3"/>'
+        )
+        out.append(f'<text x="{width - right + 4}" y="{sy(0) + 4:.1f}" fill="#666">no change</text>')
+        for i, (w, per, d) in enumerate(pts):
+            x = sx(per)
+            if math.isfinite(d.low):
+                out.append(
+                    f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{sy(d.low):.1f}" y2="{sy(d.high):.1f}" '
+                    f'stroke="{plots.colour(i)}" stroke-width="2"/>'
+                )
+            out.append(f'<circle cx="{x:.1f}" cy="{sy(d.mean):.1f}" r="5" fill="{plots.colour(i)}"/>')
+            out.append(f'<text x="{x + 8:.1f}" y="{sy(d.mean) + 4:.1f}">{escape(w.modality)}</text>')
+        unit = pts[0][0].cost.unit
+        out.append(
+            f'<text x="{left}" y="{height - 12}">cost per computed item ({unit}, log scale): '
+            f"{', '.join(f'{w.modality} {p:.3g}' for w, p, _ in pts)}</text>"
+        )
+        out.append(f'<text x="4" y="{top - 6}" fill="#666">drop (all minus without), 95% interval</text>')
+    else:
+        out.append(f'<text x="4" y="{top + 20}">no extraction costs: give the extract metrics folder</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write(runs: Sequence[Run], worths: Sequence[Worth], out_dir: Path, metric: str) -> str:
+    """table.md, worth.json, chart.svg and runs.json under `out_dir`; returns the table."""
+    seeds = len({r.seed for r in runs if r.variant == FULL})
+    table = markdown(worths, metric, seeds)
+    compare.write(runs, out_dir / "variants")  # every variant's mean ± std, and runs.json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(table, encoding="utf-8")
+    (out_dir / "chart.svg").write_text(chart(worths, metric), encoding="utf-8")
+    runtime.write_json(
+        out_dir / "worth.json",
+        {
+            "split": "test",
+            "chosen_on": "val",
+            "metric": metric,
+            "seeds": seeds,
+            "modalities": [
+                {
+                    "modality": w.modality,
+                    "verdict": w.verdict(metric),
+                    "drop": {k: vars(d) for k, d in w.drops.items()},
+                    "cost": None
+                    if w.cost is None
+                    else {**asdict(w.cost), "per_item": w.cost.per_item, "per_item_unit": w.cost.unit},
+                }
+                for w in worths
+            ],
+        },
+    )
+    return table
