@@ -36,7 +36,8 @@ IMBALANCE = ("none", "pos_weight")
 class TrainConfig:
     """Settings of the train stage (params train); the seed is params base.seed."""
 
-    modalities: tuple[str, ...] | None = None  # null: every modality folder under --features
+    # null: the train stage trains on every modality of extract.modalities; fit() on every folder of --features
+    modalities: tuple[str, ...] | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 60
     batch_size: int = 64

@@ -205,3 +205,26 @@ def test_no_param_is_named_like_a_key_dvc_leaves_out_of_its_run_cache():
                 walk(value, [*path, key])
 
     walk(yaml.safe_load((REPO / "params.yaml").read_text()), [])
+
+
+def test_removing_a_modality_from_params_removes_its_stage_and_training_leaves_it_out(project):
+    """extract.modalities drives both the extract stages (dvc.yaml's foreach) and what train uses: a
+    modality removed from the params has no stage, and the model trains without it although its old
+    folder is still under data/features."""
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    del params["extract"]["modalities"]["tags"]
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        listed = run(DVC + ["stage", "list", "--name-only"], project).stdout.split()
+        assert "extract@tags" not in listed and "extract@title" in listed
+        ran = set(re.findall(r"Running stage '([^']+)'", run(DVC + ["repro"], project).stdout))
+        assert "train" in ran and not any(s.startswith("extract@") for s in ran), ran
+        metrics = json.loads((project / "data" / "metrics" / "train.json").read_text())
+        assert "tags" not in metrics["modalities"] and "title" in metrics["modalities"]
+        assert (project / "data" / "features" / "tags" / "features.parquet").is_file(), "left there, not used"
+    finally:
+        params_path.write_text(original)
+        run(DVC + ["repro"], project)
+    assert not status(project)

@@ -1,12 +1,14 @@
 """Stage train (`dmms train`): fit the set model (or the concat baseline) on the feature sets;
 write the model bundle, metrics and the training curve.
 
-params: base (seed), train. Library: pipeline.train, pipeline.bundle, pipeline.model, pipeline.setdata.
+params: base (seed), train, extract.modalities (their names: what train.modalities null trains on).
+Library: pipeline.train, pipeline.bundle, pipeline.model, pipeline.setdata.
 Imports torch, pyarrow, numpy and pyyaml only, so it runs on a GPU machine without Beam or DVC.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,8 +32,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = runtime.setup(args)
     base = section(params, "base", BaseConfig)
+    cfg = section(params, "train", TrainConfig)
+    if cfg.modalities is None:  # the modalities params.yaml extracts: a folder left by a removed one is not used
+        configured = section(params, "extract.modalities", lambda raw, where: raw) or {}
+        cfg = dataclasses.replace(cfg, modalities=tuple(m for m, spec in configured.items() if spec is not None))
     fit(
-        section(params, "train", TrainConfig),
+        cfg,
         Path(args.manifest),
         Path(args.features),
         Path(args.out),
