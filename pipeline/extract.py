@@ -435,6 +435,7 @@ class Run:
         self.ids = self.manifest[schema.ID].to_pylist()
         self.described = describe(spec, self.manifest, self.mmeta, expect)
         fp, self.software = fingerprint(spec, self.described)
+        self.job_described = {**self.described, "software": self.software}  # what every worker checks
         self.keys = [cache.item_key(fp, v) for v in spec.extractor.item_inputs(self.manifest, self.described)]
         self.work = out_dir / "_work"
         self.store = cache.FeatureCache(
@@ -467,7 +468,9 @@ class Run:
         p = beam.Pipeline(options=beam_options(self.job))
         build(
             p,
-            JobPlan(self.spec, self.described, str(manifest), self.mmeta["dataset"]["dir"], str(shards), todo.num_rows),
+            JobPlan(
+                self.spec, self.job_described, str(manifest), self.mmeta["dataset"]["dir"], str(shards), todo.num_rows
+            ),
             self.job,
         )
         result = p.run()

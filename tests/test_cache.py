@@ -477,7 +477,7 @@ def test_an_image_changed_after_ingest_is_never_cached_under_the_old_sha256(grow
     assert_same_features(warm, cold)
 
 
-def test_every_worker_checks_the_model_files_it_loads():
+def test_every_worker_checks_the_model_files_and_software_it_loads():
     from pipeline.extractors import image
     from pipeline.extractors.base import MissingModelError
 
@@ -485,7 +485,13 @@ def test_every_worker_checks_the_model_files_it_loads():
     handler = ext.handler({**ext.describe_files(), "weights_sha256": "0" * 64})  # the job saw other weights
     with pytest.raises(MissingModelError, match="differ from those the job was started with.*weights_sha256"):
         handler.load_model()
-    assert ext.handler(ext.describe_files()).load_model().dim == 1280
+    soft = cache.software(ext.libraries, ext.sources)
+    assert ext.handler({**ext.describe_files(), "software": soft}).load_model().dim == 1280
+    older = {**soft, "libraries": {**soft["libraries"], "torch": "2.0.0"}}  # the job ran another torch
+    with pytest.raises(MissingModelError, match="software on worker .* differs.*torch 2.0.0 in the job"):
+        ext.handler({**ext.describe_files(), "software": older}).load_model()
+    with pytest.raises(MissingModelError, match="code: job 'other'"):
+        ext.handler({**ext.describe_files(), "software": {**soft, "code": "other"}}).load_model()
 
 
 @pytest.mark.slow

@@ -109,7 +109,32 @@ class SetModelHandler(ModelHandler):
                     f"the model files on worker {socket.gethostname()} differ from those the job "
                     f"was started with ({'; '.join(diffs)}): install the same files on every worker"
                 )
+        self.check_software()
         return self.load()
+
+    def check_software(self) -> None:
+        """The libraries and project code on this worker must be those the job's cache keys name."""
+        from pipeline import cache
+
+        job = self.expect.get("software")
+        if job is None:
+            return
+        here = cache.software(self.extractor.libraries, self.extractor.sources)
+        diffs = [
+            f"{d} {v} in the job, {here['libraries'].get(d)} here"
+            for d, v in job["libraries"].items()
+            if here["libraries"].get(d) != v
+        ]
+        diffs += [
+            f"{k}: job {job[k]!r}, here {here[k]!r}"
+            for k in ("python", "code", "cache_format")
+            if here.get(k) != job.get(k)
+        ]
+        if diffs:
+            raise MissingModelError(
+                f"the software on worker {socket.gethostname()} differs from the job's ({'; '.join(diffs)}): "
+                "install the same versions and project code on every worker"
+            )
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # min == max: batches do not depend on Beam's adaptive sizing, so outputs are reproducible
