@@ -153,6 +153,16 @@ def markdown(worths: Sequence[Worth], metric: str, seeds: int, split: str = "tes
             f"{f'{cost.seconds:.1f}' if cost else '-'} | {per} | "
             f"{f'{cost.share:.0%}' if cost and cost.share is not None else '-'} | {w.verdict(metric)} |"
         )
+    warm = [w.modality for w in worths if w.cost and w.cost.computed < w.cost.items_in]
+    if warm:  # a warm run's seconds are not what extracting these items costs
+        lines += [
+            "",
+            f"Costs of {', '.join(warm)}: some items came from the per-item cache, so the shares "
+            "understate them; extract with `extract.job.cache_dir: null` for costs to compare.",
+        ]
+    missing = [w.modality for w in worths if w.cost is None]
+    if missing:
+        lines += ["", f"No extract metrics for {', '.join(missing)}: their cost is unknown."]
     return "\n".join(lines) + "\n"
 
 
