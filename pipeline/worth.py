@@ -168,50 +168,62 @@ def markdown(worths: Sequence[Worth], metric: str, seeds: int, split: str = "tes
 
 def chart(worths: Sequence[Worth], metric: str) -> str:
     """An SVG: per modality, its drop in `metric` (with the 95% interval) against its cost per item."""
-    width, height, left, right, top, bottom = 640, 360, 70, 150, 36, 50
+    width, height, left, right, top, bottom = 640, 380, 70, 110, 48, 56
     pts = [(w, w.cost.per_item, w.drops[metric]) for w in worths if w.cost and w.cost.per_item]
-    title = f"What each modality is worth (drop in test {SHORT[metric]} without it) and costs"
+    title = f"What each modality is worth (drop in test {SHORT[metric]} without it) and what it costs"
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="12">',
         f'<text x="4" y="18" font-size="14" font-weight="bold">{escape(title)}</text>',
     ]
-    if pts:
-        xs = [math.log10(p) for _, p, _ in pts]
-        ys = [v for _, _, d in pts for v in (d.low, d.high, d.mean) if math.isfinite(v)] + [0.0]
-        x0, x1 = min(xs) - 0.3, max(xs) + 0.3
-        y0, y1 = min(ys), max(ys)
-        pad = (y1 - y0) * 0.1 or 0.01
-        y0, y1 = y0 - pad, y1 + pad
+    if not pts:
+        out += [f'<text x="4" y="{top + 20}">no extraction costs: give the extract metrics folder</text>', "</svg>"]
+        return "\n".join(out) + "\n"
+    xs = [math.log10(p) for _, p, _ in pts]
+    ys = [v for _, _, d in pts for v in (d.low, d.high, d.mean) if math.isfinite(v)] + [0.0]
+    x0, x1 = math.floor(min(xs) - 0.2), math.ceil(max(xs) + 0.2)
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.1 or 0.01
+    y0, y1 = y0 - pad, y1 + pad
 
-        def sx(v: float) -> float:
-            return left + (math.log10(v) - x0) / (x1 - x0) * (width - left - right)
+    def sx(v: float) -> float:
+        return left + (math.log10(v) - x0) / (x1 - x0) * (width - left - right)
 
-        def sy(v: float) -> float:
-            return top + (y1 - v) / (y1 - y0) * (height - top - bottom)
+    def sy(v: float) -> float:
+        return top + (y1 - v) / (y1 - y0) * (height - top - bottom)
 
-        out.append(
-            f'<line x1="{left}" x2="{width - right}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#999" '
-            'stroke-dasharray="4 3"/>'
-        )
-        out.append(f'<text x="{width - right + 4}" y="{sy(0) + 4:.1f}" fill="#666">no change</text>')
-        for i, (w, per, d) in enumerate(pts):
-            x = sx(per)
-            if math.isfinite(d.low):
-                out.append(
-                    f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{sy(d.low):.1f}" y2="{sy(d.high):.1f}" '
-                    f'stroke="{plots.colour(i)}" stroke-width="2"/>'
-                )
-            out.append(f'<circle cx="{x:.1f}" cy="{sy(d.mean):.1f}" r="5" fill="{plots.colour(i)}"/>')
-            out.append(f'<text x="{x + 8:.1f}" y="{sy(d.mean) + 4:.1f}">{escape(w.modality)}</text>')
-        unit = pts[0][0].cost.unit
-        out.append(
-            f'<text x="{left}" y="{height - 12}">cost per computed item ({unit}, log scale): '
-            f"{', '.join(f'{w.modality} {p:.3g}' for w, p, _ in pts)}</text>"
-        )
-        out.append(f'<text x="4" y="{top - 6}" fill="#666">drop (all minus without), 95% interval</text>')
-    else:
-        out.append(f'<text x="4" y="{top + 20}">no extraction costs: give the extract metrics folder</text>')
+    axis_y = height - bottom
+    out.append(f'<line x1="{left}" x2="{width - right}" y1="{axis_y}" y2="{axis_y}" stroke="#444"/>')
+    out.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{axis_y}" stroke="#444"/>')
+    for k in range(x0, x1 + 1):  # a tick per power of ten
+        x = sx(10.0**k)
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y}" y2="{axis_y + 4}" stroke="#444"/>')
+        out.append(f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle">{10.0**k:g}</text>')
+    for v in (y0 + pad, 0.0, y1 - pad):
+        out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:+.3f}</text>')
+    out.append(
+        f'<line x1="{left}" x2="{width - right}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#999" '
+        'stroke-dasharray="4 3"/>'
+    )
+    out.append(f'<text x="{width - right + 4}" y="{sy(0) + 4:.1f}" fill="#666">no change</text>')
+    for i, (w, per, d) in enumerate(pts):
+        x = sx(per)
+        if math.isfinite(d.low):
+            out.append(
+                f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{sy(d.low):.1f}" y2="{sy(d.high):.1f}" '
+                f'stroke="{plots.colour(i)}" stroke-width="2"/>'
+            )
+        out.append(f'<circle cx="{x:.1f}" cy="{sy(d.mean):.1f}" r="5" fill="{plots.colour(i)}"/>')
+        out.append(f'<text x="{x + 8:.1f}" y="{sy(d.mean) + 4:.1f}">{escape(w.modality)}</text>')
+    unit = "core-seconds" if pts[0][0].cost.unit == "core-s" else "wall seconds"
+    out.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 14}" text-anchor="middle">'
+        f"extraction cost per item ({unit}, log scale)</text>"
+    )
+    out.append(
+        f'<text x="4" y="{top - 12}" fill="#444">drop without it (all minus without), mean and 95% interval '
+        "over seeds: above the line, the modality helps</text>"
+    )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
