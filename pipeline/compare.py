@@ -53,6 +53,7 @@ class Run:
     test: dict[str, float]
     baseline: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # a DVC experiment's params (flattened keys)
+    val: dict[str, float] = field(default_factory=dict)  # the val metrics, where a choice is made on val
 
 
 @dataclass
@@ -123,7 +124,7 @@ def train_runs(
                 out_dir / "curves" / f"{tag}.csv",
                 seed=seed,
             )
-            runs.append(Run(name, seed, res["test"], res.get("test_label_frequency_baseline", {})))
+            runs.append(Run(name, seed, res["test"], res.get("test_label_frequency_baseline", {}), val=res["val"]))
             if on_run is not None:
                 on_run(runs)
             log.info("%s, seed %d: %s", name, seed, {SHORT[m]: round(res["test"][m], 4) for m in METRICS})
@@ -185,7 +186,16 @@ def runs_from_experiments(
         if (variant, seed) in seen:  # the workspace and a queued copy of the baseline are one run
             continue
         seen.add((variant, seed))
-        runs.append(Run(variant, seed, metrics["test"], metrics.get("test_label_frequency_baseline") or {}, params))
+        runs.append(
+            Run(
+                variant,
+                seed,
+                metrics["test"],
+                metrics.get("test_label_frequency_baseline") or {},
+                params,
+                metrics.get("val") or {},
+            )
+        )
     return runs
 
 
@@ -226,9 +236,9 @@ def summarise(runs: Sequence[Run]) -> list[Summary]:
     return out
 
 
-def paired(runs: Sequence[Run], a: str, b: str, metric: str) -> Paired:
-    """`a` minus `b` on `metric` over the seeds both have, with a 95% t-interval."""
-    by_seed = {v: {r.seed: r.test[metric] for r in runs if r.variant == v} for v in (a, b)}
+def paired(runs: Sequence[Run], a: str, b: str, metric: str, split: str = "test") -> Paired:
+    """`a` minus `b` on `metric` of `split` (test, or val) over the seeds both have, with a 95% t-interval."""
+    by_seed = {v: {r.seed: getattr(r, split)[metric] for r in runs if r.variant == v} for v in (a, b)}
     for v in (a, b):
         if not by_seed[v]:
             raise runtime.UserError(f"no run of variant {v!r}; variants: {sorted({r.variant for r in runs})}")
@@ -288,7 +298,7 @@ def read_runs(path: Path) -> list[Run]:
 
     data = json.loads(path.read_text(encoding="utf-8"))
     baseline = data.get("baseline") or {}
-    return [Run(r["variant"], int(r["seed"]), r["test"], baseline) for r in data["runs"]]
+    return [Run(r["variant"], int(r["seed"]), r["test"], baseline, val=r.get("val") or {}) for r in data["runs"]]
 
 
 def write(runs: Sequence[Run], out_dir: Path, pairs: Sequence[tuple[str, str]] = ()) -> str:
@@ -302,7 +312,7 @@ def write(runs: Sequence[Run], out_dir: Path, pairs: Sequence[tuple[str, str]] =
     runtime.write_json(
         out_dir / "runs.json",
         {
-            "runs": [{"variant": r.variant, "seed": r.seed, "test": r.test} for r in runs],
+            "runs": [{"variant": r.variant, "seed": r.seed, "test": r.test, "val": r.val} for r in runs],
             "baseline": next((r.baseline for r in runs if r.baseline), {}),
             "summary": [{"variant": s.variant, "seeds": s.seeds, "mean": s.mean, "std": s.std} for s in summaries],
             "paired": [vars(p) | {"verdict": p.verdict} for p in diffs],

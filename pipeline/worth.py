@@ -49,9 +49,9 @@ def label_experiments(runs: Sequence[Run], modalities: Sequence[str], key: str =
         chosen = r.params.get(key)
         mods = full if chosen is None else set(chosen)
         if mods == full:
-            out.append(Run(FULL, r.seed, r.test, r.baseline, r.params))
+            out.append(Run(FULL, r.seed, r.test, r.baseline, r.params, r.val))
         elif len(full - mods) == 1 and mods < full:
-            out.append(Run(without(next(iter(full - mods))), r.seed, r.test, r.baseline, r.params))
+            out.append(Run(without(next(iter(full - mods))), r.seed, r.test, r.baseline, r.params, r.val))
     return out
 
 
@@ -99,20 +99,24 @@ def read_costs(metrics_dir: Path, modalities: Sequence[str]) -> dict[str, Cost]:
 
 @dataclass
 class Worth:
-    """One modality: the drop in each metric without it (all minus without), and its cost."""
+    """One modality: the drop in each test metric without it (all minus without), the drop in the val
+    metric the verdict is decided on, and its cost."""
 
     modality: str
-    drops: dict[str, Paired]
+    drops: dict[str, Paired]  # test
+    decided_on: Paired | None  # the verdict's metric on val (None: the runs carry no val metrics)
     cost: Cost | None
 
     def verdict(self, metric: str) -> str:
-        d = self.drops[metric]
+        """Decided on val (so test stays a measurement), else on test when the runs have no val metrics."""
+        d = self.decided_on or self.drops[metric]
+        split = "val" if self.decided_on is not None else "test"
         share = (
             f"{self.cost.share:.0%} of the extraction" if self.cost and self.cost.share is not None else "cost unknown"
         )
         if d.n < 2:
             return f"one seed: no interval ({share})"
-        interval = f"drop in {SHORT[metric]} {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+        interval = f"drop in {split} {SHORT[metric]} {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
         if d.low > 0:
             return f"worth it: {interval} ({share})"
         if d.high < 0:
@@ -120,17 +124,28 @@ class Worth:
         return f"no measurable value at this cost: {interval} covers 0 ({share})"
 
 
-def assess(runs: Sequence[Run], modalities: Sequence[str], costs: Mapping[str, Cost]) -> list[Worth]:
-    """Every modality's drops (paired by seed) and cost, in the order of `modalities`."""
-    return [Worth(m, {k: compare.paired(runs, FULL, without(m), k) for k in METRICS}, costs.get(m)) for m in modalities]
+def assess(runs: Sequence[Run], modalities: Sequence[str], costs: Mapping[str, Cost], metric: str) -> list[Worth]:
+    """Every modality's drops (paired by seed; test, and `metric` on val where the runs carry it) and cost,
+    in the order of `modalities`."""
+    has_val = all(metric in r.val for r in runs)
+    return [
+        Worth(
+            m,
+            {k: compare.paired(runs, FULL, without(m), k) for k in METRICS},
+            compare.paired(runs, FULL, without(m), metric, "val") if has_val else None,
+            costs.get(m),
+        )
+        for m in modalities
+    ]
 
 
 def markdown(worths: Sequence[Worth], metric: str, seeds: int, split: str = "test") -> str:
     """The table: per modality the drop in each metric with its interval, the cost, the verdict."""
     cols = ("f1_macro", "mean_average_precision", "f1_micro")
     lines = [
-        f"Leave-one-out over {seeds} seed(s), {split} split (models chosen on val); a drop is the metric "
-        "with every modality minus the metric without this one, paired by seed, with its 95% interval.",
+        f"Leave-one-out over {seeds} seed(s): drops measured on the {split} split, verdicts decided on val "
+        "(models, thresholds and verdicts are chosen on val; test only measures). A drop is the metric with "
+        "every modality minus the metric without this one, paired by seed, with its 95% interval.",
         "",
         "| modality | "
         + " | ".join(f"drop in {SHORT[c]}" for c in cols)
@@ -241,6 +256,7 @@ def write(runs: Sequence[Run], worths: Sequence[Worth], out_dir: Path, metric: s
         {
             "split": "test",
             "chosen_on": "val",
+            "verdict_split": "val" if all(w.decided_on is not None for w in worths) else "test",
             "metric": metric,
             "seeds": seeds,
             "modalities": [
@@ -248,6 +264,7 @@ def write(runs: Sequence[Run], worths: Sequence[Worth], out_dir: Path, metric: s
                     "modality": w.modality,
                     "verdict": w.verdict(metric),
                     "drop": {k: vars(d) for k, d in w.drops.items()},
+                    "val_drop": None if w.decided_on is None else vars(w.decided_on),
                     "cost": None
                     if w.cost is None
                     else {**asdict(w.cost), "per_item": w.cost.per_item, "per_item_unit": w.cost.unit},

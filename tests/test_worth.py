@@ -124,11 +124,15 @@ def test_leave_one_out_separates_the_carrying_modality_from_the_noise(tmp_path):
     )
     data = json.loads((out / "worth.json").read_text())
     assert data["split"] == "test" and data["chosen_on"] == "val" and data["seeds"] == 5
+    assert data["verdict_split"] == "val"
     by = {m["modality"]: m for m in data["modalities"]}
     signal, noise = by["signal"]["drop"]["mean_average_precision"], by["noise"]["drop"]["mean_average_precision"]
     assert signal["n"] == noise["n"] == 5
     assert signal["low"] > 0, signal
     assert noise["low"] <= 0 <= noise["high"], noise
+    assert (
+        by["signal"]["val_drop"]["low"] > 0 and by["noise"]["val_drop"]["low"] <= 0 <= by["noise"]["val_drop"]["high"]
+    )
     assert by["signal"]["verdict"].startswith("worth it")
     assert (
         by["noise"]["verdict"].startswith("no measurable value at this cost")
@@ -136,7 +140,7 @@ def test_leave_one_out_separates_the_carrying_modality_from_the_noise(tmp_path):
     )
     assert by["noise"]["cost"]["per_item"] == pytest.approx(0.192) and by["noise"]["cost"]["per_item_unit"] == "core-s"
     table = (out / "table.md").read_text()
-    assert "| signal |" in table and "| noise |" in table and "test split (models chosen on val)" in table
+    assert "| signal |" in table and "| noise |" in table and "verdicts decided on val" in table
     svg = (out / "chart.svg").read_text()
     assert svg.startswith("<svg") and ">signal<" in svg and ">noise<" in svg
     assert (out / "variants" / "runs.json").is_file()

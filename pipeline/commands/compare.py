@@ -161,4 +161,4 @@ def leave_one_out(args: argparse.Namespace, params: dict) -> None:
             on_run=lambda done: compare.write(done, out / "variants"),
         )  # kept as they come
     costs = worth.read_costs(Path(args.extract_metrics), modalities) if args.extract_metrics else {}
-    print(worth.write(runs, worth.assess(runs, modalities, costs), out, args.metric), end="")
+    print(worth.write(runs, worth.assess(runs, modalities, costs, args.metric), out, args.metric), end="")
