@@ -71,8 +71,10 @@ ABOUT = "extractor.json"
 # ------------------------------------------------------------------ keys
 
 
+@functools.cache
 def installed_version(distribution: str) -> str:
-    """The installed version of a distribution, or 'absent' (an extractor that runs without it)."""
+    """The version of a distribution as this process first saw it (a later upgrade on disk is not what a
+    running worker has loaded), or 'absent' (an extractor that runs without it)."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -96,6 +98,15 @@ def _module_digest(name: str) -> str:
         ):
             node.body = body[1:] or [ast.Pass()]
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def record(libraries: Sequence[str], sources: Sequence[str]) -> None:
+    """Read the versions and code digests now (when the extractors are imported), so that a long-lived
+    worker reports what it loaded, not files edited or upgraded on its disk since."""
+    for d in libraries:
+        installed_version(d)
+    for m in sources:
+        _module_digest(m)
 
 
 def code_digest(modules: Sequence[str]) -> str:

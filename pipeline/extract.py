@@ -590,5 +590,9 @@ def run_extraction(
         metrics["seconds"],
         metrics["items_per_s"] or 0.0,
     )
-    _reconcile(spec, ids, counts.written, dead, job, out_dir)
+    try:
+        _reconcile(spec, ids, counts.written, dead, job, out_dir)
+    except ExtractionError:  # a folder holding features.parquet is a finished extraction: this one is not
+        (out_dir / "features.parquet").unlink(missing_ok=True)
+        raise
     return metrics

@@ -128,6 +128,14 @@ def assess(runs: Sequence[Run], modalities: Sequence[str], costs: Mapping[str, C
     """Every modality's drops (paired by seed; test, and `metric` on val where the runs carry it) and cost,
     in the order of `modalities`."""
     has_val = all(metric in r.val for r in runs)
+    twice = sorted(
+        {(r.variant, r.seed) for r in runs if sum(x.variant == r.variant and x.seed == r.seed for x in runs) > 1}
+    )
+    if twice:  # e.g. a sweep that varied other params too: which run is "all modalities, seed 0"?
+        raise runtime.UserError(
+            f"more than one run for {twice[:3]}: the runs differ in more than the modalities and the seed; "
+            "sweep train.modalities and base.seed only"
+        )
     return [
         Worth(
             m,

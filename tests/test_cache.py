@@ -492,6 +492,14 @@ def test_every_worker_checks_the_model_files_and_software_it_loads():
         ext.handler({**ext.describe_files(), "software": older}).load_model()
     with pytest.raises(MissingModelError, match="code: job 'other'"):
         ext.handler({**ext.describe_files(), "software": {**soft, "code": "other"}}).load_model()
+    from pipeline.extractors import meta  # a kind without a model checks its code and libraries too
+
+    stats = {"numeric": [], "categorical": []}
+    mext = meta.MetaExtractor(meta.MetaConfig())
+    msoft = cache.software(mext.libraries, mext.sources)
+    assert mext.handler({**meta.describe_stats(stats), "software": msoft}).load_model() is not None
+    with pytest.raises(MissingModelError, match="code: job 'other'"):
+        mext.handler({**meta.describe_stats(stats), "software": {**msoft, "code": "other"}}).load_model()
 
 
 @pytest.mark.slow

@@ -334,6 +334,7 @@ def test_corrupt_image_goes_to_dead_letters_and_counts_reconcile(tiny, tmp_path)
             extract_modality(params, "image", manifest, tmp_path / "image", tmp_path / "image.json")
         metrics = json.loads((tmp_path / "image.json").read_text())
         assert metrics["written"] == 9 and metrics["failed"] == 1 and metrics["items_in"] == 10
+        assert not (tmp_path / "image" / "features.parquet").exists(), "a failed extraction leaves no features"
         dead = pq.read_table(tmp_path / "image" / "dead_letters.parquet").to_pylist()
         assert [(d["id"], d["modality"], d["stage"]) for d in dead] == [(first["id"], "image", "prepare")]
         assert "changed since ingest" in dead[0]["error"], "the bytes are checked against ingest's sha256 first"

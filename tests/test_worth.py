@@ -158,3 +158,13 @@ def test_a_dvc_sweep_is_read_as_the_same_variants():
     ]  # two left out: not a leave-one-out run
     got = [r.variant for r in worth.label_experiments(runs, ["a", "b", "c"])]
     assert got == [worth.FULL, worth.FULL, "without b"]
+
+
+def test_runs_that_differ_in_more_than_the_modalities_are_refused():
+    """Two 'all modalities, seed 0' runs (a sweep that also varied the learning rate) cannot be paired."""
+    from pipeline.runtime import UserError
+
+    test = {m: 0.5 for m in ("f1_micro", "f1_macro", "f1_weighted", "f1_samples", "mean_average_precision")}
+    runs = [Run(worth.FULL, 0, test), Run(worth.FULL, 0, test), Run("without a", 0, test)]
+    with pytest.raises(UserError, match="more than one run for"):
+        worth.assess(runs, ["a"], {}, "mean_average_precision")

@@ -72,6 +72,32 @@ def empty_result(dim: int) -> ItemResult:
     return ItemResult(np.zeros((0, dim), dtype=np.float32), [])
 
 
+def check_software(extractor: Extractor, expect: dict[str, Any]) -> None:
+    """Refuse a worker whose library versions, Python or project code (as imported into this process:
+    pipeline.cache records them at import) differ from the job's, whose cache keys name them."""
+    from pipeline import cache
+
+    job = expect.get("software")
+    if job is None:
+        return
+    here = cache.software(extractor.libraries, extractor.sources)
+    diffs = [
+        f"{d} {v} in the job, {here['libraries'].get(d)} here"
+        for d, v in job["libraries"].items()
+        if here["libraries"].get(d) != v
+    ]
+    diffs += [
+        f"{k}: job {job[k]!r}, here {here[k]!r}"
+        for k in ("python", "code", "cache_format")
+        if here.get(k) != job.get(k)
+    ]
+    if diffs:
+        raise MissingModelError(
+            f"the software on worker {socket.gethostname()} differs from the job's ({'; '.join(diffs)}): "
+            "install the same versions and project code on every worker"
+        )
+
+
 class SetModelHandler(ModelHandler):
     """Base ModelHandler: fixed batch sizes from params and per-item fallback when a batch fails.
 
@@ -114,27 +140,7 @@ class SetModelHandler(ModelHandler):
 
     def check_software(self) -> None:
         """The libraries and project code on this worker must be those the job's cache keys name."""
-        from pipeline import cache
-
-        job = self.expect.get("software")
-        if job is None:
-            return
-        here = cache.software(self.extractor.libraries, self.extractor.sources)
-        diffs = [
-            f"{d} {v} in the job, {here['libraries'].get(d)} here"
-            for d, v in job["libraries"].items()
-            if here["libraries"].get(d) != v
-        ]
-        diffs += [
-            f"{k}: job {job[k]!r}, here {here[k]!r}"
-            for k in ("python", "code", "cache_format")
-            if here.get(k) != job.get(k)
-        ]
-        if diffs:
-            raise MissingModelError(
-                f"the software on worker {socket.gethostname()} differs from the job's ({'; '.join(diffs)}): "
-                "install the same versions and project code on every worker"
-            )
+        check_software(self.extractor, self.expect)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # min == max: batches do not depend on Beam's adaptive sizing, so outputs are reproducible
@@ -253,6 +259,9 @@ def register(cls: type[Extractor]) -> type[Extractor]:
     if not getattr(cls, "kind", None) or not getattr(cls, "config_class", None):
         raise ValueError(f"{cls.__name__} needs a `kind` and a `config_class`")
     REGISTRY[cls.kind] = cls
+    from pipeline import cache
+
+    cache.record(cls.libraries, cls.sources)  # this process's versions and code, as imported now
     return cls
 
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from apache_beam.ml.inference.base import ModelHandler
 
 from pipeline import schema
-from pipeline.extractors.base import Extractor, ItemResult, register
+from pipeline.extractors.base import Extractor, ItemResult, check_software, register
 from pipeline.features import element, json_sha256
 
 
@@ -133,9 +133,10 @@ class MetaHandler(ModelHandler):
 
     def __init__(self, extractor: MetaExtractor, described: dict[str, Any]):
         super().__init__()
-        self.stats = described["stats"]
+        self.extractor, self.expect, self.stats = extractor, described, described["stats"]
 
     def load_model(self) -> Encoder:
+        check_software(self.extractor, self.expect)  # the worker's code and libraries are the job's
         return Encoder(self.stats)
 
     def run_inference(
