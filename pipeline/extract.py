@@ -386,13 +386,14 @@ def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, j
 
 
 def _fan_out(dead: pa.Table, ids: list[str], keys: list[str]) -> pa.Table:
-    """The dead letters of every item whose key is the key of a failed item (identical inputs are computed
-    once, for the first item that has them, so they fail together)."""
+    """The dead letters of every item whose key is the key of an item that failed in inference (identical
+    inputs are computed once, for the first item that has them, so they fail together); a prepare failure
+    stays the failed item's own."""
     if not dead.num_rows:
         return dead
     key_of = dict(zip(ids, keys))
-    by_key = {key_of[r[schema.ID]]: r for r in dead.to_pylist()}
-    rows = []
+    by_key = {key_of[r[schema.ID]]: r for r in dead.to_pylist() if r[schema.STAGE] != "prepare"}
+    rows = [r for r in dead.to_pylist() if r[schema.STAGE] == "prepare"]
     for item_id, key in zip(ids, keys):
         first = by_key.get(key)
         if first is not None:
@@ -458,10 +459,10 @@ class Run:
             "software": self.software,
         }
 
-    def compute(self, todo: pa.Table) -> tuple[pa.Table, Iterator[pa.Table]]:
+    def compute(self, todo: pa.Table, tag: str = "job") -> tuple[pa.Table, Iterator[pa.Table]]:
         """Run the Beam job on the manifest rows `todo`; returns its dead letters (sorted by id) and its
-        feature shards' rows (a stream)."""
-        manifest, shards = self.work / "todo.parquet", self.work / "shards"
+        feature shards' rows (a stream). `tag` names its work files (one run may run two jobs)."""
+        manifest, shards = self.work / f"todo-{tag}.parquet", self.work / f"shards-{tag}"
         pq.write_table(todo, manifest)
         shards.mkdir()
         log.info("%s: extracting %d items on %s", self.spec.name, todo.num_rows, self.job.runner)
@@ -480,24 +481,46 @@ class Run:
         dead = pa.concat_tables(dead) if dead else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
         return dead.sort_by(schema.ID), _read_shards(shards, "features", features.feature_schema(self.described["dim"]))
 
-    def compute_missing(self, found: dict[str, Any]) -> tuple[pa.Table, int]:
-        """Run the Beam job once per distinct key that is not `found`, store the results as a new cache
-        part and add them to `found`; returns (the dead letters of every item, the items sent to the job)."""
-        todo, seen = [], set()
-        for key in self.keys:
-            todo.append(key not in found and key not in seen)
-            seen.add(key)
-        if not any(todo):
-            return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table(), 0
+    def store_rows(self, rows: Iterator[pa.Table], found: dict[str, Any]) -> None:
+        """The job's rows as a new cache part (keyed by their items' keys), added to `found`."""
         key_of = dict(zip(self.ids, self.keys))
-        dead, rows = self.compute(self.manifest.filter(pa.array(todo)))
         part, _ = self.store.write_part(
             t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
             for t in rows
         )
         if part is not None:
             found.update({k: v for k, v in self.store.locate(self.keys, [part]).items() if k not in found})
-        return _fan_out(dead, self.ids, self.keys), sum(todo)
+
+    def compute_missing(self, found: dict[str, Any]) -> tuple[pa.Table, int]:
+        """Run the Beam job once per distinct key that is not `found`, store the results as a new cache
+        part and add them to `found`; returns (the dead letters of every item, the items sent to the job).
+
+        An inference failure belongs to the input, so every item with that key shares it. A prepare failure
+        belongs to the item's own file (missing, changed since ingest): the other items with that key run
+        in a second job, each on its own file."""
+        todo, seen = [], set()
+        for key in self.keys:
+            todo.append(key not in found and key not in seen)
+            seen.add(key)
+        if not any(todo):
+            return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table(), 0
+        dead, rows = self.compute(self.manifest.filter(pa.array(todo)))
+        self.store_rows(rows, found)
+        key_of = dict(zip(self.ids, self.keys))
+        first_failed = set(dead[schema.ID].to_pylist())
+        own = {key_of[r[schema.ID]] for r in dead.to_pylist() if r[schema.STAGE] == "prepare"}
+        retry = [key_of[i] in own and key_of[i] not in found and i not in first_failed for i in self.ids]
+        dead = _fan_out(dead, self.ids, self.keys)
+        if any(retry):
+            log.info(
+                "%s: %d items share an input whose first item could not be read: each reads its own file",
+                self.spec.name,
+                sum(retry),
+            )
+            dead2, rows = self.compute(self.manifest.filter(pa.array(retry)), "retry")
+            self.store_rows(rows, found)
+            dead = pa.concat_tables([dead, dead2]).sort_by(schema.ID)
+        return dead, sum(todo) + sum(retry)
 
     def assemble(self, found: dict[str, Any], dead: pa.Table) -> Counts:
         """features.parquet from the cache: every item that did not fail, filtered, sorted by id in bounded

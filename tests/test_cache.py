@@ -537,3 +537,37 @@ def test_dmms_cache_lists_prunes_and_compacts(same_titles, tmp_path, capsys):
     assert used.exists() and meta_folder.folder.exists(), "meta is kept when no manifest tells its fingerprint"
     m, _ = title_run(same_titles, tmp_path / "c", store)
     assert m["reused"] == 103, "pruning and compacting kept every entry in use"
+
+
+@pytest.mark.slow
+def test_an_unreadable_copy_of_a_shared_image_fails_alone(tmp_path):
+    """Two rows hold the same image bytes at different paths (one key); the first one's file changes after
+    ingest. Its failure is its own: the other row reads its own file and is extracted."""
+    import shutil
+
+    from conftest import dataset_config, ingest_config, write_csv, write_image
+
+    from pipeline.ingest import run_ingest
+
+    raw = tmp_path / "raw"
+    write_image(raw / "a.jpg", seed=1)
+    shutil.copy(raw / "a.jpg", raw / "b.jpg")
+    write_image(raw / "c.jpg", seed=2)
+    write_csv(
+        raw / "manifest.csv",
+        ["id", "image", "labels"],
+        [["x1", "a.jpg", "A"], ["x2", "b.jpg", "A"], ["x3", "c.jpg", "B"]],
+    )
+    ds = dataset_config(raw, text=[], lists={}, numeric=[], categorical=[])
+    run_ingest(ds, ingest_config(min_label_count=1), tmp_path / "ingest", tmp_path / "ingest.json")
+    manifest = tmp_path / "ingest" / "manifest.parquet"
+    write_image(raw / "a.jpg", seed=3)  # changed after ingest
+    job = JobConfig(cache_dir=str(tmp_path / "cache"), max_failure_fraction=1.0)
+    m = run_extraction(
+        modality("image", {"kind": "image", "device": "cpu"}), job, manifest, tmp_path / "out", tmp_path / "m.json"
+    )
+    assert (m["written"], m["failed"], m["sent_to_job"]) == (2, 1, 3)
+    [dead] = pq.read_table(tmp_path / "out" / "dead_letters.parquet").to_pylist()
+    assert dead["id"] == "x1" and "changed since ingest" in dead["error"] and "same input" not in dead["error"]
+    table, _ = features.read_features(tmp_path / "out" / "features.parquet")
+    assert table["id"].to_pylist() == ["x2", "x3"]
