@@ -188,3 +188,51 @@ def write_features(table, dim: int, meta: dict[str, Any], path: Path):
     with features.FeatureWriter(path, dim, meta) as writer:
         writer.write(table)
     return table
+
+
+def write_generated(
+    root: Path, ids: list[str], splits: list[str], labels: list[list[str]], sets: dict[str, tuple[int, list[Any]]]
+) -> Path:
+    """A multilabel manifest of generated items (labels A and B) and one synthetic feature set per
+    modality (`sets`: name -> (dim, the item's vectors, one (n, dim) array per item)); returns the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import features, schema
+
+    msch = schema.with_metadata(
+        schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel", "label_names": ["A", "B"]}
+    )
+    manifest = root / "manifest.parquet"
+    rows = [
+        {"id": i, "split": s, "source_row": k + 1, "labels": lab}
+        for k, (i, s, lab) in enumerate(zip(ids, splits, labels))
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=msch), manifest)
+    sha = features.file_sha256(manifest)
+    for name, (dim, vectors) in sets.items():
+        rows = [
+            {
+                "id": i,
+                "vectors": v.tolist(),
+                "elements": [features.element(index=j) for j in range(len(v))],
+                "category_ids": None,
+            }
+            for i, v in zip(ids, vectors)
+        ]
+        meta = {
+            "modality": name,
+            "kind": "text",
+            "extractor": "synthetic",
+            "model_id": f"gen-{name}",
+            "weights_sha256": "0" * 64,
+            "dim": dim,
+            "manifest_sha256": sha,
+        }
+        write_features(
+            pa.Table.from_pylist(rows, schema=features.feature_schema(dim)),
+            dim,
+            meta,
+            root / "features" / name / "features.parquet",
+        )
+    return manifest

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_features
+from conftest import write_features, write_generated
 
-from pipeline import features, metrics, pooling, schema, setdata
+from pipeline import features, metrics, pooling, setdata
 from pipeline import train as train_mod
 from pipeline.bundle import check_store_matches, load_bundle, predict
 from pipeline.config import from_dict
@@ -171,47 +171,17 @@ def write_synthetic(
     ya, yb = rng.random(n) < rates[0], rng.random(n) < rates[1]
     labels = [[name for name, on in (("A", a), ("B", b)) if on] for a, b in zip(ya, yb)]
     split = ["train" if k % 10 < 7 else "val" if k % 10 < 9 else "test" for k in range(n)]
-    msch = schema.with_metadata(
-        schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel", "label_names": ["A", "B"]}
-    )
-    manifest = root / "manifest.parquet"
-    rows = [
-        {"id": i, "split": s, "source_row": k + 1, "labels": lab}
-        for k, (i, s, lab) in enumerate(zip(ids, split, labels))
-    ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=msch), manifest)
-    sha = features.file_sha256(manifest)
+    sets = {}
     for name, dim, signal in (("a", 6, ya), ("b", 4, yb)):
-        rows = []
-        for i, on in zip(ids, signal):
+        vectors = []
+        for on in signal:
             k = int(rng.integers(0, 4))  # 0..3 elements; the signal lives in one element
             vecs = rng.normal(size=(k, dim)).astype(np.float32)
             if k and on:
                 vecs[0, 0] += strength
-            rows.append(
-                {
-                    "id": i,
-                    "vectors": vecs.tolist(),
-                    "elements": [features.element(index=j) for j in range(k)],
-                    "category_ids": None,
-                }
-            )
-        meta = {
-            "modality": name,
-            "kind": "text",
-            "extractor": "synthetic",
-            "model_id": f"gen-{name}",
-            "weights_sha256": "0" * 64,
-            "dim": dim,
-            "manifest_sha256": sha,
-        }
-        write_features(
-            pa.Table.from_pylist(rows, schema=features.feature_schema(dim)),
-            dim,
-            meta,
-            root / "features" / name / "features.parquet",
-        )
-    return manifest
+            vectors.append(vecs)
+        sets[name] = (dim, vectors)
+    return write_generated(root, ids, split, labels, sets)
 
 
 def train_cfg(**over) -> TrainConfig:

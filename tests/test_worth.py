@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, write_features
+from conftest import REPO, write_generated
 
-from pipeline import cli, features, schema, worth
+from pipeline import cli, worth
 from pipeline.compare import Run
 
 MODALITIES = {"signal": 6, "noise": 4}
@@ -26,46 +24,17 @@ def write_signal_and_noise(root: Path, n: int = 300, seed: int = 0) -> Path:
     ya, yb = rng.random(n) < 0.4, rng.random(n) < 0.4
     labels = [[name for name, on in (("A", a), ("B", b)) if on] for a, b in zip(ya, yb)]
     split = ["train" if k % 10 < 6 else "val" if k % 10 < 8 else "test" for k in range(n)]
-    msch = schema.with_metadata(
-        schema.manifest_schema([], [], [], []), {"kind": "manifest", "task": "multilabel", "label_names": ["A", "B"]}
-    )
-    manifest = root / "manifest.parquet"
-    rows = [
-        {"id": i, "split": s, "source_row": k + 1, "labels": lab}
-        for k, (i, s, lab) in enumerate(zip(ids, split, labels))
-    ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=msch), manifest)
-    sha = features.file_sha256(manifest)
+    sets = {}
     for name, dim in MODALITIES.items():
-        rows = []
-        for i, a, b in zip(ids, ya, yb):
+        vectors = []
+        for a, b in zip(ya, yb):
             vecs = rng.normal(size=(int(rng.integers(1, 4)), dim)).astype(np.float32)
             if name == "signal":
                 vecs[0, 0] += 4.0 * a
                 vecs[-1, 1] += 4.0 * b
-            rows.append(
-                {
-                    "id": i,
-                    "vectors": vecs.tolist(),
-                    "elements": [features.element(index=j) for j in range(len(vecs))],
-                    "category_ids": None,
-                }
-            )
-        meta = {
-            "modality": name,
-            "kind": "text",
-            "extractor": "synthetic",
-            "model_id": f"gen-{name}",
-            "weights_sha256": "0" * 64,
-            "dim": dim,
-            "manifest_sha256": sha,
-        }
-        write_features(
-            pa.Table.from_pylist(rows, schema=features.feature_schema(dim)),
-            dim,
-            meta,
-            root / "features" / name / "features.parquet",
-        )
+            vectors.append(vecs)
+        sets[name] = (dim, vectors)
+    manifest = write_generated(root, ids, split, labels, sets)
     costs = {"signal": (300, 3.0, 2.4), "noise": (300, 30.0, 57.6)}  # the noise is the expensive one
     for name, (items, seconds, cpu) in costs.items():
         path = root / "metrics" / "extract" / f"{name}.json"
