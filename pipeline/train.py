@@ -353,8 +353,8 @@ def fit(
         sorted(data.store.dims),
         data.store.nbytes() / 1e6,
     )
-    for split in ("val", "test"):
-        missing = labels_without_positives(data, split)
+    without_positives = {split: labels_without_positives(data, split) for split in ("val", "test")}
+    for split, missing in without_positives.items():
         if missing:  # their AP is undefined there: mAP and the F1 averages are over the other labels
             log.warning(
                 "%s has no positive item for label(s) %s: their AP is undefined there and left out of mAP",
@@ -383,7 +383,7 @@ def fit(
         + (" with per-label positive weights (train.imbalance: pos_weight)" if cfg.imbalance == "pos_weight" else ""),
         "val": evaluate(model, data, data.index["val"], thresholds, crit),
         "test": evaluate(model, data, test, thresholds, crit),
-        "labels_without_positives": {s: labels_without_positives(data, s) for s in ("val", "test")},
+        "labels_without_positives": without_positives,
         "test_label_frequency_baseline": frequency_baseline(
             data.task, y_np, data.index["train"].cpu().numpy(), test.cpu().numpy()
         )

@@ -80,9 +80,9 @@ def test_meta_statistics_come_from_train_only():
     stats = meta.fit(table, "split", ["year"], ["country"], 10)
     assert stats["numeric"] == [{"column": "year", "mean": 2000.0, "std": 10.0, "n": 2}]
     assert stats["categorical"] == [{"column": "country", "values": ["FR", "US"]}]
-    r = meta.encode({"year": 2020.0, "country": "XX"}, stats)
+    r = meta.Encoder(stats)({"year": 2020.0, "country": "XX"})
     assert r.vectors.tolist() == [[2.0, 0.0]] and r.category_ids == [0]
-    r = meta.encode({"year": None, "country": "US"}, stats)
+    r = meta.Encoder(stats)({"year": None, "country": "US"})
     assert r.vectors.tolist() == [[0.0, 1.0]] and r.category_ids == [2]
 
 

@@ -136,7 +136,7 @@ def test_the_cache_key_separates_swapped_columns(tmp_path):
     assert cache.item_key(fp, meta.item_input([1.0, 2.0], stats)) != cache.item_key(
         fp, meta.item_input([2.0, 1.0], stats)
     )
-    r1, r2 = meta.encode({"a": 1.0, "b": 2.0}, stats), meta.encode({"a": 1.0, "b": 2.0}, swapped)
+    r1, r2 = meta.Encoder(stats)({"a": 1.0, "b": 2.0}), meta.Encoder(swapped)({"a": 1.0, "b": 2.0})
     assert r1.vectors.tolist() == [[1.0, 0.0, 2.0, 0.0]] and r2.vectors.tolist() == [[2.0, 0.0, 1.0, 0.0]]
 
 

@@ -52,14 +52,6 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def files_sha256(files: dict[str, str]) -> str:
-    """One checksum over named file checksums (a model made of several files or folders)."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
 def require_file(path: str | Path, what: str) -> Path:
     """Return `path` if it is a file, else raise MissingModelError naming it."""
     p = Path(path).expanduser()
@@ -230,10 +222,7 @@ class Extractor:
 
     def item_inputs(self, manifest: pa.Table, described: dict[str, Any]) -> list[Any]:
         """Each row's input, the item half of its cache key (read column by column)."""
-        cols = self.input_columns()
-        if not cols:
-            return [[] for _ in range(manifest.num_rows)]
-        return [list(values) for values in zip(*(manifest[c].to_pylist() for c in cols))]
+        return column_rows(manifest, self.input_columns())
 
     def prepare(self, row: dict[str, Any], root: Path) -> Any:
         """Per-record work (pure): the handler's input for one row; None when the item has no input."""
@@ -248,6 +237,13 @@ class Extractor:
     def select(self, elements: list[dict[str, Any]]) -> list[int] | None:
         """Indices of the elements kept from an unfiltered set, in output order; None keeps all."""
         return None
+
+
+def column_rows(manifest: pa.Table, columns: Sequence[str]) -> list[list[Any]]:
+    """Each manifest row's values of `columns`, in that order (read column by column)."""
+    if not columns:
+        return [[] for _ in range(manifest.num_rows)]
+    return [list(values) for values in zip(*(manifest[c].to_pylist() for c in columns))]
 
 
 REGISTRY: dict[str, type[Extractor]] = {}

@@ -19,12 +19,11 @@ from pipeline.extractors.base import (
     ItemResult,
     MissingModelError,
     SetModelHandler,
-    files_sha256,
     register,
     require_file,
 )
 from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_files
-from pipeline.features import element, file_sha256
+from pipeline.features import element, file_sha256, json_sha256
 from pipeline.runtime import resolve_device
 
 VGGFACE2_FILE = "20180402-114759-vggface2.pt"
@@ -214,7 +213,7 @@ class FacesExtractor(ImageReading):
             "model_id": model_id,
             "embedder": choice,
             "weights_sha256": files["weights"],
-            "model_files_sha256": files_sha256(files),
+            "model_files_sha256": json_sha256(files),
             "dim": dim,
         }
 

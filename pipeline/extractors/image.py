@@ -15,11 +15,10 @@ from pipeline.extractors.base import (
     ItemResult,
     MissingModelError,
     SetModelHandler,
-    files_sha256,
     register,
     require_file,
 )
-from pipeline.features import element, file_sha256, tree_sha256
+from pipeline.features import element, file_sha256, json_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ class ImageExtractor(ImageReading):
             "extractor": "image",
             "model_id": self.cfg.backbone,
             "weights_sha256": files["weights"],
-            "model_files_sha256": files_sha256(files),
+            "model_files_sha256": json_sha256(files),
             "dim": backbone_dim(self.cfg.backbone),
         }
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from apache_beam.ml.inference.base import ModelHandler
 
 from pipeline import schema
-from pipeline.extractors.base import Extractor, ItemResult, check_software, register
+from pipeline.extractors.base import Extractor, ItemResult, check_software, column_rows, register
 from pipeline.features import element, json_sha256
 
 
@@ -106,11 +106,6 @@ class Encoder:
         return ItemResult(vectors, elements, ids)
 
 
-def encode(row: dict[str, Any], stats: dict[str, Any]) -> ItemResult:
-    """One item's meta element under `stats` (see Encoder; build one Encoder for many rows)."""
-    return Encoder(stats)(row)
-
-
 def item_input(row_values: list[Any], stats: dict[str, Any]) -> list[list[Any]]:
     """An item's input as the cache sees it: (column, value) pairs in layout order, so two columns whose
     values are swapped never share a key."""
@@ -182,10 +177,8 @@ class MetaExtractor(Extractor):
 
     def item_inputs(self, manifest: pa.Table, described: dict[str, Any]) -> list[Any]:
         stats = described["stats"]
-        cols = [*numeric_columns(stats), *categorical_columns(stats)]
-        if not cols:
-            return [[] for _ in range(manifest.num_rows)]
-        return [item_input(list(values), stats) for values in zip(*(manifest[c].to_pylist() for c in cols))]
+        columns = [*numeric_columns(stats), *categorical_columns(stats)]
+        return [item_input(values, stats) for values in column_rows(manifest, columns)]
 
     def describe_files(self) -> dict[str, Any]:
         raise NotImplementedError("meta has no model files")

@@ -15,12 +15,11 @@ from pipeline.extractors.base import (
     ImageReading,
     ItemResult,
     SetModelHandler,
-    files_sha256,
     register,
     require_file,
 )
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
-from pipeline.features import element, file_sha256, tree_sha256
+from pipeline.features import element, file_sha256, json_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
 OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
@@ -154,7 +153,7 @@ class OcrExtractor(ImageReading):
             "model_id": f"easyocr:en+{cfg.text_model}",
             "weights_sha256": combined,
             "weights_files_sha256": dict(zip([*OCR_FILES, "text_encoder"], sums)),
-            "model_files_sha256": files_sha256(files),
+            "model_files_sha256": json_sha256(files),
             "dim": text_dim(cfg.text_model),
         }
 

@@ -192,7 +192,6 @@ class ListExtractor(TextExtractor):
 
     kind = "list"
     config_class = ListConfig
-    sources = ("pipeline.extractors.text", "pipeline.extractors.base", "pipeline.records")
     role = "lists"
 
     def prepare(self, row: dict[str, Any], root: Path) -> list[str] | None:
