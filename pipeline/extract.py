@@ -566,6 +566,8 @@ def run_extraction(
     _quiet()
     t0, cpu0 = time.perf_counter(), time.process_time()
     shutil.rmtree(out_dir, ignore_errors=True)
+    if job.cache_dir:
+        spec.extractor.artifacts = (Path(job.cache_dir) / ".artifacts").resolve()
     run = Run(spec, job, manifest_path, out_dir, expect)
     run.work.mkdir(parents=True)
     run.store.clean_partials()

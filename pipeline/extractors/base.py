@@ -38,7 +38,7 @@ class ItemError:
 
 
 # what a worker checks of the model files it loads (extraction provenance keys)
-MODEL_CHECK_KEYS = ("model_id", "weights_sha256", "model_files_sha256", "dim")
+MODEL_CHECK_KEYS = ("model_id", "weights_sha256", "model_files_sha256", "dim", "runs_on")
 
 
 class MissingModelError(RuntimeError):
@@ -124,8 +124,9 @@ class SetModelHandler(ModelHandler):
             ]
             if diffs:
                 raise MissingModelError(
-                    f"the model files on worker {socket.gethostname()} differ from those the job "
-                    f"was started with ({'; '.join(diffs)}): install the same files on every worker"
+                    f"the model files or what runs them on worker {socket.gethostname()} differ from those the "
+                    f"job was started with ({'; '.join(diffs)}): install the same files and runtimes on "
+                    "every worker (and set the modality's device where workers and the stage differ)"
                 )
         self.check_software()
         return self.load()
@@ -199,6 +200,9 @@ class Extractor:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        # a folder the job lends for files derived from the model files (exported graphs), inside the
+        # extraction cache; None: the extractor's own default. Where, not what: not in the cache key.
+        self.artifacts: Path | None = None
 
     def input_columns(self) -> list[str]:
         """The manifest columns an item's output depends on."""
