@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,19 @@ def repo_data_untouched():
     existed = cache.exists()
     yield
     assert existed or not cache.exists(), f"a test wrote {cache}; give it a cache_dir under tmp_path"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_in_tmp(tmp_path_factory):
+    """What extractors keep in the user's cache folder when a run has no extraction cache (OCR's exported
+    graphs) goes to a folder of this test session, not the home directory."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
 
 
 def write_features(table, dim: int, meta: dict[str, Any], path: Path):

@@ -198,3 +198,19 @@ def test_the_ocr_stage_keeps_its_graphs_in_the_extraction_cache(tmp_path):
     assert list((tmp_path / "cache" / ".artifacts" / "ocr-onnx").rglob("detector.onnx"))
     _, meta = features.read_features(tmp_path / "out" / "features.parquet")
     assert meta["runs_on"]["detector"].startswith("onnxruntime ")
+
+
+@pytest.mark.slow
+def test_the_demo_planted_words_are_read_as_before(demo_run):
+    """The whole demo through the OCR stage with the shipped params (the default runtime): the planted
+    word is read exactly on as many posters as with easyocr's torch path (RESULTS.md: 99.6%)."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    planted = {r["id"]: r for r in csv.DictReader((demo_run.root / "raw" / "planted_items.csv").open())}
+    table = pq.read_table(demo_run.root / "features" / "ocr" / "features.parquet", columns=["id", "elements"])
+    read = {r["id"]: {e["text"] for e in r["elements"]} for r in table.to_pylist()}
+    with_word = [i for i, p in planted.items() if p["word"]]
+    rate = sum(planted[i]["word"] in read[i] for i in with_word) / len(with_word)
+    assert len(with_word) > 100 and rate >= 0.996, rate
