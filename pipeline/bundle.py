@@ -42,6 +42,7 @@ class ModalityRecord:
     model_id: str | None = None
     weights_sha256: str | None = None
     model_files_sha256: str | None = None  # absent from bundles written before model folders were digested
+    runs_on: dict[str, str] | None = None  # what ran the networks (OCR's runtime); absent before runtimes
     manifest_sha256: str | None = None
     embedder: str | None = None  # faces
     stats: dict[str, Any] | None = None  # meta: statistics in column order

@@ -42,7 +42,7 @@ ELEMENT_KEYS = tuple(f.name for f in ELEMENT_TYPE)
 # Provenance: the one list of what a feature file records about how it was made. Its subsets:
 # what makes two extractions interchangeable (checked before scoring extracts anything), what meta fits
 # on the train split, and what a model bundle keeps of each modality (checked again at prediction).
-EXTRACTOR_KEYS = ("extractor", "model_id", "weights_sha256", "model_files_sha256", "dim")
+EXTRACTOR_KEYS = ("extractor", "model_id", "weights_sha256", "model_files_sha256", "dim", "runs_on")
 FITTED_KEYS = ("stats",)  # meta: standardisation statistics and vocabularies, in column order
 MATCH_KEYS = (*EXTRACTOR_KEYS, *FITTED_KEYS)  # features used with a model must agree with it on these
 PROVENANCE_KEYS = (
@@ -56,7 +56,8 @@ PROVENANCE_KEYS = (
     "software",
 )
 # recorded since model folders are digested whole; a bundle written before lacks it and is checked without it
-ADDED_KEYS = frozenset({"model_files_sha256"})
+# (and `runs_on`, what runs an extractor's networks, since OCR could run on other runtimes)
+ADDED_KEYS = frozenset({"model_files_sha256", "runs_on"})
 
 
 def keys_to_match(recorded: Mapping[str, Any], keys: Iterable[str]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,6 +110,11 @@ def select_boxes(found: list[tuple[list[float], str, float]], min_confidence: fl
     return ordered[:max_boxes]
 
 
+_THREADS_LOCK = threading.Lock()
+_READERS = 0  # batches being read in parallel in this process, on one torch thread each
+_SAVED_THREADS = 1
+
+
 class OcrModel:
     """easyocr Reader (its networks run by the configured runtime) plus the text encoder, loaded once per
     worker."""
@@ -121,6 +127,8 @@ class OcrModel:
         for name in OCR_FILES:
             require_file(where / name, "easyocr")
         cuda = device.startswith("cuda")
+        if not cuda:  # this worker's CPU and packages, not only the stage's (bf16 needs the instructions)
+            ocr_runtime.check(cfg.runtime, cfg.precision)
         threads = torch.get_num_threads()
         # CPU: images are read `parallel` at a time, each on one thread (torch and the runtimes release
         # the GIL; small per-box ops leave a second thread idle): the same reads, measured 1.17x faster
@@ -143,17 +151,27 @@ class OcrModel:
 
     @contextmanager
     def _one_thread_each(self):
+        """torch on one thread per call while images are read in parallel. torch's thread count is the
+        process's: batches read at once by several Beam threads share one count of readers, so the
+        last one out (not the first) restores the threads."""
+        global _READERS, _SAVED_THREADS
         import torch
 
         if self.parallel == 1:
             yield
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        with _THREADS_LOCK:
+            if _READERS == 0:
+                _SAVED_THREADS = torch.get_num_threads()
+                torch.set_num_threads(1)
+            _READERS += 1
         try:
             yield
         finally:
-            torch.set_num_threads(threads)
+            with _THREADS_LOCK:
+                _READERS -= 1
+                if _READERS == 0:
+                    torch.set_num_threads(_SAVED_THREADS)
 
     def read(self, images: list[np.ndarray], canvas_size: int, min_size: int) -> list[list]:
         """easyocr's readtext of each image, in order."""

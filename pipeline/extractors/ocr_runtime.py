@@ -24,9 +24,11 @@ is checked on every load: a damaged or half-written graph is exported again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +42,7 @@ RUNTIMES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("easyocr", "fp32", "bf16", "int8")
 OPSET = 17
 EXPORT_FORMAT = 1  # raise when the export code below changes what it writes
-_EXPORT_LOCK = threading.Lock()
+_EXPORT_LOCK = threading.RLock()  # re-entered by the fallback folder
 
 
 def runtime_version(runtime: str) -> str:
@@ -57,13 +59,23 @@ def runtime_version(runtime: str) -> str:
         ) from None
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI): ONNX Runtime's int8 kernels give other
+    (saturating) results without them."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())
 
 
 def check(runtime: str, precision: str, where: str = "extract.modalities.ocr") -> None:
@@ -89,8 +101,14 @@ def describe(runtime: str, precision: str) -> dict[str, str]:
     if runtime == "torch":
         return {"detector": f"{detector} fp32", "recogniser": f"{detector} easyocr-dynamic-int8"}
     torch_v = f"torch {runtime_version('torch')}"
-    det_precision = {"easyocr": "fp32", "fp32": "fp32", "bf16": "bf16", "int8": "int8-static"}[precision]
-    recogniser = f"{detector} {precision}" if precision in ("fp32", "bf16") else f"{torch_v} easyocr-dynamic-int8"
+    # the lossy precisions compute differently on CPUs without the instructions they use: the CPU is named
+    det_precision = {
+        "easyocr": "fp32",
+        "fp32": "fp32",
+        "bf16": "bf16 (native)",
+        "int8": f"int8-static ({'vnni' if cpu_has_vnni() else 'no vnni'})",
+    }[precision]
+    recogniser = f"{detector} {det_precision}" if precision in ("fp32", "bf16") else f"{torch_v} easyocr-dynamic-int8"
     return {
         "detector": f"{detector} {det_precision} (onnx opset {OPSET}, export {EXPORT_FORMAT}, {torch_v})",
         "recogniser": recogniser,
@@ -147,6 +165,18 @@ def _write_aside(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".sha256")):
             leftover.unlink(missing_ok=True)
+
+
+def _remove_stale_partials(path: Path, age_s: float = 3600.0) -> None:
+    """Files written aside by exports killed an hour ago or more (an export takes seconds)."""
+    import time
+
+    for leftover in path.parent.glob(f".{path.name}.*.partial*") if path.parent.is_dir() else []:
+        try:
+            if time.time() - leftover.stat().st_mtime > age_s:
+                leftover.unlink()
+        except OSError:
+            pass  # another process removed or renamed it
 
 
 def _sha256(path: Path) -> str:
@@ -258,15 +288,41 @@ def quantise_detector(float_graph: Path, out: Path, canvas_size: int) -> None:
 def graph(folder: Path, weights: Path, name: str, build: Callable[[Path], None]) -> Path:
     """The exported graph `name` for this weights file, exported (aside, then renamed) when it is missing
     or damaged. Two processes racing here both export and the last rename wins: the same content."""
-    tag = f"{_sha256(weights)[:32]}-opset{OPSET}-export{EXPORT_FORMAT}-torch{runtime_version('torch')}"
-    path = folder / tag / name
+    path = folder / export_tag(weights) / name
     with _EXPORT_LOCK:
-        if not is_intact(path):
-            if path.exists():
-                log.warning("OCR graph %s is damaged (checksum); exporting it again", path)
-            log.info("exporting %s from %s to %s (once per weights file)", name, weights.name, path)
+        if is_intact(path):
+            return path
+        if path.exists():
+            log.warning("OCR graph %s is damaged (checksum); exporting it again", path)
+        _remove_stale_partials(path)
+        log.info("exporting %s from %s to %s (once per weights file and exporter)", name, weights.name, path)
+        try:
             _write_aside(path, build)
+        except OSError as exc:  # a read-only or full cache folder: export where this process can write
+            fallback = default_folder() if folder != default_folder() else Path(tempfile.mkdtemp(prefix="dmms-ocr-"))
+            log.warning("could not write %s (%s); exporting to %s instead", path, exc, fallback)
+            return graph(fallback, weights, name, build)
     return path
+
+
+# what shapes an exported graph besides the weights: the export and quantisation code here, the exporter
+# (torch), easyocr's network code, and for int8 the quantiser, the calibration images and their resizing
+EXPORT_LIBRARIES = ("torch", "easyocr", "onnx", "onnxruntime", "scikit-image", "opencv-python-headless", "numpy")
+
+
+def export_tag(weights: Path) -> str:
+    """The folder name of the graphs exported from `weights`: its sha256 and a digest of everything else
+    that shapes them (so an upgrade exports again instead of reusing a graph another exporter wrote)."""
+    from pipeline import cache
+
+    inputs = {
+        "opset": OPSET,
+        "export_format": EXPORT_FORMAT,
+        "code": cache.code_digest(("pipeline.extractors.ocr_runtime",)),
+        "libraries": {d: cache.installed_version(d) for d in EXPORT_LIBRARIES},
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return f"{_sha256(weights)[:32]}-{digest[:16]}"
 
 
 # --------------------------------------------------------------------------------------------
