@@ -186,9 +186,10 @@ def main() -> None:
             f"{k['boxes']:>6.1%} {k['texts']:>6.1%} {k['items']:>6.1%}",
             flush=True,
         )
+    kept_today = kept(reads[TODAY], base_cfg.min_confidence)
     print(
         f"boxes compared: {agreement(reads[TODAY], reads[TODAY])['n_boxes']} (all), "
-        f"{agreement(kept(reads[TODAY], 0.3), kept(reads[TODAY], 0.3))['n_boxes']} (kept)"
+        f"{agreement(kept_today, kept_today)['n_boxes']} (kept)"
     )
 
     if args.no_stage:

@@ -4,7 +4,6 @@ each box's text is embedded by the text encoder. Text, box and confidence are ke
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,6 @@ from pipeline.extractors.base import (
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
 from pipeline.features import element, file_sha256, json_sha256, tree_sha256
 from pipeline.runtime import resolve_device
-
-log = logging.getLogger(__name__)
 
 OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
 

@@ -23,8 +23,6 @@ is checked on every load: a damaged or half-written graph is exported again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -36,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.features import file_sha256, json_sha256
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -46,17 +46,16 @@ _EXPORT_LOCK = threading.RLock()  # re-entered by the fallback folder
 
 
 def runtime_version(runtime: str) -> str:
-    """The installed version of a runtime's Python package (torch's for `torch`)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed version of a runtime's Python package (torch's for `torch`), as the cache keys see it."""
+    from pipeline import cache
 
-    dist = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}[runtime]
-    try:
-        return version(dist)
-    except PackageNotFoundError:
+    found = cache.installed_version(runtime)
+    if found == "absent":
         raise ValueError(
-            f"ocr.runtime {runtime!r} needs the Python package {dist!r}, which is not installed "
-            f"(pip install {dist}), or choose ocr.runtime: torch"
-        ) from None
+            f"ocr.runtime {runtime!r} needs the Python package {runtime!r}, which is not installed "
+            f"(pip install {runtime}), or choose ocr.runtime: torch"
+        )
+    return found
 
 
 def _cpu_flags() -> set[str]:
@@ -126,38 +125,13 @@ def default_folder() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-class _Recogniser:
-    """easyocr's recogniser as a one-input graph: the text argument is unused by its forward, and its
-    AdaptiveAvgPool2d((None, 1)) (which does not export with a dynamic width) is the equal mean over
-    the last axis."""
-
-    @staticmethod
-    def wrap(model: Any) -> Any:
-        import torch
-
-        class Mean(torch.nn.Module):
-            def forward(self, x):
-                return x.mean(dim=3, keepdim=True)
-
-        class Graph(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-                self.m.AdaptiveAvgPool = Mean()
-
-            def forward(self, image):
-                return self.m(image, None)
-
-        return Graph(model).eval()
-
-
 def _write_aside(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through a private file beside it, then its checksum, then rename both into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         write(tmp)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         sidecar = tmp.with_name(tmp.name + ".sha256")
         sidecar.write_text(digest + "\n")
         os.replace(tmp, path)
@@ -179,21 +153,31 @@ def _remove_stale_partials(path: Path, age_s: float = 3600.0) -> None:
             pass  # another process removed or renamed it
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_intact(path: Path) -> bool:
     """The graph and its checksum are both there and agree."""
     sidecar = path.with_name(path.name + ".sha256")
     try:
-        return path.is_file() and sidecar.read_text().strip() == _sha256(path)
+        return path.is_file() and sidecar.read_text().strip() == file_sha256(path)
     except OSError:
         return False
+
+
+def _to_onnx(module: Any, example: Any, out: Path, outputs: list[str], dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """A torch module as an ONNX graph with input "image" (the TorchScript exporter: the dynamo one needs
+    onnxscript)."""
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            str(out),
+            input_names=["image"],
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def export_detector(weights: Path, out: Path) -> None:
@@ -202,37 +186,31 @@ def export_detector(weights: Path, out: Path) -> None:
     from easyocr.detection import get_detector
 
     net = get_detector(str(weights), device="cpu", quantize=False).eval()
-    x = torch.zeros(1, 3, 320, 480)
-    with torch.no_grad():
-        torch.onnx.export(
-            net,
-            (x,),
-            str(out),
-            input_names=["image"],
-            output_names=["maps", "feature"],
-            dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "maps": {0: "n", 1: "h2", 2: "w2"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    axes = {"image": {0: "n", 2: "h", 3: "w"}, "maps": {0: "n", 1: "h2", 2: "w2"}}
+    _to_onnx(net, torch.zeros(1, 3, 320, 480), out, ["maps", "feature"], axes)
 
 
 def export_recogniser(model: Any, out: Path) -> None:
-    """easyocr's float recogniser (eval mode) with dynamic batch and width."""
+    """easyocr's float recogniser (eval mode) with dynamic batch and width, as a one-input graph: its text
+    argument is unused by its forward, and its AdaptiveAvgPool2d((None, 1)) (which does not export with a
+    dynamic width) becomes the equal mean over the last axis."""
     import torch
 
-    graph = _Recogniser.wrap(model)
-    x = torch.zeros(2, 1, 64, 256)
-    with torch.no_grad():
-        torch.onnx.export(
-            graph,
-            (x,),
-            str(out),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "n", 3: "w"}, "logits": {0: "n", 1: "t"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=3, keepdim=True)
+
+    class ImageOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image):
+            return self.m(image, None)
+
+    model.AdaptiveAvgPool = Mean()
+    axes = {"image": {0: "n", 3: "w"}, "logits": {0: "n", 1: "t"}}
+    _to_onnx(ImageOnly(model).eval(), torch.zeros(2, 1, 64, 256), out, ["logits"], axes)
 
 
 def calibration_images() -> list[np.ndarray]:
@@ -321,8 +299,7 @@ def export_tag(weights: Path) -> str:
         "code": cache.code_digest(("pipeline.extractors.ocr_runtime",)),
         "libraries": {d: cache.installed_version(d) for d in EXPORT_LIBRARIES},
     }
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return f"{_sha256(weights)[:32]}-{digest[:16]}"
+    return f"{file_sha256(weights)[:32]}-{json_sha256(inputs)[:16]}"
 
 
 # --------------------------------------------------------------------------------------------
