@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 
 KEY = "key"
 # params that change how fast an extractor runs, never what it outputs
-RUNTIME_PARAMS = frozenset({"batch_size", "text_batch_size", "crop_batch_size", "device", "parallel_images"})
+RUNTIME_PARAMS = frozenset(
+    {"batch_size", "text_batch_size", "crop_batch_size", "device", "parallel_images", "allow_download"}
+)
 PART_ROW_GROUP = 1024
 # the stored row layout and the glue around the extractors (to_row, filters); bump when either changes
 # what an entry holds

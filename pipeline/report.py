@@ -1,6 +1,7 @@
 """A static HTML report of predictions and importances (opens from disk: no server, no scripts).
 
-For a sample of items: the poster with the detected face boxes and OCR boxes drawn over it (the box
+For a sample of items: the poster with the detected face boxes, OCR boxes and image views (regions;
+the whole image only when it mattered most) drawn over it (the box
 that mattered most for the top label outlined in red), the top labels with their probabilities, and
 per-modality importance bars, overall and for the top label; plus the dataset-level plots and
 metrics. Thumbnails are copied into <out>/img, so the folder can be moved or zipped as a whole.
@@ -26,7 +27,13 @@ log = logging.getLogger(__name__)
 
 # Extractor kinds whose elements carry image boxes -> css class. The kind comes from the features'
 # provenance (summary.json modality_kinds), so a modality keeps its boxes under any name.
-BOXED_KINDS = {"faces": "face", "ocr": "ocr"}
+BOXED_KINDS = {"faces": "face", "ocr": "ocr", "image": "view"}
+
+
+def _whole_image(e: dict[str, Any], size: tuple[int, int]) -> bool:
+    """Whether an element's box is the whole image (an image modality's `full` view)."""
+    x0, y0, x1, y1 = e[schema.BOX][:4]
+    return x0 <= 0 and y0 <= 0 and x1 >= size[0] and y1 >= size[1]
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,19 @@ def _bar_rows(values: dict[str, float], colours: dict[str, str], fmt: str = "{:.
     return "\n".join(rows)
 
 
-def _element_text(e: dict[str, Any], kind: str | None) -> str:
+def _element_text(e: dict[str, Any], kind: str | None, size: tuple[int, int] | None = None) -> str:
     """What an element is, for people: its text, or which face, or the whole image."""
     if e.get(schema.TEXT):
         return e[schema.TEXT]
     if kind == "faces":
         score = f", detector score {e[schema.SCORE]:.2f}" if e.get(schema.SCORE) is not None else ""
         return f"face {e[schema.POSITION] + 1}{score}"
-    return "the whole image" if kind == "image" else f"element {e[schema.POSITION] + 1}"
+    if kind == "image":
+        box = e.get(schema.BOX)
+        if box is None or (size is not None and _whole_image(e, size)):
+            return "the whole image"
+        return f"image view {e[schema.POSITION] + 1}: pixels {box[0]:.0f},{box[1]:.0f} to {box[2]:.0f},{box[3]:.0f}"
+    return f"element {e[schema.POSITION] + 1}"
 
 
 def _poster(
@@ -101,13 +113,16 @@ def _poster(
     top_element: dict[str, Any] | None,
     alt: str,
 ) -> str:
-    """The thumbnail with an SVG overlay of the boxed elements ((element, kind) pairs) in image pixels."""
+    """The thumbnail with an SVG overlay of the boxed elements ((element, kind) pairs) in image pixels; an
+    image view covering the whole image is outlined only when it mattered most."""
     W, H = size
     rects = []
     for e, kind in boxed:
+        if kind == "image" and e is not top_element and _whole_image(e, size):
+            continue
         x0, y0, x1, y1 = e[schema.BOX][:4]
         cls = BOXED_KINDS[kind] + (" top" if e is top_element else "")
-        what = "face" if kind == "faces" else f"text \u201c{e.get(schema.TEXT) or ''}\u201d"
+        what = {"faces": "face", "image": "image view"}.get(kind, f"text \u201c{e.get(schema.TEXT) or ''}\u201d")
         tip = f"{what}: {e[schema.SHARE]:.1%} of the item"
         if e.get(schema.TOP_LABEL_SHARE) is not None:
             tip += f", {e[schema.TOP_LABEL_SHARE]:.1%} of {e[schema.TOP_LABEL]}"
@@ -136,7 +151,8 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:right} th:first-child,td:
 .poster{position:relative;flex:none} .poster img{display:block;width:100%;height:100%}
 .poster svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .box{fill:none;stroke-width:3;vector-effect:non-scaling-stroke}
-.box.face{stroke:#1f77ff} .box.ocr{stroke:#ff9900} .box.top{stroke:#e00000;stroke-width:5;stroke-dasharray:8 3}
+.box.face{stroke:#1f77ff} .box.ocr{stroke:#ff9900} .box.view{stroke:#2ca02c}
+.box.top{stroke:#e00000;stroke-width:5;stroke-dasharray:8 3}
 .info{flex:1;min-width:0;font-size:13px} .info h4{margin:8px 0 3px;font-size:13px}
 .row{display:flex;align-items:center;gap:6px;margin:2px 0} .row .name{width:92px;overflow:hidden;
  text-overflow:ellipsis;white-space:nowrap} .row .bar{flex:1;background:#eee;height:11px;position:relative}
@@ -261,10 +277,11 @@ def _card(cfg: ReportConfig, inp: _Inputs, k: int, r: dict[str, Any], img_dir: P
     )
     blocks = [f'<h4>Top labels</h4><div class="pred">{pred_rows}</div>', *_importance_blocks(inp, item, top_label)]
     if cfg.top_elements and els:
+        size = img.size if img is not None else None
         best = sorted(els, key=lambda e: -(e.get(key) or 0.0))[: cfg.top_elements]
         lis = "".join(
             f'<li><b style="color:{inp.colours.get(e[schema.MODALITY], "#333")}">{escape(e[schema.MODALITY])}</b> '
-            f"{(e.get(key) or 0.0):.0%}: {escape(_element_text(e, inp.kinds.get(e[schema.MODALITY]))[:90])}"
+            f"{(e.get(key) or 0.0):.0%}: {escape(_element_text(e, inp.kinds.get(e[schema.MODALITY]), size)[:90])}"
             f"{' <b>(outlined)</b>' if e is top_el else ''}</li>"
             for e in best
         )
@@ -343,8 +360,9 @@ Importance method: {escape(summary["method_text"])}.</p>
 <h2>Items</h2>
 <p class="legend"><span><i style="border-color:#1f77ff"></i>detected face</span>
 <span><i style="border-color:#ff9900"></i>OCR text box</span>
+<span><i style="border-color:#2ca02c"></i>image view (a region of the image)</span>
 <span><i style="border-color:#e00000;border-style:dashed"></i>
-the face or text box that mattered most for the top label</span></p>
+the face, text box or image view that mattered most for the top label</span></p>
 <div class="cards">
 {chr(10).join(cards)}
 </div>

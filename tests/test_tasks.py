@@ -221,3 +221,30 @@ def test_a_renamed_ocr_modality_keeps_its_boxes_in_the_report(source, tmp_path):
         ReportConfig(items=64, split=None), tmp_path / "predictions", run["manifest"], tmp_path / "report"
     ).read_text()
     assert page.count('class="box ocr') == len(boxed), "every OCR box of poster_text is drawn"
+
+
+# ------------------------------------------------------------------------------------------ image views
+
+
+def test_the_report_outlines_the_image_view_that_mattered_most(source, tmp_path):
+    folder = write_variant(source, tmp_path / "data", lambda p: "Comedy" if p["funny_tag"] == "1" else "Drama")
+    params = pipeline_params(folder, {"kind": "multilabel"}, modalities=("tags",))
+    params["extract"]["modalities"]["image"] = {
+        **load_params(REPO / "params.yaml")["extract"]["modalities"]["image"],
+        "views": ["full", "top", "middle", "bottom"],
+        "device": "cpu",
+    }
+    run = run_all(params, tmp_path, {"epochs": 5})
+    elements = pq.read_table(tmp_path / "predictions" / "elements.parquet").to_pylist()
+    views = [e for e in elements if e[schema.MODALITY] == "image"]
+    assert len(views) == 4 * 64 and all(e[schema.BOX] for e in views), "four boxed views per poster"
+    page = write_report(
+        ReportConfig(items=64, split=None), tmp_path / "predictions", run["manifest"], tmp_path / "report"
+    ).read_text()
+    cards = page.split('<article class="card"')[1:]
+    assert len(cards) == 64
+    for card in cards:
+        # the three thirds always; the whole-image view only when it is the one outlined
+        assert card.count('class="box view top"') == 1
+        assert card.count('class="box view') in (3, 4)
+        assert "image view" in card

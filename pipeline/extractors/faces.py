@@ -1,7 +1,8 @@
 """Faces: facenet-pytorch MTCNN finds 0..N faces per image; each face becomes an element.
 
 Each face is embedded by InceptionResnetV1 (VGGFace2) when its weights file is available locally,
-otherwise by the image backbone on the aligned face crop; the file metadata says which.
+otherwise by the image backbone on the aligned face crop (any backbone the image extractor takes,
+Hugging Face models `hf:<hub id or folder>` among them); the file metadata says which.
 Box, five landmarks and detection probability are kept per face.
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.extractors.hf as hf
+from pipeline.config import ConfigError
 from pipeline.extractors.base import (
     ImageReading,
     ItemResult,
@@ -22,9 +25,16 @@ from pipeline.extractors.base import (
     register,
     require_file,
 )
-from pipeline.extractors.image import IMAGENET_MEAN, IMAGENET_STD, ImageBackbone, backbone_dim, backbone_files
+from pipeline.extractors.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    backbone_dim,
+    backbone_files,
+    check_backbone,
+    load_backbone,
+    plan_device,
+)
 from pipeline.features import element, file_sha256, json_sha256
-from pipeline.runtime import resolve_device
 
 VGGFACE2_FILE = "20180402-114759-vggface2.pt"
 
@@ -42,11 +52,16 @@ class FacesConfig:
     margin: int = 16
     embedder: str = "auto"  # auto | vggface2 | backbone
     vggface2_weights: str | None = None  # null: $TORCH_HOME/checkpoints/20180402-114759-vggface2.pt
-    backbone: str = "efficientnet-lite0"
+    backbone: str = "efficientnet-lite0"  # the embedder `backbone`: as the image extractor's (hf: too)
     backbone_weights: str | None = None
+    allow_download: bool = False  # hf: fetch a hub id missing from the local cache (not part of the cache key)
+    precision: str = "fp32"  # of the backbone embedder: or half (float16 on CUDA, bfloat16 on a CPU with AVX512-BF16)
     batch_size: int = 16  # images per batch
     crop_batch_size: int = 32  # face crops per embedder call
     device: str = "auto"
+
+    def validate(self, where: str) -> None:
+        check_backbone(self.backbone, self.backbone_weights, self.precision, f"{where}.", "backbone_weights")
 
 
 def vggface2_path(cfg: FacesConfig) -> Path:
@@ -111,7 +126,7 @@ class FaceModel:
             self.net = net.to(device).eval()
             self.dim = 512
         else:
-            self.backbone = ImageBackbone(cfg.backbone, cfg.backbone_weights, device)
+            self.backbone = load_backbone(cfg.backbone, cfg.backbone_weights, cfg.allow_download, device, cfg.precision)
             self.dim = self.backbone.dim
 
     def detect(self, images: list[np.ndarray]) -> list[tuple[Any, Any, Any]]:
@@ -142,6 +157,10 @@ class FaceModel:
             if self.kind == "vggface2":
                 with torch.inference_mode():
                     out.append(self.net(torch.from_numpy((x - 127.5) / 128.0).to(self.device)).float().cpu().numpy())
+            elif isinstance(self.backbone, hf.ImageTower):  # the model's own processor on the crops
+                out.append(
+                    self.backbone(self.backbone.pixels(list(x.clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))))
+                )
             else:
                 x = (x / 255.0 - IMAGENET_MEAN[None, :, None, None]) / IMAGENET_STD[None, :, None, None]
                 out.append(self.backbone(x.astype(np.float32)))
@@ -160,7 +179,7 @@ class FacesHandler(SetModelHandler):
     """Input: (H, W, 3) uint8 images; output: one element per detected face (unfiltered)."""
 
     def load(self) -> FaceModel:
-        return FaceModel(self.cfg, str(resolve_device(self.cfg.device)))
+        return FaceModel(self.cfg, plan_device(self.cfg.device))
 
     def infer_batch(self, batch: list[np.ndarray], model: FaceModel) -> list[ItemResult]:
         detections = model.detect(batch)
@@ -194,8 +213,22 @@ class FacesExtractor(ImageReading):
     config_class = FacesConfig
     handler_class = FacesHandler
     # MTCNN's weights ship inside facenet-pytorch, so its version covers them
-    sources = ("pipeline.extractors.faces", "pipeline.extractors.image", "pipeline.extractors.base", "pipeline.records")
-    libraries = ("torch", "torchvision", "facenet-pytorch", "efficientnet-lite-pytorch", "pillow", "numpy")
+    sources = (
+        "pipeline.extractors.faces",
+        "pipeline.extractors.image",
+        "pipeline.extractors.hf",
+        "pipeline.extractors.base",
+        "pipeline.records",
+    )
+    libraries = (
+        "torch",
+        "torchvision",
+        "facenet-pytorch",
+        "efficientnet-lite-pytorch",
+        "transformers",
+        "pillow",
+        "numpy",
+    )
     filter_params = ("min_probability", "max_faces")  # applied by `select` to the cached unfiltered set
 
     def describe_files(self) -> dict[str, Any]:
@@ -206,9 +239,9 @@ class FacesExtractor(ImageReading):
             files = {"weights": file_sha256(vggface2_path(cfg))}
             model_id, dim = "mtcnn+inception_resnet_v1:vggface2", 512
         else:
-            _, files = backbone_files(cfg.backbone, cfg.backbone_weights)
-            model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone)
-        return {
+            _, files = backbone_files(cfg.backbone, cfg.backbone_weights, cfg.allow_download)
+            model_id, dim = f"mtcnn+{cfg.backbone}", backbone_dim(cfg.backbone, cfg.allow_download)
+        out = {
             "extractor": "faces",
             "model_id": model_id,
             "embedder": choice,
@@ -216,6 +249,14 @@ class FacesExtractor(ImageReading):
             "model_files_sha256": json_sha256(files),
             "dim": dim,
         }
+        if choice == "backbone":
+            try:
+                runs = hf.runs_on(cfg.precision, plan_device(cfg.device))
+            except ValueError as exc:
+                raise ConfigError(f"precision: {exc}") from None
+            if runs is not None:  # half precision: what runs it is in the key, and each worker checks it
+                out["runs_on"] = runs
+        return out
 
     def select(self, elements: list[dict[str, Any]]) -> list[int]:
         """Which faces of a cached (unfiltered) set are kept, in output order."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+import pipeline.extractors.hf as hf
 import pipeline.extractors.ocr_runtime as ocr_runtime
 from pipeline.extractors.base import (
     ImageReading,
@@ -23,7 +24,7 @@ from pipeline.extractors.base import (
     register,
     require_file,
 )
-from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, _weights_file, encode_sets, text_dim
+from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, encode_sets, model_dir, text_dim
 from pipeline.features import element, file_sha256, json_sha256, tree_sha256
 from pipeline.runtime import resolve_device
 
@@ -215,6 +216,7 @@ class OcrExtractor(ImageReading):
         "pipeline.extractors.ocr",
         "pipeline.extractors.ocr_runtime",
         "pipeline.extractors.text",
+        "pipeline.extractors.hf",
         "pipeline.extractors.base",
         "pipeline.records",
     )
@@ -237,10 +239,10 @@ class OcrExtractor(ImageReading):
         cfg = self.cfg
         where = ocr_model_dir(cfg)
         sums = [file_sha256(require_file(where / n, "easyocr")) for n in OCR_FILES]
-        text_weights = _weights_file(cfg.text_model)
-        sums.append(file_sha256(text_weights))
+        text_folder = model_dir(cfg.text_model)
+        sums.append(hf.weights_digest(text_folder))
         combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
-        files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_weights.parent)}
+        files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_folder)}
         # a named CUDA device is planned as such even where the stage runs without one (cluster workers
         # with GPUs); `auto` is what this machine has, and a worker that resolves it otherwise refuses
         device = cfg.device if cfg.device.startswith("cuda") else str(resolve_device(cfg.device))

@@ -1,0 +1,346 @@
+"""Hugging Face models named by hub id or local folder: image towers and text towers.
+
+`hf:<hub id or folder>` names a model. A folder is used as it is; a hub id is looked up in the local
+Hugging Face cache (`snapshot_download(local_files_only=True)`), and fetched from the hub only when the
+modality says `allow_download: true`. Every file of the folder goes into the provenance (hence the
+cache key), and a model whose weights do not fit its own config (random weights where trained ones
+were meant) is refused rather than run.
+
+Image towers: CLIP (the projected image embedding), SigLIP (the vision tower's pooled output, which is
+its image embedding), any other composite model with `get_image_features`, and plain vision models
+(DINOv2, ViT, ConvNeXt, ResNet, ...): the pooled output the model defines, or the CLS token (the
+spatial mean for a convolutional map) where the checkpoint has no trained pooler.
+Text towers: CLIP (projected text embedding), SigLIP (pooled output), or any encoder (mean-pooled
+last hidden state). Each model's own image processor and tokenizer prepare its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.extractors.base import MissingModelError
+from pipeline.features import file_sha256, json_sha256, tree_sha256
+
+PREFIX = "hf:"
+PRECISIONS = ("fp32", "half")
+# single-file weights, preferred in this order (their digest is the file's own sha256)
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def is_hf(name: str | None) -> bool:
+    return bool(name) and str(name).startswith(PREFIX)
+
+
+def hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.count("/") != 1
+
+
+def model_folder(ref: str, allow_download: bool = False) -> Path:
+    """The local folder of a model: `ref` (with or without `hf:`) is a folder, or a hub id found in
+    the local Hugging Face cache (downloaded only when `allow_download`). A missing model is a
+    MissingModelError naming what to download and where to put it."""
+    ref = ref.removeprefix(PREFIX)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if _looks_like_path(ref):
+        raise MissingModelError(f"model folder {path} not found (a hub id looks like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=not allow_download))
+    except Exception as exc:  # the hub client raises several types for "not here" and "no network"
+        how = (
+            f"it could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            if allow_download
+            else "nothing is downloaded unless the modality sets allow_download: true"
+        )
+        raise MissingModelError(
+            f"model {ref!r} is not a local folder and not in the local Hugging Face cache {hub_cache()}; {how}. "
+            f"On a machine with network run `hf download {ref}` and copy that cache folder here (or point "
+            f"HF_HUB_CACHE at it), or `hf download {ref} --local-dir DIR` and name the folder: hf:DIR"
+        ) from None
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a folder's weights: the file's own sha256 for single-file weights, else of every
+    weights file (sharded checkpoints) by name."""
+    for name in WEIGHTS_FILES:
+        if (folder / name).is_file():
+            return file_sha256(folder / name)
+    shards = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHTS_SUFFIXES))
+    if not shards:
+        raise MissingModelError(f"model folder {folder} has no weights file ({', '.join(WEIGHTS_SUFFIXES)})")
+    return json_sha256({p.name: file_sha256(p) for p in shards})
+
+
+def describe_folder(ref: str, allow_download: bool) -> dict[str, str]:
+    """Checksums of a model folder: its weights, and every file of it (config, processor, tokenizer)."""
+    folder = model_folder(ref, allow_download)
+    return {"weights": weights_digest(folder), "folder": tree_sha256(folder)}
+
+
+def load_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MissingModelError(f"model folder {folder}: no usable config.json ({exc})") from None
+
+
+def image_family(config: Any) -> str:
+    """How an image embedding is read off a model: clip | siglip | features | pooled."""
+    if config.model_type == "clip":
+        return "clip"
+    if config.model_type in ("siglip", "siglip2"):
+        return "siglip"
+    if hasattr(config, "vision_config"):
+        return "features"  # another composite image-text model: its get_image_features
+    return "pooled"
+
+
+def image_dim(config: Any) -> int:
+    """The dimension of a model's image embedding, from its config (no weights loaded)."""
+    family = image_family(config)
+    if family == "clip":
+        return int(config.projection_dim)
+    if family == "siglip":
+        return int(config.vision_config.hidden_size)
+    if family == "features":
+        return int(getattr(config, "projection_dim", None) or config.vision_config.hidden_size)
+    sizes = getattr(config, "hidden_sizes", None)
+    return int(sizes[-1] if sizes else config.hidden_size)
+
+
+def text_family(config: Any) -> str:
+    """clip | siglip | encoder."""
+    if config.model_type == "clip":
+        return "clip"
+    if config.model_type in ("siglip", "siglip2"):
+        return "siglip"
+    return "encoder"
+
+
+def text_dim(config: Any) -> int:
+    family = text_family(config)
+    if family == "clip":
+        return int(config.projection_dim)
+    if family == "siglip":
+        text = config.text_config
+        return int(getattr(text, "projection_size", None) or text.hidden_size)
+    return int(config.hidden_size)
+
+
+def text_max_length(config: Any) -> int | None:
+    """The most tokens a CLIP/SigLIP text tower takes (its position embeddings); None for encoders."""
+    if text_family(config) == "encoder":
+        return None
+    return int(config.text_config.max_position_embeddings)
+
+
+def torch_dtype(precision: str, device: str) -> Any:
+    """fp32, or half where the device runs it natively: float16 on CUDA, bfloat16 on a CPU with
+    AVX512-BF16 or AMX. Elsewhere half is refused (ValueError) rather than emulated."""
+    import torch
+
+    if precision == "fp32":
+        return torch.float32
+    if precision != "half":
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if device.startswith("cuda"):
+        return torch.float16
+    from pipeline.extractors.ocr_runtime import cpu_has_bf16
+
+    if cpu_has_bf16():
+        return torch.bfloat16
+    raise ValueError("precision half needs a GPU or a CPU with AVX512-BF16/AMX; this CPU has neither: use fp32")
+
+
+def runs_on(precision: str, device: str) -> str | None:
+    """What runs the network where it changes the numbers beyond float noise: half precision names
+    its device type and dtype; fp32 is None (CPU and GPU agree within float tolerance)."""
+    if precision == "fp32":
+        return None
+    return (
+        f"torch {'cuda' if device.startswith('cuda') else 'cpu'} {str(torch_dtype(precision, device)).split('.')[-1]}"
+    )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' load reports (unused text-tower weights when only the image tower loads, progress
+    bars) at error level while a model loads; what matters is checked from the loading info."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load(cls: Any, folder: Path, allowed_missing: tuple[str, ...] = (), **kwargs: Any) -> tuple[Any, bool]:
+    """Load `cls` from `folder`; refuse weights that leave parameters random (other than
+    `allowed_missing` prefixes). Returns (model, whether any allowed part was missing)."""
+    try:
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise MissingModelError(f"model folder {folder}: cannot load {cls.__name__}: {exc}") from None
+    missing = [*(info.get("missing_keys") or []), *(info.get("mismatched_keys") or [])]
+    missing = [k if isinstance(k, str) else str(k[0]) for k in missing]
+    unexplained = [k for k in missing if not k.startswith(allowed_missing)]
+    if unexplained:
+        raise MissingModelError(
+            f"model folder {folder}: its weights leave {len(unexplained)} parameters of {cls.__name__} "
+            f"random (e.g. {unexplained[0]}); is it the checkpoint its config describes?"
+        )
+    return model, bool(missing)
+
+
+def image_processor(folder: Path) -> Any:
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MissingModelError(f"model folder {folder}: no usable image processor ({exc})") from None
+
+
+def pixels(processor: Any, images: list[Any]) -> np.ndarray:
+    """PIL images or (H, W, 3) uint8 arrays -> the model's pixel_values, (n, 3, H, W) float32."""
+    out = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    return out.float().numpy()
+
+
+class ImageTower:
+    """A Hugging Face image model in eval mode: pixel_values -> (n, D) image embeddings."""
+
+    def __init__(self, ref: str, allow_download: bool, device: str, precision: str = "fp32"):
+        import transformers
+
+        self.folder = model_folder(ref, allow_download)
+        config = load_config(self.folder)
+        self.family = image_family(config)
+        self.dim = image_dim(config)
+        self.device = device
+        self.dtype = torch_dtype(precision, device)
+        self.cls_token = False
+        if self.family == "clip":  # the vision tower and its projection, sized by the model's projection_dim
+            vision = config.vision_config
+            vision.projection_dim = config.projection_dim
+            net, _ = _load(transformers.CLIPVisionModelWithProjection, self.folder, config=vision)
+        elif self.family == "siglip":
+            cls = transformers.Siglip2VisionModel if config.model_type == "siglip2" else transformers.SiglipVisionModel
+            net, _ = _load(cls, self.folder)
+        elif self.family == "features":
+            net, _ = _load(transformers.AutoModel, self.folder)
+        else:  # a checkpoint without a trained pooler (a classifier's backbone): the CLS token instead
+            net, self.cls_token = _load(transformers.AutoModel, self.folder, allowed_missing=("pooler.",))
+        self.net = net.to(device=device, dtype=self.dtype).eval()
+        self.processor = image_processor(self.folder)
+
+    def pixels(self, images: list[Any]) -> np.ndarray:
+        return pixels(self.processor, images)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, H, W) pixel_values -> (n, D) float32."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device=self.device, dtype=self.dtype)
+            if self.family == "clip":
+                out = self.net(pixel_values=x).image_embeds
+            elif self.family == "siglip":
+                out = self.net(pixel_values=x).pooler_output
+            elif self.family == "features":
+                out = self.net.get_image_features(pixel_values=x)
+                out = out if isinstance(out, torch.Tensor) else out.pooler_output
+            else:
+                res = self.net(pixel_values=x)
+                pooled = getattr(res, "pooler_output", None)
+                if pooled is None or self.cls_token:
+                    hidden = res.last_hidden_state
+                    pooled = hidden.mean(dim=(2, 3)) if hidden.ndim == 4 else hidden[:, 0]
+                out = pooled
+            out = out.reshape(out.shape[0], -1)
+        if out.shape[1] != self.dim:
+            raise MissingModelError(
+                f"{self.folder}: embeddings of dimension {out.shape[1]}, its config says {self.dim}"
+            )
+        return out.float().cpu().numpy()
+
+
+class TextTower:
+    """A Hugging Face text model in eval mode: texts -> (n, D) L2-normalised embeddings (CLIP/SigLIP
+    text embeddings, or an encoder's mean-pooled last hidden state)."""
+
+    def __init__(self, ref: str, allow_download: bool, max_length: int, device: str):
+        import transformers
+
+        self.folder = model_folder(ref, allow_download)
+        config = load_config(self.folder)
+        self.family = text_family(config)
+        self.dim = text_dim(config)
+        limit = text_max_length(config)
+        self.max_length = min(max_length, limit) if limit else max_length
+        self.device = device
+        try:
+            with _quiet_transformers():
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise MissingModelError(f"model folder {self.folder}: no usable tokenizer ({exc})") from None
+        cls = {
+            "clip": transformers.CLIPTextModelWithProjection,
+            "siglip": transformers.SiglipTextModel,
+            "encoder": transformers.AutoModel,
+        }[self.family]
+        extra: dict[str, Any] = {}
+        if self.family == "clip":  # the text tower and its projection, sized by the model's projection_dim
+            extra["config"] = config.text_config
+            extra["config"].projection_dim = config.projection_dim
+        net, _ = _load(cls, self.folder, allowed_missing=("pooler.",) if self.family == "encoder" else (), **extra)
+        self.net = net.to(device).eval()
+
+    def __call__(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """(n,) texts -> (n, D) float32, in chunks of `batch_size`."""
+        import torch
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # SigLIP was trained on texts padded to its full length: its pooled token depends on it
+        padding = "max_length" if self.family == "siglip" else True
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start : start + batch_size]
+                enc = self.tokenizer(
+                    chunk, padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+                ).to(self.device)
+                if self.family == "clip":
+                    pooled = self.net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
+                elif self.family == "siglip":
+                    pooled = self.net(input_ids=enc["input_ids"]).pooler_output
+                else:
+                    hidden = self.net(**enc).last_hidden_state  # (B, L, D)
+                    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+                out[start : start + len(chunk)] = pooled.cpu().numpy()
+        return out
