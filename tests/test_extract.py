@@ -151,6 +151,8 @@ def test_missing_weights_and_unknown_kind_are_clear_errors(tmp_path):
         text.TextExtractor(text.TextConfig(column="t", model="roberta-base-not-here/xyz")).describe_files()
     with pytest.raises(base.MissingModelError, match=r"model folder .*no-such-folder not found"):
         text.TextExtractor(text.TextConfig(column="t", model=str(tmp_path / "no-such-folder"))).describe_files()
+    with pytest.raises(base.MissingModelError, match="'legacy-bare-id' is not a local folder and not in the local"):
+        text.TextExtractor(text.TextConfig(column="t", model="legacy-bare-id")).describe_files()
     with pytest.raises(base.MissingModelError, match="vggface2"):
         faces.embedder_choice(faces.FacesConfig(embedder="vggface2", vggface2_weights=str(tmp_path / "v.pt")))
     with pytest.raises(ConfigError, match=r"extract.modalities.x.kind: unknown extractor kind 'sound'"):

@@ -196,7 +196,7 @@ def test_half_precision_is_refused_where_the_device_cannot_run_it(models):
 
     ext = ImageExtractor(ImageConfig(backbone=f"hf:{models['dinov2']}", precision="half", device="cpu"))
     if cpu_has_bf16():
-        assert ext.describe_files()["runs_on"] == "torch cpu bfloat16"
+        assert ext.describe_files()["runs_on"] == {"backbone": "torch cpu bfloat16"}
     else:
         with pytest.raises(ConfigError, match="precision"):
             ext.describe_files()

@@ -44,7 +44,8 @@ def hub_cache() -> str:
 
 
 def _looks_like_path(ref: str) -> bool:
-    return ref.startswith(("/", ".", "~")) or ref.count("/") != 1
+    """A folder name rather than a hub id ('org/name', or a legacy bare name such as 'roberta-base')."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or Path(ref).expanduser().exists()
 
 
 def model_folder(ref: str, allow_download: bool = False) -> Path:
@@ -56,7 +57,7 @@ def model_folder(ref: str, allow_download: bool = False) -> Path:
     if path.is_dir():
         return path.resolve()
     if _looks_like_path(ref):
-        raise MissingModelError(f"model folder {path} not found (a hub id looks like 'org/name')")
+        raise MissingModelError(f"model folder {path} not found (or not a folder)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -169,14 +170,13 @@ def torch_dtype(precision: str, device: str) -> Any:
     raise ValueError("precision half needs a GPU or a CPU with AVX512-BF16/AMX; this CPU has neither: use fp32")
 
 
-def runs_on(precision: str, device: str) -> str | None:
+def runs_on(precision: str, device: str) -> dict[str, str] | None:
     """What runs the network where it changes the numbers beyond float noise: half precision names
     its device type and dtype; fp32 is None (CPU and GPU agree within float tolerance)."""
     if precision == "fp32":
         return None
-    return (
-        f"torch {'cuda' if device.startswith('cuda') else 'cpu'} {str(torch_dtype(precision, device)).split('.')[-1]}"
-    )
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return {"backbone": f"torch {kind} {str(torch_dtype(precision, device)).split('.')[-1]}"}
 
 
 @contextmanager
