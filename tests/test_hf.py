@@ -324,3 +324,133 @@ def test_view_names_grids_and_boxes():
         view_regions(["full", "box:0,0,1,1"])
     with pytest.raises(ConfigError, match=r"image\.views"):
         ImageConfig(views=("full", "sideways")).validate("extract.modalities.image")
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+
+
+def tiny_bert_folder(folder: Path, pooling: dict | None, extra_module: str | None = None) -> Path:
+    """A tiny random BERT with the packaged MiniLM tokenizer, as a sentence-transformers folder when
+    `pooling` is given (modules.json + 1_Pooling/config.json)."""
+    import shutil
+
+    from pipeline.extractors import text
+
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=30522, **SMALL)).save_pretrained(folder)
+    minilm = text.model_dir(text.PACKAGED_MINILM)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm / name).is_file():
+            shutil.copy(minilm / name, folder / name)
+    if pooling is not None:
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if extra_module:
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_x", "type": f"sentence_transformers.models.{extra_module}"}
+            )
+        (folder / "modules.json").write_text(json.dumps(modules))
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
+    return folder
+
+
+def test_a_sentence_encoder_pools_as_its_folder_says_or_is_refused(tmp_path):
+    texts = ["the cat sat", "a much longer title about a dog and a cat"]
+    mean = hf.TextTower(str(tiny_bert_folder(tmp_path / "plain", None)), False, 32, "cpu")
+    cls = hf.TextTower(str(tiny_bert_folder(tmp_path / "cls", {"pooling_mode_cls_token": True})), False, 32, "cpu")
+    assert (mean.pooling, cls.pooling) == ("mean", "cls")
+    with torch.inference_mode():
+        enc = cls.tokenizer(texts, padding=True, return_tensors="pt")
+        want = torch.nn.functional.normalize(cls.net(**enc).last_hidden_state[:, 0], dim=-1).numpy()
+    assert np.abs(cls(texts, 2) - want).max() < 1e-5, "the CLS token, as the Pooling module says"
+    assert np.abs(cls(texts, 2) - mean(texts, 2)).max() > 1e-3
+    dense = tiny_bert_folder(tmp_path / "dense", {"pooling_mode_mean_tokens": True}, extra_module="Dense")
+    with pytest.raises(hf.MissingModelError, match="Dense module"):
+        hf.TextTower(str(dense), False, 32, "cpu")
+    weighted = tiny_bert_folder(tmp_path / "weighted", {"pooling_mode_weightedmean_tokens": True})
+    with pytest.raises(hf.MissingModelError, match="not supported"):
+        hf.TextTower(str(weighted), False, 32, "cpu")
+
+
+def test_siglip_text_is_padded_to_the_models_length_whatever_the_batch(tmp_path):
+    """SigLIP pools the last position: each text is padded to the model's full length, so its embedding
+    does not depend on its batch, and equals the model's own text embedding of that padded input."""
+    import shutil
+
+    from pipeline.extractors import text
+
+    torch.manual_seed(0)
+    folder = tmp_path / "siglip"
+    text_cfg = {**SMALL, "vocab_size": 30522, "max_position_embeddings": 16, "bos_token_id": 101, "eos_token_id": 102}
+    transformers.SiglipModel(transformers.SiglipConfig(text_config=text_cfg, vision_config=VISION)).save_pretrained(
+        folder
+    )
+    minilm = text.model_dir(text.PACKAGED_MINILM)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm / name).is_file():
+            shutil.copy(minilm / name, folder / name)
+    tower = hf.TextTower(str(folder), False, 8, "cpu")  # truncated at 8 tokens, padded to the model's 16
+    assert (tower.max_length, tower.pad_to) == (8, 16)
+    short, long = "a cat", "a long title about a dog that runs through a very long story"
+    alone = tower([short], 1)
+    together = tower([short, long], 2)
+    assert np.abs(alone[0] - together[0]).max() < 1e-5
+    full = transformers.SiglipModel.from_pretrained(folder, local_files_only=True).eval()
+    ids = tower.tokenizer([short, long], truncation=True, max_length=8)
+    ids = tower.tokenizer.pad(ids, padding="max_length", max_length=16, return_tensors="pt")
+    assert ids["input_ids"].shape == (2, 16)
+    with torch.inference_mode():
+        want = full.get_text_features(input_ids=ids["input_ids"])
+    want = want if isinstance(want, torch.Tensor) else want.pooler_output
+    assert np.abs(together - torch.nn.functional.normalize(want, dim=-1).numpy()).max() < 1e-5
+
+
+def test_a_half_precision_checkpoint_runs_in_float32(models, tmp_path):
+    torch.manual_seed(0)
+    net = transformers.Dinov2Model(transformers.Dinov2Config(**VISION)).half()
+    net.save_pretrained(tmp_path / "fp16")
+    import shutil
+
+    shutil.copy(models["dinov2"] / "preprocessor_config.json", tmp_path / "fp16")
+    tower = hf.ImageTower(str(tmp_path / "fp16"), False, "cpu")
+    assert next(tower.net.parameters()).dtype == torch.float32
+    enc = hf.TextTower(str(tiny_bert_folder(tmp_path / "bert", None)), False, 32, "cpu")
+    assert next(enc.net.parameters()).dtype == torch.float32
+
+
+def test_allow_download_lifts_the_stages_offline_mode_for_that_call_only(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    seen = {}
+
+    def fake_download(ref, local_files_only):
+        seen.update(ref=ref, local_files_only=local_files_only, offline=constants.is_offline_mode())
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as the stages set it
+    assert hf.model_folder("hf:org/model", allow_download=True) == tmp_path
+    assert seen == {"ref": "org/model", "local_files_only": False, "offline": False}
+    assert constants.HF_HUB_OFFLINE is True, "offline again after the call"
+    hf.model_folder("hf:org/model")
+    assert seen["local_files_only"] is True and seen["offline"] is True
+
+
+def test_unsupported_or_empty_models_are_refused_at_plan_time(models):
+    with pytest.raises(hf.MissingModelError, match="SigLIP 2"):
+        hf.image_family(transformers.Siglip2Config())
+    with pytest.raises(ConfigError, match="backbone: name the model"):
+        ImageConfig(backbone="hf:").validate("extract.modalities.image")
+    with pytest.raises(hf.MissingModelError, match="empty model name"):
+        hf.model_folder("hf: ")
+
+
+def test_a_thin_strip_is_cut_to_its_central_part_before_the_processor(models, tmp_path):
+    image_of(0, (4000, 3)).save(tmp_path / "strip.png")
+    ext = ImageExtractor(ImageConfig(backbone=f"hf:{models['clip']}", views=("full", "top"), device="cpu"))
+    views, boxes = ext.prepare({"image": "strip.png"}, tmp_path)
+    assert views.shape == (2, 3, 32, 32) and boxes == [[0, 0, 4000, 3], [0, 0, 4000, 1]]

@@ -43,6 +43,27 @@ def hub_cache() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (library errors often run over several lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _online(allowed: bool) -> Iterator[None]:
+    """Lift the hub client's offline mode (the stages set HF_HUB_OFFLINE=1 so that nothing reaches the
+    network by accident) for a download the modality asked for with allow_download."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    if allowed:
+        constants.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _looks_like_path(ref: str) -> bool:
     """A folder name rather than a hub id ('org/name', or a legacy bare name such as 'roberta-base')."""
     return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or Path(ref).expanduser().exists()
@@ -52,7 +73,9 @@ def model_folder(ref: str, allow_download: bool = False) -> Path:
     """The local folder of a model: `ref` (with or without `hf:`) is a folder, or a hub id found in
     the local Hugging Face cache (downloaded only when `allow_download`). A missing model is a
     MissingModelError naming what to download and where to put it."""
-    ref = ref.removeprefix(PREFIX)
+    ref = ref.removeprefix(PREFIX).strip()
+    if not ref:
+        raise MissingModelError("an empty model name: use hf:<hub id> or hf:<model folder>")
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -61,10 +84,11 @@ def model_folder(ref: str, allow_download: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref, local_files_only=not allow_download))
+        with _online(allow_download):
+            return Path(snapshot_download(ref, local_files_only=not allow_download))
     except Exception as exc:  # the hub client raises several types for "not here" and "no network"
         how = (
-            f"it could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"it could not be downloaded ({type(exc).__name__}: {first_line(exc)})"
             if allow_download
             else "nothing is downloaded unless the modality sets allow_download: true"
         )
@@ -76,15 +100,29 @@ def model_folder(ref: str, allow_download: bool = False) -> Path:
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of a folder's weights: the file's own sha256 for single-file weights, else of every
-    weights file (sharded checkpoints) by name."""
-    for name in WEIGHTS_FILES:
-        if (folder / name).is_file():
-            return file_sha256(folder / name)
-    shards = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHTS_SUFFIXES))
-    if not shards:
+    """sha256 of the weights transformers loads from a folder, in its order of preference: a single
+    file's own sha256 (model.safetensors, pytorch_model.bin), or of every shard an index names."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / single).is_file():
+            return file_sha256(folder / single)
+        if (folder / index).is_file():
+            import json
+
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise MissingModelError(f"{folder / index}: not a weights index ({first_line(exc)})") from None
+            missing = [n for n in shards if not (folder / n).is_file()]
+            if missing:
+                raise MissingModelError(f"model folder {folder}: shard {missing[0]} named by {index} is missing")
+            return json_sha256({n: file_sha256(folder / n) for n in shards})
+    others = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHTS_SUFFIXES))
+    if not others:
         raise MissingModelError(f"model folder {folder} has no weights file ({', '.join(WEIGHTS_SUFFIXES)})")
-    return json_sha256({p.name: file_sha256(p) for p in shards})
+    return json_sha256({p.name: file_sha256(p) for p in others})
 
 
 def describe_folder(ref: str, allow_download: bool) -> dict[str, str]:
@@ -99,15 +137,17 @@ def load_config(folder: Path) -> Any:
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise MissingModelError(f"model folder {folder}: no usable config.json ({exc})") from None
+        raise MissingModelError(f"model folder {folder}: no usable config.json ({first_line(exc)})") from None
 
 
 def image_family(config: Any) -> str:
     """How an image embedding is read off a model: clip | siglip | features | pooled."""
     if config.model_type == "clip":
         return "clip"
-    if config.model_type in ("siglip", "siglip2"):
+    if config.model_type == "siglip":
         return "siglip"
+    if config.model_type == "siglip2":  # variable-resolution patches: inputs beyond pixel_values
+        raise MissingModelError("SigLIP 2 image models are not supported (use a SigLIP, CLIP or DINOv2 model)")
     if hasattr(config, "vision_config"):
         return "features"  # another composite image-text model: its get_image_features
     return "pooled"
@@ -122,8 +162,11 @@ def image_dim(config: Any) -> int:
         return int(config.vision_config.hidden_size)
     if family == "features":
         return int(getattr(config, "projection_dim", None) or config.vision_config.hidden_size)
-    sizes = getattr(config, "hidden_sizes", None)
-    return int(sizes[-1] if sizes else config.hidden_size)
+    for name in ("hidden_sizes", "hidden_size", "hidden_dim"):  # what the model's pooled output has
+        value = getattr(config, name, None)
+        if value:
+            return int(value[-1] if isinstance(value, (list, tuple)) else value)
+    raise MissingModelError(f"cannot tell the embedding size of a {config.model_type!r} model from its config")
 
 
 def text_family(config: Any) -> str:
@@ -198,13 +241,18 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _load(cls: Any, folder: Path, allowed_missing: tuple[str, ...] = (), **kwargs: Any) -> tuple[Any, bool]:
-    """Load `cls` from `folder`; refuse weights that leave parameters random (other than
+    """Load `cls` from `folder` in float32; refuse weights that leave parameters random (other than
     `allowed_missing` prefixes). Returns (model, whether any allowed part was missing)."""
+    import torch
+
     try:
         with _quiet_transformers():
-            model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+            # float32 whatever the checkpoint was saved in (transformers would keep its dtype)
+            model, info = cls.from_pretrained(
+                folder, local_files_only=True, output_loading_info=True, dtype=torch.float32, **kwargs
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise MissingModelError(f"model folder {folder}: cannot load {cls.__name__}: {exc}") from None
+        raise MissingModelError(f"model folder {folder}: cannot load {cls.__name__}: {first_line(exc)}") from None
     missing = [*(info.get("missing_keys") or []), *(info.get("mismatched_keys") or [])]
     missing = [k if isinstance(k, str) else str(k[0]) for k in missing]
     unexplained = [k for k in missing if not k.startswith(allowed_missing)]
@@ -222,7 +270,7 @@ def image_processor(folder: Path) -> Any:
     try:
         return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise MissingModelError(f"model folder {folder}: no usable image processor ({exc})") from None
+        raise MissingModelError(f"model folder {folder}: no usable image processor ({first_line(exc)})") from None
 
 
 def pixels(processor: Any, images: list[Any]) -> np.ndarray:
@@ -257,6 +305,10 @@ class ImageTower:
             net, self.cls_token = _load(transformers.AutoModel, self.folder, allowed_missing=("pooler.",))
         self.net = net.to(device=device, dtype=self.dtype).eval()
         self.processor = image_processor(self.folder)
+        # the dimension planned from the config must be the one the model gives: one probe, before any item
+        from PIL import Image
+
+        self(self.pixels([Image.new("RGB", (64, 64), (128, 128, 128))]))
 
     def pixels(self, images: list[Any]) -> np.ndarray:
         return pixels(self.processor, images)
@@ -289,9 +341,48 @@ class ImageTower:
         return out.float().cpu().numpy()
 
 
+POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max"}
+
+
+def sentence_pooling(folder: Path) -> str:
+    """How a sentence encoder pools its tokens: what a sentence-transformers folder's Pooling module says
+    (modules.json), mean for a plain encoder folder. cls | mean | max. A folder with a module this
+    extractor does not run (a Dense projection after pooling, another pooling mode) is refused rather
+    than embedded without it."""
+    import json
+
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return "mean"
+    pooling = "mean"
+    try:
+        modules = json.loads(modules_file.read_text())
+        for module in modules:
+            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+            if kind in ("Transformer", "Normalize"):  # the encoder itself; embeddings are normalised anyway
+                continue
+            if kind != "Pooling":
+                raise MissingModelError(
+                    f"model folder {folder}: its sentence-transformers pipeline has a {kind} module "
+                    "(modules.json) that the text extractor does not run"
+                )
+            config = json.loads((folder / module["path"] / "config.json").read_text())
+            modes = [name for name, on in config.items() if name.startswith("pooling_mode") and on]
+            if len(modes) != 1 or modes[0] not in POOLING_MODES:
+                raise MissingModelError(
+                    f"model folder {folder}: pooling {modes} is not supported (cls, mean or max tokens)"
+                )
+            pooling = POOLING_MODES[modes[0]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MissingModelError(
+            f"model folder {folder}: unreadable modules.json or pooling config ({first_line(exc)})"
+        ) from None
+    return pooling
+
+
 class TextTower:
     """A Hugging Face text model in eval mode: texts -> (n, D) L2-normalised embeddings (CLIP/SigLIP
-    text embeddings, or an encoder's mean-pooled last hidden state)."""
+    text embeddings, or an encoder's last hidden state pooled as its folder says, mean by default)."""
 
     def __init__(self, ref: str, allow_download: bool, max_length: int, device: str):
         import transformers
@@ -302,12 +393,15 @@ class TextTower:
         self.dim = text_dim(config)
         limit = text_max_length(config)
         self.max_length = min(max_length, limit) if limit else max_length
+        # SigLIP's pooled token depends on the padding: texts are padded to its full length, as it was trained
+        self.pad_to = limit if self.family == "siglip" else None
+        self.pooling = sentence_pooling(self.folder) if self.family == "encoder" else None
         self.device = device
         try:
             with _quiet_transformers():
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
-            raise MissingModelError(f"model folder {self.folder}: no usable tokenizer ({exc})") from None
+            raise MissingModelError(f"model folder {self.folder}: no usable tokenizer ({first_line(exc)})") from None
         cls = {
             "clip": transformers.CLIPTextModelWithProjection,
             "siglip": transformers.SiglipTextModel,
@@ -325,14 +419,17 @@ class TextTower:
         import torch
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        # SigLIP was trained on texts padded to its full length: its pooled token depends on it
-        padding = "max_length" if self.family == "siglip" else True
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start : start + batch_size]
-                enc = self.tokenizer(
-                    chunk, padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
-                ).to(self.device)
+                if self.pad_to:
+                    enc = self.tokenizer(chunk, truncation=True, max_length=self.max_length)
+                    enc = self.tokenizer.pad(enc, padding="max_length", max_length=self.pad_to, return_tensors="pt")
+                else:
+                    enc = self.tokenizer(
+                        chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                    )
+                enc = enc.to(self.device)
                 if self.family == "clip":
                     pooled = self.net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
                 elif self.family == "siglip":
@@ -340,7 +437,12 @@ class TextTower:
                 else:
                     hidden = self.net(**enc).last_hidden_state  # (B, L, D)
                     mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                    if self.pooling == "cls":
+                        pooled = hidden[:, 0]
+                    elif self.pooling == "max":
+                        pooled = hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+                    else:
+                        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
                 out[start : start + len(chunk)] = pooled.cpu().numpy()
         return out

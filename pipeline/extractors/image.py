@@ -122,13 +122,20 @@ class ImageConfig:
 MAX_ASPECT = 4  # a longer image is first cut to its central part of this aspect (the crop lies inside it)
 
 
-def image_to_array(img: Image.Image, resize: int, size: int) -> np.ndarray:
-    """Resize the short side to `resize`, center-crop `size`, ImageNet-normalise: (3, size, size) float32."""
+def central_aspect(img: Image.Image) -> Image.Image:
+    """The central part of an image longer than MAX_ASPECT to 1 (a 2 x 4000 strip would otherwise be
+    resized to 256 x 512,000); other images as they are."""
     w, h = img.size
-    if max(w, h) > MAX_ASPECT * min(w, h):  # a 2 x 4000 strip would otherwise be resized to 256 x 512,000
+    if max(w, h) > MAX_ASPECT * min(w, h):
         cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
         img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
-        w, h = img.size
+    return img
+
+
+def image_to_array(img: Image.Image, resize: int, size: int) -> np.ndarray:
+    """Resize the short side to `resize`, center-crop `size`, ImageNet-normalise: (3, size, size) float32."""
+    img = central_aspect(img)
+    w, h = img.size
     scale = resize / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     w, h = img.size
@@ -141,6 +148,8 @@ def check_backbone(name: str, weights: str | None, precision: str, where: str, f
     """Refuse settings that cannot work together (ConfigError naming the param)."""
     if precision not in hf.PRECISIONS:
         raise ConfigError(f"{where}precision: must be one of {list(hf.PRECISIONS)}, not {precision!r}")
+    if hf.is_hf(name) and not name.removeprefix(hf.PREFIX).strip():
+        raise ConfigError(f"{where}backbone: name the model, hf:<hub id> or hf:<model folder>")
     if hf.is_hf(name) and weights is not None:
         raise ConfigError(f"{where}{field}: an hf: backbone loads the weights of its own folder; leave {field} null")
 
@@ -368,7 +377,7 @@ class ImageExtractor(ImageReading):
         boxes = [region_box(r, *img.size) for r in view_regions(self.cfg.views)]
         crops = [img if box == (0, 0, *img.size) else img.crop(box) for box in boxes]
         if hf.is_hf(self.cfg.backbone):
-            views = hf.pixels(self.processor(), crops)
+            views = hf.pixels(self.processor(), [central_aspect(c) for c in crops])
         else:
             views = np.stack([image_to_array(c, self.cfg.resize, self.cfg.image_size) for c in crops])
         return views, [[float(v) for v in box] for box in boxes]
