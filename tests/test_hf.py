@@ -443,6 +443,8 @@ def test_allow_download_lifts_the_stages_offline_mode_for_that_call_only(monkeyp
 def test_unsupported_or_empty_models_are_refused_at_plan_time(models):
     with pytest.raises(hf.MissingModelError, match="SigLIP 2"):
         hf.image_family(transformers.Siglip2Config())
+    with pytest.raises(hf.MissingModelError, match="SigLIP 2"):
+        hf.text_family(transformers.Siglip2Config())
     with pytest.raises(ConfigError, match="backbone: name the model"):
         ImageConfig(backbone="hf:").validate("extract.modalities.image")
     with pytest.raises(hf.MissingModelError, match="empty model name"):

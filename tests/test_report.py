@@ -62,11 +62,13 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
         errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
         assert not errors, errors
         boxes = driver.execute_script(
-            "return ['rect.box.face', 'rect.box.ocr', 'rect.box.top', '.card .bar i', 'svg[role=img]']"
+            "return ['rect.box.face', 'rect.box.ocr', 'rect.box.view', 'rect.box.top', '.card .bar i', 'svg[role=img]']"
             ".map(s => document.querySelectorAll(s).length)"
         )
-        faces, ocr, top, bars, plots = boxes
+        faces, ocr, views, top, bars, plots = boxes
         assert faces > 0 and ocr > 0 and top > 0, f"boxes drawn: faces {faces}, ocr {ocr}, highlighted {top}"
+        # the shipped image views: the three thirds on every poster, the whole image where it mattered most
+        assert 8 * 3 <= views <= 8 * 4, views
         assert bars >= 8 * 3 and plots == 2
         checked = driver.execute_script(  # every drawn box lies inside its poster's image
             "return Array.from(document.querySelectorAll('.poster')).flatMap(p => {"
@@ -75,7 +77,7 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
             " return q.width > 0 && q.height > 0 && q.left >= r.left - 1 && q.right <= r.right + 1"
             " && q.top >= r.top - 1 && q.bottom <= r.bottom + 1; }); })"
         )
-        assert len(checked) == faces + ocr and len(checked) > 0 and all(checked), checked
+        assert len(checked) == faces + ocr + views and len(checked) > 0 and all(checked), checked
         shot = tmp_path / "report.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 50_000

@@ -173,8 +173,10 @@ def text_family(config: Any) -> str:
     """clip | siglip | encoder."""
     if config.model_type == "clip":
         return "clip"
-    if config.model_type in ("siglip", "siglip2"):
+    if config.model_type == "siglip":
         return "siglip"
+    if config.model_type == "siglip2":
+        raise MissingModelError("SigLIP 2 models are not supported (use a SigLIP or CLIP model)")
     return "encoder"
 
 
@@ -297,8 +299,7 @@ class ImageTower:
             vision.projection_dim = config.projection_dim
             net, _ = _load(transformers.CLIPVisionModelWithProjection, self.folder, config=vision)
         elif self.family == "siglip":
-            cls = transformers.Siglip2VisionModel if config.model_type == "siglip2" else transformers.SiglipVisionModel
-            net, _ = _load(cls, self.folder)
+            net, _ = _load(transformers.SiglipVisionModel, self.folder)
         elif self.family == "features":
             net, _ = _load(transformers.AutoModel, self.folder)
         else:  # a checkpoint without a trained pooler (a classifier's backbone): the CLS token instead
