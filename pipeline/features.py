@@ -119,20 +119,30 @@ def json_sha256(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def tree_sha256(folder: str | Path) -> str:
-    """sha256 over every file under `folder` (relative path and content; symlinks followed, as a model
-    cache's snapshot links its blobs): weights, tokenizer, config and code of a model folder alike.
-    Hidden entries and __pycache__ are left out (they are not model content)."""
+def file_digests(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under `folder` by relative path, in path order (symlinks followed, as a model
+    cache's snapshot links its blobs). Hidden entries and __pycache__ are left out (not model content)."""
     root = Path(folder)
-    h = hashlib.sha256()
     files = sorted(
         p
         for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
     )
-    for path in files:
-        h.update(f"{path.relative_to(root).as_posix()}\x00{file_sha256(path)}\n".encode("utf-8", "surrogatepass"))
+    return {path.relative_to(root).as_posix(): file_sha256(path) for path in files}
+
+
+def digests_sha256(digests: dict[str, str]) -> str:
+    """The sha256 of a folder from its `file_digests` (relative path and content of each file)."""
+    h = hashlib.sha256()
+    for rel, sha in digests.items():
+        h.update(f"{rel}\x00{sha}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+def tree_sha256(folder: str | Path) -> str:
+    """sha256 over every file under `folder` (relative path and content): weights, tokenizer, config and
+    code of a model folder alike."""
+    return digests_sha256(file_digests(folder))
 
 
 def _digest(h: Any, arr: pa.Array) -> None:

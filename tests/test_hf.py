@@ -329,19 +329,24 @@ def test_view_names_grids_and_boxes():
 # ------------------------------------------------------------------------------------------ edge cases
 
 
-def tiny_bert_folder(folder: Path, pooling: dict | None, extra_module: str | None = None) -> Path:
-    """A tiny random BERT with the packaged MiniLM tokenizer, as a sentence-transformers folder when
-    `pooling` is given (modules.json + 1_Pooling/config.json)."""
+def copy_minilm_tokenizer(folder: Path) -> None:
+    """The packaged MiniLM's WordPiece tokenizer into `folder` (a real tokenizer for tiny text models)."""
     import shutil
 
     from pipeline.extractors import text
 
-    torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(vocab_size=30522, **SMALL)).save_pretrained(folder)
     minilm = text.model_dir(text.PACKAGED_MINILM)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm / name).is_file():
             shutil.copy(minilm / name, folder / name)
+
+
+def tiny_bert_folder(folder: Path, pooling: dict | None, extra_module: str | None = None) -> Path:
+    """A tiny random BERT with the packaged MiniLM tokenizer, as a sentence-transformers folder when
+    `pooling` is given (modules.json + 1_Pooling/config.json)."""
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=30522, **SMALL)).save_pretrained(folder)
+    copy_minilm_tokenizer(folder)
     if pooling is not None:
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -378,20 +383,13 @@ def test_a_sentence_encoder_pools_as_its_folder_says_or_is_refused(tmp_path):
 def test_siglip_text_is_padded_to_the_models_length_whatever_the_batch(tmp_path):
     """SigLIP pools the last position: each text is padded to the model's full length, so its embedding
     does not depend on its batch, and equals the model's own text embedding of that padded input."""
-    import shutil
-
-    from pipeline.extractors import text
-
     torch.manual_seed(0)
     folder = tmp_path / "siglip"
     text_cfg = {**SMALL, "vocab_size": 30522, "max_position_embeddings": 16, "bos_token_id": 101, "eos_token_id": 102}
     transformers.SiglipModel(transformers.SiglipConfig(text_config=text_cfg, vision_config=VISION)).save_pretrained(
         folder
     )
-    minilm = text.model_dir(text.PACKAGED_MINILM)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm / name).is_file():
-            shutil.copy(minilm / name, folder / name)
+    copy_minilm_tokenizer(folder)
     tower = hf.TextTower(str(folder), False, 8, "cpu")  # truncated at 8 tokens, padded to the model's 16
     assert (tower.max_length, tower.pad_to) == (8, 16)
     short, long = "a cat", "a long title about a dog that runs through a very long story"

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 import pipeline.extractors.hf as hf
-from pipeline.config import ConfigError
 from pipeline.extractors.base import (
     ImageReading,
     ItemResult,
@@ -33,6 +32,7 @@ from pipeline.extractors.image import (
     check_backbone,
     load_backbone,
     plan_device,
+    with_runs_on,
 )
 from pipeline.features import element, file_sha256, json_sha256
 
@@ -249,14 +249,7 @@ class FacesExtractor(ImageReading):
             "model_files_sha256": json_sha256(files),
             "dim": dim,
         }
-        if choice == "backbone":
-            try:
-                runs = hf.runs_on(cfg.precision, plan_device(cfg.device))
-            except ValueError as exc:
-                raise ConfigError(f"precision: {exc}") from None
-            if runs is not None:  # half precision: what runs it is in the key, and each worker checks it
-                out["runs_on"] = runs
-        return out
+        return with_runs_on(out, cfg.precision, cfg.device) if choice == "backbone" else out
 
     def select(self, elements: list[dict[str, Any]]) -> list[int]:
         """Which faces of a cached (unfiltered) set are kept, in output order."""

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import MissingModelError
-from pipeline.features import file_sha256, json_sha256, tree_sha256
+from pipeline.features import digests_sha256, file_digests, file_sha256, json_sha256
 
 PREFIX = "hf:"
 PRECISIONS = ("fp32", "half")
@@ -99,15 +99,21 @@ def model_folder(ref: str, allow_download: bool = False) -> Path:
         ) from None
 
 
-def weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path, known: dict[str, str] | None = None) -> str:
     """sha256 of the weights transformers loads from a folder, in its order of preference: a single
-    file's own sha256 (model.safetensors, pytorch_model.bin), or of every shard an index names."""
+    file's own sha256 (model.safetensors, pytorch_model.bin), or of every shard an index names.
+    `known`: the folder's file_digests, when already computed (weights are not hashed twice)."""
+    known = known or {}
+
+    def sha(name: str) -> str:
+        return known.get(name) or file_sha256(folder / name)
+
     for single, index in (
         ("model.safetensors", "model.safetensors.index.json"),
         ("pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
         if (folder / single).is_file():
-            return file_sha256(folder / single)
+            return sha(single)
         if (folder / index).is_file():
             import json
 
@@ -118,17 +124,23 @@ def weights_digest(folder: Path) -> str:
             missing = [n for n in shards if not (folder / n).is_file()]
             if missing:
                 raise MissingModelError(f"model folder {folder}: shard {missing[0]} named by {index} is missing")
-            return json_sha256({n: file_sha256(folder / n) for n in shards})
+            return json_sha256({n: sha(n) for n in shards})
     others = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHTS_SUFFIXES))
     if not others:
         raise MissingModelError(f"model folder {folder} has no weights file ({', '.join(WEIGHTS_SUFFIXES)})")
-    return json_sha256({p.name: file_sha256(p) for p in others})
+    return json_sha256({p.name: sha(p.name) for p in others})
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """Checksums of a model folder, each file read once: its weights, and every file of it (config,
+    processor, tokenizer)."""
+    digests = file_digests(folder)
+    return {"weights": weights_digest(folder, digests), "folder": digests_sha256(digests)}
 
 
 def describe_folder(ref: str, allow_download: bool) -> dict[str, str]:
-    """Checksums of a model folder: its weights, and every file of it (config, processor, tokenizer)."""
-    folder = model_folder(ref, allow_download)
-    return {"weights": weights_digest(folder), "folder": tree_sha256(folder)}
+    """folder_digests of the model `ref` names."""
+    return folder_digests(model_folder(ref, allow_download))
 
 
 def load_config(folder: Path) -> Any:
@@ -140,17 +152,18 @@ def load_config(folder: Path) -> Any:
         raise MissingModelError(f"model folder {folder}: no usable config.json ({first_line(exc)})") from None
 
 
+def _contrastive(config: Any) -> str | None:
+    """clip or siglip for those image-text models, None for any other; SigLIP 2 is refused (its
+    variable-resolution image inputs go beyond pixel_values)."""
+    if config.model_type == "siglip2":
+        raise MissingModelError("SigLIP 2 models are not supported (use a SigLIP, CLIP or DINOv2 model)")
+    return config.model_type if config.model_type in ("clip", "siglip") else None
+
+
 def image_family(config: Any) -> str:
-    """How an image embedding is read off a model: clip | siglip | features | pooled."""
-    if config.model_type == "clip":
-        return "clip"
-    if config.model_type == "siglip":
-        return "siglip"
-    if config.model_type == "siglip2":  # variable-resolution patches: inputs beyond pixel_values
-        raise MissingModelError("SigLIP 2 image models are not supported (use a SigLIP, CLIP or DINOv2 model)")
-    if hasattr(config, "vision_config"):
-        return "features"  # another composite image-text model: its get_image_features
-    return "pooled"
+    """How an image embedding is read off a model: clip | siglip | features (another composite model:
+    its get_image_features) | pooled."""
+    return _contrastive(config) or ("features" if hasattr(config, "vision_config") else "pooled")
 
 
 def image_dim(config: Any) -> int:
@@ -171,13 +184,7 @@ def image_dim(config: Any) -> int:
 
 def text_family(config: Any) -> str:
     """clip | siglip | encoder."""
-    if config.model_type == "clip":
-        return "clip"
-    if config.model_type == "siglip":
-        return "siglip"
-    if config.model_type == "siglip2":
-        raise MissingModelError("SigLIP 2 models are not supported (use a SigLIP or CLIP model)")
-    return "encoder"
+    return _contrastive(config) or "encoder"
 
 
 def text_dim(config: Any) -> int:

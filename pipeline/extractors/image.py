@@ -289,6 +289,16 @@ def plan_device(device: str) -> str:
     return device if device.startswith("cuda") else str(resolve_device(device))
 
 
+def with_runs_on(described: dict[str, Any], precision: str, device: str) -> dict[str, Any]:
+    """A backbone's provenance with what runs it where that changes the numbers (half precision: in the
+    key, and each worker checks it); a precision the planned device cannot run is a ConfigError."""
+    try:
+        runs = hf.runs_on(precision, plan_device(device))
+    except ValueError as exc:
+        raise ConfigError(f"precision: {exc}") from None
+    return described if runs is None else {**described, "runs_on": runs}
+
+
 class ImageHandler(SetModelHandler):
     """Input: (views (V, 3, H, W), boxes) per image; output: one element per view, with its box."""
 
@@ -351,13 +361,7 @@ class ImageExtractor(ImageReading):
             "model_files_sha256": json_sha256(files),
             "dim": backbone_dim(cfg.backbone, cfg.allow_download),
         }
-        try:
-            runs = hf.runs_on(cfg.precision, plan_device(cfg.device))
-        except ValueError as exc:
-            raise ConfigError(f"precision: {exc}") from None
-        if runs is not None:  # half precision: what runs it is in the key, and each worker checks it
-            out["runs_on"] = runs
-        return out
+        return with_runs_on(out, cfg.precision, cfg.device)
 
     def processor(self) -> Any:
         """An hf: backbone's image processor, loaded once per job (this extractor lives for one job, so a

