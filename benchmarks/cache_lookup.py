@@ -48,8 +48,14 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def count_rows(found: dict, ids: dict, dim: int) -> int:
-    return sum(t.num_rows for t in cache.gather(found, ids, dim))
+def located(store: cache.FeatureCache, keys: list[str], verified: bool) -> cache.KeyIndex:
+    index = cache.KeyIndex(cache.key_array(keys))
+    (store.locate_verified if verified else store.locate)(index)
+    return index
+
+
+def count_rows(found: cache.KeyIndex, ids: list[str], dim: int) -> int:
+    return sum(t.num_rows for t in cache.gather(found, pa.array(ids), found.found(), dim))
 
 
 def main() -> None:
@@ -65,10 +71,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store, keys = build(Path(tmp), n, args.dim)
             mb = sum(p.stat().st_size for p in store.parts()) / 1e6
-            t_loc, found = timed(store.locate, keys)
-            t_ver, found2 = timed(store.locate_verified, keys)
-            assert len(found) == len(found2) == n
-            t_gat, _ = timed(count_rows, found, {k: [k] for k in keys}, args.dim)
+            t_loc, found = timed(located, store, keys, False)
+            t_ver, found2 = timed(located, store, keys, True)
+            assert found.found().sum() == found2.found().sum() == n
+            t_gat, _ = timed(count_rows, found, keys, args.dim)
             print(
                 f"{n:>8} {mb:>7.0f} {t_loc:>9.2f} {1e6 * t_loc / n:>9.1f} {t_ver:>10.2f} {1e6 * t_ver / n:>9.1f} "
                 f"{t_gat:>9.2f} {1e6 * t_gat / n:>9.1f}"

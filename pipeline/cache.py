@@ -34,7 +34,6 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
-import itertools
 import json
 import logging
 import os
@@ -49,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import features, schema
@@ -57,6 +55,7 @@ from pipeline import features, schema
 log = logging.getLogger(__name__)
 
 KEY = "key"
+KEY_DTYPE = "S32"  # a key: sha256 hex, first 32 characters
 # params that change how fast an extractor runs, never what it outputs
 RUNTIME_PARAMS = frozenset(
     {"batch_size", "text_batch_size", "crop_batch_size", "device", "parallel_images", "allow_download"}
@@ -148,6 +147,63 @@ def raw_schema(dim: int) -> pa.Schema:
     return pa.schema([pa.field(KEY, pa.string(), nullable=False), *[f for f in sch if f.name != schema.ID]])
 
 
+def key_array(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
+    """Cache keys (32 hex characters each) as a numpy bytes array: 32 bytes per key, no Python objects."""
+    values = keys.to_numpy(zero_copy_only=False) if isinstance(keys, pa.Array | pa.ChunkedArray) else keys
+    return np.asarray(values, dtype=KEY_DTYPE)
+
+
+class KeyIndex:
+    """Where the cache holds each item's entry, kept as arrays (a million items: ~50 bytes each).
+
+    Built from the items' keys in manifest order: `inv` maps an item to its distinct key, and for each
+    distinct key `part` (an index into `parts`, -1 while not found) and `row` say where its entry is."""
+
+    def __init__(self, keys: np.ndarray):
+        self.uniq, inv = np.unique(keys, return_inverse=True)
+        self.inv = inv.astype(np.int32 if len(self.uniq) < 2**31 else np.int64)
+        self.clear()
+
+    def clear(self) -> None:
+        self.part = np.full(len(self.uniq), -1, np.int32)
+        self.row = np.zeros(len(self.uniq), np.int64)
+        self.parts: list[Path] = []
+
+    def add_part(self, path: Path, part_keys: np.ndarray) -> int:
+        """Place the keys of one part not placed yet (a key stored twice in it: its first row); returns how
+        many were placed."""
+        if not len(self.uniq) or not len(part_keys):
+            return 0
+        pos = np.minimum(np.searchsorted(self.uniq, part_keys), len(self.uniq) - 1)
+        rows = np.flatnonzero((self.uniq[pos] == part_keys) & (self.part[pos] < 0))
+        if not len(rows):
+            return 0
+        first = np.unique(pos[rows], return_index=True)[1]
+        rows = rows[first]
+        self.part[pos[rows]] = len(self.parts)
+        self.row[pos[rows]] = rows
+        self.parts.append(path)
+        return len(rows)
+
+    def entries(self) -> dict[str, tuple[Path, int]]:
+        """{key: (part, row)} of the keys found (for a look; the run itself keeps the arrays)."""
+        placed = np.flatnonzero(self.part >= 0)
+        return {self.uniq[i].decode(): (self.parts[self.part[i]], int(self.row[i])) for i in placed.tolist()}
+
+    def used_parts(self) -> set[Path]:
+        return {self.parts[p] for p in np.unique(self.part[self.part >= 0]).tolist()}
+
+    def found(self) -> np.ndarray:
+        """Per item: True where its key has an entry."""
+        return self.part[self.inv] >= 0
+
+    def item_part(self) -> np.ndarray:
+        return self.part[self.inv]
+
+    def item_row(self) -> np.ndarray:
+        return self.row[self.inv]
+
+
 # ------------------------------------------------------------------ one extractor's folder
 
 _READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
@@ -219,14 +275,10 @@ class FeatureCache:
             log.info("cache %s: removed %d write(s) left by killed runs", self.folder, len(removed))
         return removed
 
-    def locate(self, keys: Iterable[str], parts: list[Path] | None = None) -> dict[str, tuple[Path, int]]:
-        """Where each of `keys` is stored (part, row), for the keys present (in `parts`, default all; the
-        first part in name order wins); reads the key columns only. A part whose keys cannot be read is
-        quarantined."""
-        wanted = pa.array(sorted(set(keys)), pa.string())
-        found: dict[str, tuple[Path, int]] = {}
-        if not len(wanted):
-            return found
+    def locate(self, index: KeyIndex, parts: list[Path] | None = None) -> None:
+        """Record in `index` where its keys are stored, for the keys found in `parts` (default all) and not
+        placed yet: the first part in name order wins. Reads the key columns only; a part whose keys cannot
+        be read is quarantined."""
         for part in self.parts() if parts is None else sorted(parts):
             try:
                 part_keys = pq.ParquetFile(part, page_checksum_verification=True).read(columns=[KEY])[KEY]
@@ -235,10 +287,7 @@ class FeatureCache:
             except _READ_ERRORS as exc:
                 self.quarantine(part, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            hits = np.flatnonzero(pc.is_in(part_keys, value_set=wanted).to_numpy(zero_copy_only=False))
-            for row, key in zip(hits.tolist(), part_keys.take(pa.array(hits)).to_pylist()):
-                found.setdefault(key, (part, row))
-        return found
+            index.add_part(part, key_array(part_keys))
 
     def verify(self, parts: Iterable[Path]) -> list[Path]:
         """Read every page of `parts` with its checksum, a row group at a time; quarantine the parts that
@@ -259,13 +308,14 @@ class FeatureCache:
                 bad.append(part)
         return bad
 
-    def locate_verified(self, keys: Sequence[str]) -> dict[str, tuple[Path, int]]:
-        """locate(), with every part that holds a wanted entry verified first: entries of a damaged part
-        are looked up again in the others (a duplicate may live there) or reported missing."""
+    def locate_verified(self, index: KeyIndex) -> None:
+        """locate() into a fresh `index`, with every part that holds a wanted entry verified first: entries
+        of a damaged part are looked up again in the others (a duplicate may live there) or stay missing."""
         while True:
-            found = self.locate(keys)
-            if not self.verify({part for part, _ in found.values()}):
-                return found
+            index.clear()
+            self.locate(index)
+            if not self.verify(index.used_parts()):
+                return
 
     def write_about(self) -> None:
         """extractor.json: for people, which extractor, params and software this folder holds."""
@@ -312,36 +362,34 @@ class PartError(Exception):
         self.part = part
 
 
-def gather(
-    locations: dict[str, tuple[Path, int]], ids_by_key: dict[str, list[str]], dim: int, batch_rows: int = PART_ROW_GROUP
-) -> Iterator[pa.Table]:
-    """The raw rows of `locations` as feature tables (key replaced by every id that has that key), part by
-    part and row group by row group: memory holds one row group, not the modality."""
-    by_part: dict[Path, list[tuple[int, str]]] = {}
-    for key, (part, row) in locations.items():
-        by_part.setdefault(part, []).append((row, key))
-    for part in sorted(by_part):
-        wanted = sorted(by_part[part])
+def gather(index: KeyIndex, ids: pa.Array, keep: np.ndarray, dim: int, batch_rows: int = PART_ROW_GROUP):
+    """The stored rows of the items `keep` selects (a mask over `ids`, the items of `index`) as feature
+    tables, part by part and row group by row group: memory holds one row group, not the modality."""
+    item_part, item_row = index.item_part(), index.item_row()
+    for p, part in enumerate(index.parts):
+        items = np.flatnonzero(keep & (item_part == p))
+        if not len(items):
+            continue
+        rows = item_row[items]
+        order = np.argsort(rows, kind="stable")
+        items, rows = items[order], rows[order]
         try:
             pf = pq.ParquetFile(part, page_checksum_verification=True)
         except _READ_ERRORS as exc:
             raise PartError(part, exc) from None
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-        groups = (np.searchsorted(starts, [r for r, _ in wanted], side="right") - 1).tolist()
-        for g, members in itertools.groupby(zip(groups, wanted), key=lambda gw: gw[0]):
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(groups)) + 1
+        for sel in np.split(np.arange(len(items)), bounds):
+            g = int(groups[sel[0]])
             try:
                 table = pf.read_row_group(g).cast(raw_schema(dim))
             except _READ_ERRORS as exc:
                 raise PartError(part, exc) from None
-            take, ids = [], []
-            for _, (row, key) in members:
-                r = row - int(starts[g])
-                for item_id in ids_by_key[key]:
-                    take.append(r)
-                    ids.append(item_id)
-            for start in range(0, len(take), batch_rows):
-                chunk = table.take(pa.array(take[start : start + batch_rows])).drop_columns([KEY])
-                yield chunk.add_column(0, schema.ID, pa.array(ids[start : start + batch_rows], pa.string()))
+            for start in range(0, len(sel), batch_rows):
+                chunk = sel[start : start + batch_rows]
+                out = table.take(pa.array(rows[chunk] - int(starts[g]))).drop_columns([KEY])
+                yield out.add_column(0, schema.ID, ids.take(pa.array(items[chunk])))
 
 
 # ------------------------------------------------------------------ maintenance (`dmms cache`)

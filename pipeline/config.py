@@ -53,6 +53,8 @@ MOVED = {
     "base.log_level": "the --log-level option or $DMMS_LOG_LEVEL (logging changes no output, so it is not a param)",
     "demo.size": "demo.items (DVC 3 leaves any param named `size` out of its run-cache key, so changing it "
     "restored the old dataset)",
+    "extract.job.num_shards": "gone: the job writes no shards; its computed items go to the cache in slices "
+    "(extract.job.commit_items, commit_every_s) and its work is split by extract.job.partition_items",
 }
 
 

@@ -1,34 +1,47 @@
-"""Beam's DaskRunner, mended so that the extraction jobs run on a Dask distributed cluster.
+"""Beam's DaskRunner, mended so that the extraction jobs run on a Dask distributed cluster, streaming.
 
 Use it as `--runner=pipeline.dask_runner.DaskRunner`, with Beam's DaskOptions
 (`--dask_client_address`, `--dask_scheduler_file`, `--dask_npartitions`, ...) and the options
 below. Without a scheduler address or file, a local multi-process `distributed.LocalCluster` is
 started for the run (`--dask_local_workers`, `--dask_threads_per_worker`) and shut down after it.
-A `Reshuffle` deals its elements into `--dask_npartitions` partitions (default: twice the worker
-threads connected when the run starts), placed round-robin on the workers. After
-`wait_until_finish()`, `result.worker_task_counts` maps each worker to the number of this run's
-tasks it ran (from the scheduler's task stream).
+
+How a pipeline runs here:
+- A bounded read is one partition per source bundle (a file-based source: at least one per file), so
+  a job whose input is split into files of N items has partitions of N items, as many as the data needs.
+- Consecutive ParDos without side inputs are fused: one Dask task per partition runs them all, each
+  element pushed from one DoFn to the next as it is produced (Beam's own fusion), so no step holds a
+  partition's intermediate results; only what leaves the fused steps (for a GroupByKey, a Flatten, a
+  side input) is collected. The tasks carry no placement: the scheduler gives them to whichever worker
+  is free, including workers that join during the run. A run waits `--dask_wait_for_workers_s` for a
+  first worker and says so clearly when none comes.
+- A `Reshuffle` of fewer partitions than twice the worker threads deals its elements round-robin into
+  that many partitions, each placed (loosely) on one worker thread, so a small job is spread too; an
+  input with enough partitions passes through as it is.
+- Set-up DoFns are kept by each worker process between the partitions of a run (a model loads once per
+  worker, not once per partition) and torn down on every worker when the run ends, failed or not: a
+  long-lived cluster holds nothing of an earlier run.
+- Workers log like the stage: without --verbose, the project's lines and other libraries' errors only.
+- After `wait_until_finish()`, `result.worker_items` maps each worker to the elements that reached the
+  ends of the pipeline from its tasks (for the extraction job: the items it finished).
 
 What `apache_beam.runners.dask.dask_runner.DaskRunner` (Beam 2.77) gets wrong, and where it is mended:
 
   (a) `ReadFromParquet` and any bounded `Read` give no data (the `_Read` it substitutes has no
       translation), and `Reshuffle` does nothing              -> `_BagBuilder.read`, `_BagBuilder.reshuffle`
-  (b) a ParDo's main and tagged outputs land in one bag        -> `_BagBuilder.pardo`, `_BagBuilder.output`
-  (c) elements emitted in `finish_bundle` are dropped          -> `_run_bundle`
+  (b) a ParDo's main and tagged outputs land in one bag        -> `_run_fused` receivers, `_BagBuilder.output`
+  (c) elements emitted in `finish_bundle` are dropped          -> `_run_fused`, `_run_bundle`
   (d) only the last transform of the graph is computed         -> `DaskRunner.run_pipeline`
   (e) side inputs recompute their upstream inside every task   -> `_BagBuilder.side_input`
+  (f) every step is a task that returns its partition as a list -> `_BagBuilder` fusion, `_run_fused`
 
 Limits kept from Beam's runner: bounded pipelines only, elements travel without their timestamps and
 windows (everything runs in the global window), no state, timers or splittable DoFns, no metrics.
-Every transform is one Dask task per partition (no task fusion: fusing would drop the placement of
-reshuffled partitions), and a DoFn is set up and torn down around every bundle, so RunInference loads
-its model once per bundle (Beam's `Shared` cache does not keep it across bundles here): with the
-default partitions, twice per worker thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import logging
 import os
@@ -52,8 +65,11 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 from apache_beam.transforms import window
 from apache_beam.transforms.core import Windowing
 from apache_beam.transforms.sideinputs import SideInputMap
+from apache_beam.utils import shared as beam_shared
 from apache_beam.utils.counters import CounterFactory
 from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline.dask_worker import WorkerLogging
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +92,12 @@ class DaskClusterOptions(PipelineOptions):
             default=1,
             help="Threads per local worker process; also its OMP_NUM_THREADS and "
             "MKL_NUM_THREADS, so that torch inside a worker does not oversubscribe.",
+        )
+        parser.add_argument(
+            "--dask_wait_for_workers_s",
+            type=float,
+            default=60.0,
+            help="How long a run waits for a first worker of the cluster before it fails, saying so.",
         )
 
 
@@ -152,76 +174,163 @@ class _Receivers(dict):
         return self._Drop()
 
 
-class _Warm:
-    """A set-up DoFn of one ParDo, kept by a worker process between bundles: its runner and the output
-    list its receivers fill."""
-
-    def __init__(self, spec: _ParDoSpec, side_values: Sequence[list]):
-        self.spec, self.out = spec, []
-        self.receivers = _Receivers({tag: _Collect(self.out, tag) for tag in spec.tags})
-        side_inputs = [
-            SideInputMap(view, options, [_in_global_window(v) for v in values])
-            for (view, options), values in zip(spec.views, side_values)
-        ]
-        self.runner = DoFnRunner(
-            spec.fn,
-            spec.args,
-            spec.kwargs,
-            side_inputs,
-            spec.windowing,
-            tagged_receivers=self.receivers,
-            step_name=spec.label,
-            state=DoFnState(CounterFactory()),
-        )
-        self.runner.setup()
+def _count(partition: Iterable) -> list[int]:
+    """A sink's partition reduced to its element count (nothing else travels back to the caller)."""
+    return [sum(1 for _ in partition)]
 
 
-# Set-up DoFns without side inputs, idle between bundles, per worker process and pickled ParDo: a DoFn
-# that loads a model in `setup` (RunInference) loads it once per worker process, not once per bundle.
-# A bundle takes one out (or sets up a new one when all are busy), so concurrent bundles never share
-# one. Beam's contract allows this: setup once per instance, start/finish_bundle around each bundle,
-# teardown best effort (here at process exit).
-_IDLE: dict[str, list[_Warm]] = {}
-_IDLE_LOCK = threading.Lock()
+def _runner(step: _ParDoSpec, receivers: _Receivers, side_inputs: Sequence[Any] = ()) -> DoFnRunner:
+    return DoFnRunner(
+        step.fn,
+        step.args,
+        step.kwargs,
+        side_inputs,
+        step.windowing,
+        tagged_receivers=receivers,
+        step_name=step.label,
+        state=DoFnState(CounterFactory()),
+    )
 
 
 def _run_bundle(elements: Iterable, blob: bytes, *side_values: list) -> list:
-    """Run one bundle of a ParDo: start_bundle, process every element, finish_bundle, on a DoFn set up
-    once per worker process (one with side inputs is set up and torn down around each bundle).
-
-    Mends (c): Beam's runner collects the outputs before `finish_bundle` runs, so what a DoFn emits
-    there (the last batch of BatchElements, the Arrow tables WriteToParquet builds) is lost. Here the
-    outputs are taken after `finish_bundle`. A single-output ParDo returns its values; a multi-output
-    one returns (tag, value) pairs that `_BagBuilder.output` separates (mends (b)).
-    """
-    key = hashlib.sha256(blob).hexdigest()
-    reusable = not side_values
-    warm = None
-    if reusable:
-        with _IDLE_LOCK:
-            idle = _IDLE.get(key)
-            warm = idle.pop() if idle else None
-    if warm is None:
-        warm = _Warm(pickler.loads(blob), side_values)
+    """One bundle of a ParDo with side inputs: set up, start_bundle, every element, finish_bundle, torn
+    down. Mends (c): the outputs are taken after `finish_bundle` (Beam's runner took them before, losing
+    what a DoFn emits there). A multi-output ParDo returns (tag, value) pairs that `_BagBuilder.output`
+    separates (mends (b))."""
+    spec: _ParDoSpec = pickler.loads(blob)
+    out: list = []
+    side_inputs = [
+        SideInputMap(view, options, [_in_global_window(v) for v in values])
+        for (view, options), values in zip(spec.views, side_values)
+    ]
+    runner = _runner(spec, _Receivers({tag: _Collect(out, tag) for tag in spec.tags}), side_inputs)
+    runner.setup()
     try:
-        warm.runner.start()
+        runner.start()
         for element in elements:
-            warm.runner.process(_in_global_window(element))
-        warm.runner.finish()
-    except BaseException:
-        reusable = False  # a DoFn that failed mid-bundle is not trusted with another one
-        raise
+            runner.process(_in_global_window(element))
+        runner.finish()
     finally:
-        out = list(warm.out)
-        warm.out.clear()
-        if reusable:
+        runner.teardown()
+    return [value for _, value in out] if spec.tags == [None] else out
+
+
+@dataclass
+class _FusedSpec:
+    """Consecutive ParDos without side inputs that run as one task per partition (in topological order)."""
+
+    steps: list[_ParDoSpec]
+    roots: list[int]  # the steps that read the partition
+    routes: dict[tuple[int, str | None], list[int]]  # (step, output tag) -> the steps that read that output
+    exports: list[tuple[int, str | None]]  # outputs read by transforms outside: collected and returned
+    sinks: list[tuple[int, str | None]]  # outputs nobody reads: counted
+
+
+class _Route(Receiver):
+    """One output of a fused step: each element goes on to the steps that read it as it is produced,
+    into the collected export if something outside reads it, into a count if nothing does."""
+
+    def __init__(self, warm: _WarmFused, step: int, tag: str | None):
+        spec = warm.spec
+        self.warm, self.targets = warm, spec.routes.get((step, tag), [])
+        self.export = spec.exports.index((step, tag)) if (step, tag) in spec.exports else None
+        self.sink = spec.sinks.index((step, tag)) if (step, tag) in spec.sinks else None
+
+    def receive(self, windowed_value: WindowedValue) -> None:
+        for t in self.targets:
+            self.warm.runners[t].process(windowed_value)
+        if self.export is not None:
+            self.warm.exports[self.export].append(windowed_value.value)
+        if self.sink is not None:
+            self.warm.counts[self.sink] += 1
+
+
+class _WarmFused:
+    """The set-up DoFns of one fused group, wired output to input, kept by a worker process between the
+    partitions of a run."""
+
+    def __init__(self, spec: _FusedSpec):
+        self.spec = spec
+        self.exports: list[list] = []
+        self.counts: list[int] = []
+        self.runners = [
+            _runner(step, _Receivers({tag: _Route(self, i, tag) for tag in step.tags}))
+            for i, step in enumerate(spec.steps)
+        ]
+        for r in self.runners:
+            r.setup()
+
+    def teardown(self) -> None:
+        for r in self.runners:
+            r.teardown()
+
+
+# Set-up fused groups, idle between partitions, per worker process and pickled group: a DoFn that loads a
+# model in `setup` (RunInference) loads it once per worker process, not once per partition. A partition
+# takes one out (or sets up a new one when all are busy), so concurrent partitions never share one.
+# `_teardown` empties the entries of a run when it ends (Beam's contract: setup once per instance,
+# start/finish_bundle around each bundle, teardown when the instance is discarded).
+_IDLE: dict[str, list[_WarmFused]] = {}
+_IDLE_LOCK = threading.Lock()
+
+
+def _run_fused(elements: Iterable, blob: bytes) -> tuple[list[list], list[int]]:
+    """Run a fused group over one partition: start every step's bundle, push each element through the
+    steps as it comes, finish the bundles in topological order (what a step emits in `finish_bundle`
+    reaches the next step before that one finishes: mends (c)). Returns the collected exports and the
+    element count of each sink."""
+    key = hashlib.sha256(blob).hexdigest()
+    with _IDLE_LOCK:
+        idle = _IDLE.get(key)
+        warm = idle.pop() if idle else None
+    if warm is None:
+        warm = _WarmFused(pickler.loads(blob))
+    warm.exports = [[] for _ in warm.spec.exports]
+    warm.counts = [0] * len(warm.spec.sinks)
+    ok = False
+    try:
+        for r in warm.runners:
+            r.start()
+        roots = [warm.runners[i] for i in warm.spec.roots]
+        for element in elements:
+            value = _in_global_window(element)
+            for r in roots:
+                r.process(value)
+        for r in warm.runners:
+            r.finish()
+        ok = True
+    finally:
+        out = (warm.exports, warm.counts)
+        warm.exports, warm.counts = [], []
+        if ok:
             with _IDLE_LOCK:
                 _IDLE.setdefault(key, []).append(warm)
         else:
-            warm.runner.teardown()
-    if warm.spec.tags == [None]:
-        return [value for _, value in out]
+            warm.teardown()  # a group that failed mid-partition is not trusted with another one
     return out
+
+
+def _teardown(keys: Sequence[str]) -> int:
+    """On a worker, when a run ends: tear down the set-up groups of that run (`keys`); returns how many."""
+    with _IDLE_LOCK:
+        warm = [w for k in keys for w in _IDLE.pop(k, [])]
+    for w in warm:
+        w.teardown()
+    n = len(warm)
+    warm.clear()
+    # Beam's Shared map keeps the last object it handed out (RunInference's model) alive on purpose;
+    # the run that wanted it is over
+    shared_map = getattr(beam_shared, "_shared_map", None)
+    if shared_map is not None and hasattr(shared_map, "_keepalive"):
+        with shared_map._lock:
+            shared_map._keepalive = (None, None)
+    gc.collect()  # the models the DoFns held
+    return n
+
+
+def _pick(result: tuple[list[list], list[int]], which: int, index: int) -> list:
+    """One export (which=0) or one sink count (which=1, as [n]) of a fused partition's result."""
+    return result[which][index] if which == 0 else [result[1][index]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,30 +343,84 @@ def _name(kind: str, label: str) -> str:
     return f"{kind}-{re.sub(r'[^0-9A-Za-z_]+', '_', label).strip('_')}-{uuid.uuid4().hex[:12]}"
 
 
-class _BagBuilder(PipelineVisitor):
-    """Translates every leaf transform into Dask bags, keyed by the PCollection they hold.
+def _fusable(node: AppliedPTransform) -> bool:
+    """A ParDo that can run inside a fused group: no side inputs, one main input."""
+    inputs = [pc for pc in node.inputs if isinstance(pc, beam.pvalue.PCollection)]
+    return type(node.transform) is beam.ParDo and not node.side_inputs and len(inputs) == 1
+
+
+class _Graph(PipelineVisitor):
+    """The leaf transforms in topological order, and who reads each PCollection."""
+
+    def __init__(self) -> None:
+        self.nodes: list[AppliedPTransform] = []
+        self.readers: dict[int, list[AppliedPTransform]] = {}  # id(PCollection) -> main and side readers
+
+    def visit_transform(self, node: AppliedPTransform) -> None:
+        self.nodes.append(node)
+        for pc in [
+            *(p for p in node.inputs if isinstance(p, beam.pvalue.PCollection)),
+            *(si.pvalue for si in node.side_inputs),
+        ]:
+            self.readers.setdefault(id(pc), []).append(node)
+
+
+@dataclass
+class _Group:
+    """A fused group while the graph is translated: its steps, and the bags built from it (once)."""
+
+    name: str
+    root: Any  # the PCollection its first steps read
+    nodes: list[AppliedPTransform]
+    bags: dict[int, Any] | None = None  # id(PCollection) -> Bag of an export
+    sinks: list[Any] | None = None  # count bags of its sinks
+    blob: bytes = b""
+
+
+class _BagBuilder:
+    """Translates a pipeline into Dask bags, keyed by the PCollection they hold.
 
     Beam's visitor keys bags by the producing transform, so the outputs of one transform cannot be
     told apart; keying by PCollection lets each tagged output and each side input find its own bag.
+    ParDos without side inputs are fused into groups (see `_run_fused`); a group's outputs become bags
+    only where a transform outside it reads them.
     """
 
     def __init__(self, bag_kwargs: dict[str, Any], slots: Sequence[str], npartitions: int):
         self.bag_kwargs = bag_kwargs
         self.slots = list(slots)  # worker addresses, one entry per worker thread (round-robin)
-        self.npartitions = npartitions  # partitions after a Reshuffle
-        self.bags: dict[Any, Any] = {}  # PCollection -> Bag
-        self.leaves: list[tuple[AppliedPTransform, Any]] = []  # (transform, the bag it computes)
-        self.consumed: set[int] = set()  # id() of every PCollection some transform reads
+        self.npartitions = npartitions  # partitions after a Reshuffle of a smaller input
+        self.bags: dict[Any, Any] = {}  # PCollection -> Bag (outside fused groups)
+        self.groups: list[_Group] = []
+        self.group_of: dict[int, tuple[_Group, AppliedPTransform]] = {}  # id(PCollection) -> its producer
+        self.sink_bags: list[Any] = []  # count bags of every branch end
         self._side: dict[int, Any] = {}  # id(PCollection) -> Delayed of all its elements
 
-    # -- the walk --------------------------------------------------------------------------
+    def translate(self, pipeline) -> list[Any]:
+        """Build the bags of every transform; returns the count bags of the branch ends."""
+        graph = _Graph()
+        pipeline.visit(graph)
+        self.readers = graph.readers
+        for node in graph.nodes:
+            self.visit(node)
+        for group in self.groups:
+            self.build_group(group)
+        return self.sink_bags
 
-    def visit_transform(self, node: AppliedPTransform) -> None:
+    def visit(self, node: AppliedPTransform) -> None:
         inputs = [pc for pc in node.inputs if isinstance(pc, beam.pvalue.PCollection)]
-        self.consumed.update(id(pc) for pc in inputs)
-        self.consumed.update(id(si.pvalue) for si in node.side_inputs)
-        in_bags = [self.bags[pc] for pc in inputs]
         transform = node.transform
+        if _fusable(node):
+            if id(inputs[0]) in self.group_of:
+                group = self.group_of[id(inputs[0])][0]
+            else:
+                group = _Group(_name("fused", node.full_label), inputs[0], [])
+                self.groups.append(group)
+            group.nodes.append(node)
+            for pcoll in node.outputs.values():
+                self.group_of[id(pcoll)] = (group, node)
+            return
+        in_bags = [self.bag(pc) for pc in inputs]
         if type(transform) is _Read:
             bag = self.read(node)
         elif type(transform) is _Reshuffle:
@@ -275,24 +438,79 @@ class _BagBuilder(PipelineVisitor):
                 f"{node.full_label}: DaskRunner cannot run {type(transform).__name__} "
                 "(no translation, and no input it could pass through)"
             )
-        self.leaves.append((node, bag))
         for tag, pcoll in node.outputs.items():
             self.bags[pcoll] = self.output(node, bag, tag)
+            if not self.readers.get(id(pcoll)):
+                self.sink_bags.append(self.bags[pcoll].map_partitions(_count, token=_name("count", node.full_label)))
+        if bag is not None and not node.outputs:
+            self.sink_bags.append(bag.map_partitions(_count, token=_name("count", node.full_label)))
 
-    def sinks(self) -> list[Any]:
-        """The bags of the transforms whose outputs nobody reads: the ends of every branch."""
-        return [
-            bag
-            for node, bag in self.leaves
-            if bag is not None and not any(id(pc) in self.consumed for pc in node.outputs.values())
-        ]
+    def bag(self, pcoll):
+        """The bag of a PCollection; one a fused group produces is built with its group."""
+        if id(pcoll) in self.group_of:
+            return self.build_group(self.group_of[id(pcoll)][0])[id(pcoll)]
+        return self.bags[pcoll]
+
+    def build_group(self, group: _Group) -> dict[int, Any]:
+        """The tasks of a fused group (once): `_run_fused` per partition of its input, then a small task
+        per export and per sink that picks its part of the result."""
+        if group.bags is not None:
+            return group.bags
+        index = {id(node): i for i, node in enumerate(group.nodes)}
+        steps, roots, routes, exports, sinks = [], [], {}, [], []
+        export_pcolls = []
+        for i, node in enumerate(group.nodes):
+            steps.append(self.spec(node))
+            if node.inputs[0] is group.root:
+                roots.append(i)
+            for tag, pcoll in node.outputs.items():
+                readers = self.readers.get(id(pcoll), [])
+                inside = [index[id(r)] for r in readers if id(r) in index and _fusable(r)]
+                if inside:
+                    routes[(i, tag)] = inside
+                if len(inside) < len(readers):
+                    exports.append((i, tag))
+                    export_pcolls.append(pcoll)
+                elif not readers:
+                    sinks.append((i, tag))
+        group.blob = pickler.dumps(_FusedSpec(steps, roots, routes, exports, sinks))
+        fused = self.bag(group.root).map_partitions(_run_fused, group.blob, token=group.name)
+        group.bags = {
+            id(pcoll): fused.map_partitions(_pick, 0, k, token=f"{group.name}-export{k}")
+            for k, pcoll in enumerate(export_pcolls)
+        }
+        group.sinks = [fused.map_partitions(_pick, 1, k, token=f"{group.name}-sink{k}") for k in range(len(sinks))]
+        self.sink_bags.extend(group.sinks)
+        return group.bags
+
+    def fused_keys(self) -> list[str]:
+        """The keys under which the workers keep this run's set-up groups (see `_teardown`)."""
+        return [hashlib.sha256(g.blob).hexdigest() for g in self.groups if g.blob]
+
+    @staticmethod
+    def spec(node: AppliedPTransform) -> _ParDoSpec:
+        try:
+            windowing = node.inputs[0].windowing
+        except AttributeError:  # the main input comes from a source Beam's overrides left without one
+            windowing = Windowing(window.GlobalWindows())
+        transform = node.transform
+        return _ParDoSpec(
+            node.full_label,
+            transform.fn,
+            transform.args,
+            transform.kwargs,
+            windowing,
+            list(node.outputs),
+            [(type(si), si._view_options()) for si in node.side_inputs],
+        )
 
     # -- fixes ------------------------------------------------------------------------------
 
     def read(self, node: AppliedPTransform):
         """Mends (a), part 1: Beam's runner replaces `Read` by a `_Read` it has no translation for, so
         `ReadFromParquet` and every other bounded source yield nothing. Here the source is split into
-        bundles the way Beam sizes them, one partition per bundle, read inside the workers."""
+        bundles the way Beam sizes them (a file-based source: at least one per file), one partition per
+        bundle, read inside the workers."""
         import dask.bag as db
         from dask.highlevelgraph import HighLevelGraph
 
@@ -307,17 +525,20 @@ class _BagBuilder(PipelineVisitor):
 
     def reshuffle(self, bag, label: str):
         """Mends (a), part 2: Beam's runner turns `Reshuffle` into a no-op, so a one-bundle read (a
-        small Parquet manifest) keeps all of the work on the one worker that read it.
+        small Parquet file) keeps all of the work on the one worker that read it.
 
-        Here the elements are dealt round-robin into `npartitions` partitions, and partition j is
-        gathered on worker slot j (a loose restriction: another worker takes it if that one is gone).
-        Everything downstream of partition j runs where its data is, so the work is spread over the
+        An input of at least `npartitions` partitions passes through: its tasks go to whichever worker
+        is free. A smaller one is dealt round-robin into `npartitions` partitions, partition j gathered
+        on worker slot j (a loose restriction: another worker takes it if that one is gone), so that
+        everything downstream of partition j runs where its data is and a small job is spread over the
         workers by construction, not by the timing of the scheduler's work stealing.
         """
         import dask.bag as db
         from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
         n, k = self.npartitions, bag.npartitions
+        if k >= n:
+            return bag
         name = _name("reshuffle", label)
         deal = f"deal-{name}"
         layers = dict(bag.dask.layers)
@@ -338,24 +559,12 @@ class _BagBuilder(PipelineVisitor):
         return db.Bag(HighLevelGraph(layers, deps), name, n)
 
     def pardo(self, node: AppliedPTransform, bag):
-        """A ParDo: one `_run_bundle` task per partition (mends (c) there), its side inputs computed
-        once (mends (e), see `side_input`)."""
-        transform = node.transform
-        try:
-            windowing = node.inputs[0].windowing
-        except AttributeError:  # the main input comes from a source Beam's overrides left without one
-            windowing = Windowing(window.GlobalWindows())
-        spec = _ParDoSpec(
-            node.full_label,
-            transform.fn,
-            transform.args,
-            transform.kwargs,
-            windowing,
-            list(node.outputs),
-            [(type(si), si._view_options()) for si in node.side_inputs],
-        )
+        """A ParDo with side inputs: one `_run_bundle` task per partition, its side inputs computed once
+        (mends (e), see `side_input`)."""
         sides = [self.side_input(si.pvalue) for si in node.side_inputs]
-        return bag.map_partitions(_run_bundle, pickler.dumps(spec), *sides, token=_name("pardo", node.full_label))
+        return bag.map_partitions(
+            _run_bundle, pickler.dumps(self.spec(node)), *sides, token=_name("pardo", node.full_label)
+        )
 
     def output(self, node: AppliedPTransform, bag, tag: str | None):
         """Mends (b): Beam's runner strips the tags and gives every consumer of a multi-output ParDo all
@@ -373,7 +582,7 @@ class _BagBuilder(PipelineVisitor):
         import dask
 
         if id(pcoll) not in self._side:
-            parts = self.bags[pcoll].to_delayed(optimize_graph=False)
+            parts = self.bag(pcoll).to_delayed(optimize_graph=False)
             key = _name("side", pcoll.producer.full_label if pcoll.producer else "input")
             self._side[id(pcoll)] = dask.delayed(_whole, pure=True)(*parts, dask_key_name=key)
         return self._side[id(pcoll)]
@@ -386,14 +595,16 @@ class _BagBuilder(PipelineVisitor):
 
 class DaskRunnerResult(PipelineResult):
     """A running pipeline. `wait_until_finish` blocks until every sink is written and raises the error
-    of a failed task; then `worker_task_counts` says how many of this run's tasks each worker ran."""
+    of a failed task; then `worker_items` says how many elements reached the pipeline's ends from each
+    worker's tasks. Either way the run's set-up DoFns are torn down on every worker."""
 
-    def __init__(self, client, cluster, futures: list, stream, keys: set):
+    def __init__(self, client, cluster, futures: list, stream, sink_keys: list[list], fused_keys: list[str]):
         super().__init__(PipelineState.RUNNING)
         self._client, self._cluster, self._futures = client, cluster, futures
-        self._stream, self._keys = stream, keys
-        self.worker_task_counts: dict[str, int] = {}
+        self._stream, self._sink_keys, self._fused_keys = stream, sink_keys, fused_keys
+        self.worker_items: dict[str, int] = {}
         self.sink_counts: list[int] = []  # elements at the end of each branch, in graph order
+        self.torn_down = 0  # set-up DoFn groups torn down on the workers when the run ended
 
     def wait_until_finish(self, duration: int | None = None) -> str:
         """Block until the run is done (or `duration` milliseconds passed); raise a failed task's error."""
@@ -406,32 +617,39 @@ class DaskRunnerResult(PipelineResult):
         except TimeoutError:
             return self._state
         try:
-            self.sink_counts = self._client.gather(self._futures)
+            counts = self._client.gather(self._futures)
+            self.sink_counts = [sum(c) for c in counts]
             self._state = PipelineState.DONE
         except BaseException:
             self._state = PipelineState.FAILED
             self._client.cancel(self._futures)
+            counts = []
             raise
         finally:
-            self._finish()
+            self._finish(counts)
         return self._state
 
     def cancel(self) -> str:
         if not PipelineState.is_terminal(self._state):
             self._client.cancel(self._futures)
             self._state = PipelineState.CANCELLED
-            self._finish()
+            self._finish([])
         return self._state
 
-    def _finish(self) -> None:
-        """Count the tasks each worker ran, then close the client (and the local cluster, if ours)."""
+    def _finish(self, counts: list[list[int]]) -> None:
+        """Tear down the run's DoFns on every worker, count the elements each worker finished, then close
+        the client (and the local cluster, if ours)."""
         try:
             self._stream.__exit__(None, None, None)
-            counts = {w: 0 for w in self._client.scheduler_info(n_workers=-1)["workers"]}
-            for record in self._stream.data:
-                if record.get("status") == "OK" and record["key"] in self._keys:
-                    counts[record["worker"]] = counts.get(record["worker"], 0) + 1
-            self.worker_task_counts = counts
+            where = {r["key"]: r["worker"] for r in self._stream.data if r.get("status") == "OK"}
+            items = {w: 0 for w in self._client.scheduler_info(n_workers=-1)["workers"]}
+            for keys, ns in zip(self._sink_keys, counts):
+                for key, n in zip(keys, ns):
+                    if key in where:
+                        items[where[key]] = items.get(where[key], 0) + n
+            self.worker_items = items
+            if self._fused_keys:
+                self.torn_down = sum(self._client.run(_teardown, self._fused_keys).values())
         finally:
             self._client.close()
             if self._cluster is not None:
@@ -439,17 +657,28 @@ class DaskRunnerResult(PipelineResult):
 
 
 class DaskRunner(beam_dask.DaskRunner):
-    """Beam's DaskRunner with (a)-(e) mended; see the module docstring."""
+    """Beam's DaskRunner with (a)-(f) mended; see the module docstring."""
 
     def run_pipeline(self, pipeline, options) -> DaskRunnerResult:
         """Mends (d): Beam's runner computes only the bag of the last transform visited, so any other
         branch (a second sink, the dead letters) is never run, and it returns before anything is known
-        to have worked. Here every branch end is computed, each reduced to its element count so no
-        data travels back to the caller, and the result waits for all of them."""
+        to have worked. Here every branch end is computed, each reduced to its element count per
+        partition so no data travels back to the caller, and the result waits for all of them."""
         import dask.distributed as ddist
+
+        from pipeline import runtime
 
         client, cluster = self._connect(options)
         try:
+            client.register_plugin(WorkerLogging(runtime.LOGGING["level"], runtime.LOGGING["verbose"]))
+            wait_s = options.view_as(DaskClusterOptions).dask_wait_for_workers_s
+            try:
+                client.wait_for_workers(1, timeout=wait_s)
+            except (TimeoutError, ddist.TimeoutError):
+                raise RuntimeError(
+                    f"the Dask cluster at {client.scheduler.address} has no workers (waited {wait_s:g} s, "
+                    "--dask_wait_for_workers_s): start some (`dask worker <scheduler address>`) or check their logs"
+                ) from None
             dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(drop_default=True, current_only=True)
             bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
             workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -457,20 +686,18 @@ class DaskRunner(beam_dask.DaskRunner):
             builder = _BagBuilder(bag_kwargs, slots, bag_kwargs.get("npartitions") or max(1, 2 * len(slots)))
             pipeline.replace_all(dask_overrides())
             with client.as_current():  # dask picks its task-based shuffle (GroupByKey) with a client
-                pipeline.visit(builder)
-                counts = [bag.count() for bag in builder.sinks()]
-            keys = set()
-            for c in counts:
-                keys.update(c.__dask_graph__().keys())
+                sinks = builder.translate(pipeline)
             stream = ddist.get_task_stream(client=client)
             stream.__enter__()
-            futures = client.compute(counts, optimize_graph=False)  # no fusion: keeps the reshuffle placement
+            futures = client.compute(sinks, optimize_graph=False)  # keeps the reshuffle placement
         except BaseException:
             client.close()
             if cluster is not None:
                 cluster.close()
             raise
-        return DaskRunnerResult(client, cluster, futures, stream, keys)
+        return DaskRunnerResult(
+            client, cluster, futures, stream, [bag.__dask_keys__() for bag in sinks], builder.fused_keys()
+        )
 
     @staticmethod
     def _slots(workers: dict[str, dict]) -> list[str]:
@@ -482,6 +709,8 @@ class DaskRunner(beam_dask.DaskRunner):
     def _connect(options):
         """A client of the given scheduler, or of a local cluster started for this run."""
         from dask.distributed import Client, LocalCluster
+
+        from pipeline import runtime
 
         client_kwargs = options.view_as(beam_dask.DaskOptions).get_all_options(drop_default=True, current_only=True)
         beam_dask.DaskOptions._extract_bag_kwargs(client_kwargs)  # removes the bag options
@@ -500,6 +729,7 @@ class DaskRunner(beam_dask.DaskRunner):
                 threads_per_worker=local.dask_threads_per_worker,
                 processes=True,
                 dashboard_address="127.0.0.1:0",
+                silence_logs=logging.DEBUG if runtime.LOGGING["verbose"] else logging.ERROR,
             )
         finally:
             for k in set(os.environ) - set(saved):

@@ -16,9 +16,11 @@ the dead letters, never both, and computed + reused + failed = items in.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import cache, extractors, features, runtime, schema
 from pipeline.config import ConfigError, from_dict, to_dict
@@ -65,14 +68,29 @@ class JobConfig:
     runner: str = "FnApiRunner"  # local, never waits on the network; dask; or FlinkRunner, SparkRunner, ...
     direct_num_workers: int = 1
     direct_running_mode: str = "in_memory"  # in_memory | multi_threading | multi_processing
-    num_shards: int = 1  # shards written by Beam before the final merge
+    partition_items: int = 1000  # items per work file: a Beam bundle, a Dask partition (bounds a worker's memory)
+    commit_items: int = 10000  # computed items are committed to the cache every this many items...
+    commit_every_s: float = 300.0  # ...or this many seconds, per worker: a killed job keeps what it committed
     max_failure_fraction: float = 0.05
     log_every_s: float = 10.0
     options: dict[str, Any] = field(default_factory=dict)  # any other Beam option, passed as --key=value
     flags: tuple[str, ...] = ()  # Beam flags as on a command line (the stage adds those its parser does not know)
     cache_dir: str | None = None  # the per-item extraction cache; null: off (every item is computed)
-    merge_buffer_mb: int = 256  # rows held in memory while sorting the features by id; more spill to disk
+    merge_buffer_mb: int = 64  # rows held in memory while sorting the features by id; more spill to disk
     dask: DaskConfig = field(default_factory=DaskConfig)
+
+    def validate(self, where: str) -> None:
+        if self.partition_items < 1 or self.commit_items < 1 or self.commit_every_s <= 0:
+            raise ConfigError(
+                f"{where}: partition_items and commit_items must be >= 1 and commit_every_s > 0, found "
+                f"{self.partition_items}, {self.commit_items}, {self.commit_every_s}"
+            )
+        if self.cache_dir and "://" in str(self.cache_dir):
+            raise ConfigError(
+                f"{where}.cache_dir: {self.cache_dir!r} is not a local path. The job's work files and the cache are "
+                "read and written by every worker as files: use a POSIX path that every worker mounts (NFS, "
+                "a shared volume), README 'Running on a cluster'"
+            )
 
 
 def runner_flags(job: JobConfig) -> list[str]:
@@ -163,13 +181,13 @@ class PrepareFn(beam.DoFn):
         _quiet()
 
     def process(self, row: dict[str, Any]):
-        item_id = row[schema.ID]
+        item_id, key = row[schema.ID], row.pop(TODO_KEY)
         try:
             payload = self.extractor.prepare(row, Path(self.root))
         except Exception as exc:
             yield beam.pvalue.TaggedOutput("dead", dead_letter(item_id, self.modality, "prepare", error_text(exc)))
             return
-        yield item_id, payload  # None: the item has no input for this modality (an empty set)
+        yield (item_id, key), payload  # None: the item has no input for this modality (an empty set)
 
 
 def dead_letter(item_id: str, modality: str, stage: str, error: str) -> dict[str, Any]:
@@ -177,28 +195,40 @@ def dead_letter(item_id: str, modality: str, stage: str, error: str) -> dict[str
     return {schema.ID: item_id, schema.MODALITY: modality, schema.STAGE: stage, schema.ERROR: error}
 
 
-def to_row(item_id: str, result: ItemResult) -> dict[str, Any]:
-    """A feature row from an extraction result."""
-    return {
-        schema.ID: item_id,
-        features.VECTORS: result.vectors.astype("float32").tolist(),
-        features.ELEMENTS: result.elements,
-        features.CATEGORY_IDS: result.category_ids,
-    }
+def committed_table(rows: list[tuple[str, ItemResult]], dim: int) -> pa.Table:
+    """Cache rows (key, vectors, elements, category_ids) from (key, result) pairs, vectors straight from
+    numpy."""
+    counts = np.array([len(r.elements) if dim == 0 else r.vectors.shape[0] for _, r in rows], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    if dim:
+        flat = np.concatenate([r.vectors.reshape(-1, dim).astype(np.float32, copy=False) for _, r in rows]).ravel()
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+    else:  # a set of zero-length vectors (meta without numeric columns)
+        inner = pa.array([[] for _, r in rows for _ in r.elements], pa.list_(pa.float32(), 0))
+    sch = cache.raw_schema(dim)
+    return pa.table(
+        {
+            cache.KEY: pa.array([k for k, _ in rows], pa.string()),
+            features.VECTORS: pa.ListArray.from_arrays(offsets, inner),
+            features.ELEMENTS: pa.array([r.elements for _, r in rows], pa.list_(features.ELEMENT_TYPE)),
+            features.CATEGORY_IDS: pa.array([r.category_ids for _, r in rows], pa.list_(pa.int32())),
+        },
+        schema=sch,
+    )
 
 
 class ToRowFn(beam.DoFn):
-    """Extraction results to rows; per-item model errors become dead letters."""
+    """Per-item model errors become dead letters; results go on to be committed."""
 
     def __init__(self, modality: str):
         self.modality = modality
 
-    def process(self, keyed: tuple[str, ItemResult | ItemError]):
-        item_id, result = keyed
+    def process(self, keyed: tuple[tuple[str, str], ItemResult | ItemError]):
+        (item_id, key), result = keyed
         if isinstance(result, ItemError):
             yield beam.pvalue.TaggedOutput("dead", dead_letter(item_id, self.modality, result.stage, result.error))
         else:
-            yield to_row(item_id, result)
+            yield item_id, key, result
 
 
 class ProgressFn(beam.DoFn):
@@ -210,7 +240,7 @@ class ProgressFn(beam.DoFn):
     def setup(self) -> None:
         self.progress = runtime.Progress(self.modality, self.total, "items", self.every_s, log)
 
-    def process(self, row: dict[str, Any]):
+    def process(self, row: Any):
         self.progress.update()
         yield row
 
@@ -218,37 +248,102 @@ class ProgressFn(beam.DoFn):
         self.progress.close()
 
 
+class CommitFn(beam.DoFn):
+    """Computed items into the per-item cache while the job runs: a new cache part every `commit_items`
+    items or `commit_every_s` seconds (and at the end of each bundle), written aside and renamed, so a
+    job killed at any point keeps every slice committed before it. Emits the ids it committed."""
+
+    def __init__(self, store: cache.FeatureCache, commit_items: int, commit_every_s: float):
+        self.store, self.commit_items, self.commit_every_s = store, commit_items, commit_every_s
+
+    def start_bundle(self) -> None:
+        self.rows: list[tuple[str, ItemResult]] = []
+        self.ids: list[str] = []
+        self.since = time.monotonic()
+
+    def process(self, row: tuple[str, str, ItemResult]):
+        item_id, key, result = row
+        self.rows.append((key, result))
+        self.ids.append(item_id)
+        if len(self.rows) >= self.commit_items or time.monotonic() - self.since >= self.commit_every_s:
+            yield from self._commit()
+
+    def finish_bundle(self):
+        for item_id in self._commit():
+            yield GlobalWindows.windowed_value(item_id)
+
+    def _commit(self) -> Iterator[str]:
+        if self.rows:
+            self.store.write_part([committed_table(self.rows, self.store.dim)])
+        ids, self.rows, self.ids, self.since = self.ids, [], [], time.monotonic()
+        yield from ids
+
+
+class DeadLetterFn(beam.DoFn):
+    """Dead letters to a file per bundle in the job's work folder (written aside, renamed when closed)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def start_bundle(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def process(self, row: dict[str, Any]):
+        self.rows.append(row)
+        yield row[schema.ID]
+
+    def finish_bundle(self) -> None:
+        if self.rows:
+            name = f"dead-{uuid.uuid4().hex}.parquet"
+            aside = Path(self.folder) / f".{name}.partial"
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=schema.EXTRACT_DEAD_LETTER_SCHEMA), aside)
+            os.replace(aside, Path(self.folder) / name)
+        self.rows = []
+
+
+TODO_KEY = "__dmms_cache_key"  # the column of the job's work files that carries each item's cache key
+
+
 @dataclass(frozen=True)
 class JobPlan:
-    """What one Beam job extracts: which modality, from which manifest rows, into which folder."""
+    """What one Beam job extracts: which modality, from which work files, into which cache folder."""
 
     spec: Modality
     described: dict[str, Any]  # the extractor's provenance (the handler is bound to it)
-    manifest: str  # the rows to compute (Parquet)
+    todo: str  # the folder of the work files: the manifest rows to compute and their cache keys
     root: str  # the dataset folder media paths are relative to
-    shards: str  # where the job writes its feature and dead-letter shards
+    store: cache.FeatureCache  # where computed items are committed
+    dead: str  # the folder for dead letters
     total: int  # rows, for progress
 
 
-def build(p: beam.Pipeline, plan: JobPlan, job: JobConfig) -> tuple[Any, Any]:
-    """Add the extraction transforms of `plan` to pipeline `p`; returns (rows, dead letters)."""
-    spec, dim = plan.spec, plan.described["dim"]
-    rows = p | "ReadManifest" >> beam.io.ReadFromParquet(plan.manifest) | "Spread" >> beam.Reshuffle()
+def in_process(job: JobConfig) -> bool:
+    """Whether the job runs in the stage's process (Beam's FnApiRunner in memory or threads)."""
+    return job.runner.lower() in ("fnapirunner", "directrunner") and job.direct_running_mode != "multi_processing"
+
+
+def build(p: beam.Pipeline, plan: JobPlan, job: JobConfig) -> tuple[Any, Any, Any]:
+    """Add the extraction transforms of `plan` to pipeline `p`; returns the ids committed to the cache and
+    those that failed in prepare and in inference. Nothing waits for the whole job: each work file is a
+    bundle that streams through prepare, inference and the cache commits."""
+    spec = plan.spec
+    rows = p | "ReadTodo" >> beam.io.ReadFromParquet(f"{plan.todo}/todo-*.parquet")
+    if not (in_process(job) and job.direct_num_workers == 1):
+        rows = rows | "Spread" >> beam.Reshuffle()  # a cluster's runner spreads the work files over its workers
     prepared = rows | "Prepare" >> beam.ParDo(PrepareFn(spec.name, spec.extractor, plan.root)).with_outputs(
         "dead", main="ready"
     )
     handler = spec.extractor.handler(plan.described)  # checks the model files it loads on every worker
     results = prepared.ready | "RunInference" >> RunInference(KeyedModelHandler(handler))
     converted = results | "ToRow" >> beam.ParDo(ToRowFn(spec.name)).with_outputs("dead", main="rows")
-    rows = converted.rows | "Progress" >> beam.ParDo(ProgressFn(spec.name, plan.total, job.log_every_s))
-    dead = (prepared.dead, converted.dead) | "MergeDead" >> beam.Flatten()
-    rows | "WriteFeatures" >> beam.io.WriteToParquet(
-        f"{plan.shards}/features", features.feature_schema(dim), num_shards=job.num_shards, file_name_suffix=".parquet"
+    committed = (
+        converted.rows
+        | "Progress" >> beam.ParDo(ProgressFn(spec.name, plan.total, job.log_every_s))
+        | "Commit" >> beam.ParDo(CommitFn(plan.store, job.commit_items, job.commit_every_s))
     )
-    dead | "WriteDeadLetters" >> beam.io.WriteToParquet(
-        f"{plan.shards}/dead", schema.EXTRACT_DEAD_LETTER_SCHEMA, num_shards=job.num_shards, file_name_suffix=".parquet"
-    )
-    return rows, dead
+    dead_prepare = prepared.dead | "DeadInPrepare" >> beam.ParDo(DeadLetterFn(plan.dead))
+    dead_inference = converted.dead | "DeadInInference" >> beam.ParDo(DeadLetterFn(plan.dead))
+    return committed, dead_prepare, dead_inference
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,11 +384,11 @@ def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]
         )
 
 
-def _read_shards(folder: Path, prefix: str, sch: pa.Schema) -> Iterator[pa.Table]:
-    """The rows of Beam's shards, a record batch at a time."""
-    for part in sorted(folder.glob(f"{prefix}-*.parquet")):
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=cache.PART_ROW_GROUP):
-            yield pa.Table.from_batches([batch]).cast(sch)
+def _read_dead(folder: Path) -> pa.Table:
+    """The dead letters the job wrote, sorted by id."""
+    parts = [pq.read_table(f).cast(schema.EXTRACT_DEAD_LETTER_SCHEMA) for f in sorted(folder.glob("dead-*.parquet"))]
+    dead = pa.concat_tables(parts) if parts else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
+    return dead.sort_by(schema.ID)
 
 
 def apply_filter(table: pa.Table, extractor: Extractor) -> pa.Table:
@@ -324,15 +419,20 @@ def apply_filter(table: pa.Table, extractor: Extractor) -> pa.Table:
 
 
 class Counts:
-    """The extraction metrics, accumulated as feature rows stream past."""
+    """The extraction metrics, accumulated as feature rows stream past, and the proof that they are the
+    rows expected: the ids written must be `expected` (sorted), in order, each once."""
 
-    def __init__(self, spec: Modality, ids: list[str]):
-        self.spec, self.ids = spec, ids
-        self.written: list[str] = []
-        self.empty_sets = self.elements = self.max_elements = 0
+    def __init__(self, spec: Modality, items: int, expected: pa.Array):
+        self.spec, self.items, self.expected = spec, items, expected
+        self.written = self.empty_sets = self.elements = self.max_elements = 0
+        self.unexpected: list[str] = []
 
     def add(self, table: pa.Table) -> None:
-        self.written.extend(table[schema.ID].to_pylist())
+        ids = table[schema.ID].combine_chunks()
+        want = self.expected.slice(self.written, len(ids))
+        if len(want) != len(ids) or not pc.all(pc.equal(ids, want)).as_py():
+            self.unexpected.extend(sorted(set(ids.to_pylist()) - set(want.to_pylist()))[:5] or ids.to_pylist()[:1])
+        self.written += table.num_rows
         n = pc.list_value_length(table[features.VECTORS]).to_numpy(zero_copy_only=False)
         self.empty_sets += int((n == 0).sum())
         self.elements += int(n.sum())
@@ -348,8 +448,8 @@ class Counts:
         return {
             "modality": self.spec.name,
             "kind": self.spec.kind,
-            "items_in": len(self.ids),
-            "written": len(self.written),
+            "items_in": self.items,
+            "written": self.written,
             "computed": computed,
             "reused": reused,
             "cache": cache_dir,
@@ -359,47 +459,28 @@ class Counts:
             "max_elements": self.max_elements,
             "failed_by_stage": {s: failed_stages.count(s) for s in sorted(set(failed_stages))},
             "seconds": round(seconds, 1),
-            "items_per_s": round(len(self.ids) / seconds, 2) if seconds else None,
-            "computed_per_s": round(computed / seconds, 2) if seconds else None,  # reused items cost ~nothing
+            "items_per_s": round(computed / seconds, 2) if seconds else None,  # computed only: reused cost ~nothing
             "cpu_seconds": None if cpu is None else round(cpu, 1),  # core-seconds: all threads of the process
             "torch_threads": threads,
         }
 
 
-def _reconcile(spec: Modality, ids: list[str], got: list[str], dead: pa.Table, job: JobConfig, out_dir: Path) -> None:
+def _reconcile(spec: Modality, counts: Counts, lost: list[str], dead: pa.Table, job: JobConfig, out_dir: Path) -> None:
     """Every manifest id in exactly one of features and dead letters, and failures under the limit."""
-    failed = dead[schema.ID].to_pylist()
-    lost = set(ids) - set(got) - set(failed)
-    twice = set(got) & set(failed)
-    if lost or twice or len(got) + len(failed) != len(ids):
+    failed = dead.num_rows
+    if lost or counts.unexpected or counts.written != len(counts.expected) or counts.written + failed != counts.items:
         raise ExtractionError(
-            f"{spec.name}: counts do not reconcile: {len(lost)} ids lost {sorted(lost)[:5]}, "
-            f"{len(twice)} both written and failed {sorted(twice)[:5]}"
+            f"{spec.name}: counts do not reconcile: {counts.items} items in, {counts.written} written of "
+            f"{len(counts.expected)} expected, {failed} failed; ids lost {lost[:5]}, "
+            f"written unexpectedly {counts.unexpected[:5]}"
         )
-    if ids and len(failed) / len(ids) > job.max_failure_fraction:
+    if counts.items and failed / counts.items > job.max_failure_fraction:
         first = dead.slice(0, 3).to_pylist()
         raise ExtractionError(
-            f"{spec.name}: {len(failed)} of {len(ids)} items failed, more than "
+            f"{spec.name}: {failed} of {counts.items} items failed, more than "
             f"extract.job.max_failure_fraction={job.max_failure_fraction}; first: {first}; "
             f"see {out_dir / 'dead_letters.parquet'}"
         )
-
-
-def _fan_out(dead: pa.Table, ids: list[str], keys: list[str]) -> pa.Table:
-    """The dead letters of every item whose key is the key of an item that failed in inference (identical
-    inputs are computed once, for the first item that has them, so they fail together); a prepare failure
-    stays the failed item's own."""
-    if not dead.num_rows:
-        return dead
-    key_of = dict(zip(ids, keys))
-    by_key = {key_of[r[schema.ID]]: r for r in dead.to_pylist() if r[schema.STAGE] != "prepare"}
-    rows = [r for r in dead.to_pylist() if r[schema.STAGE] == "prepare"]
-    for item_id, key in zip(ids, keys):
-        first = by_key.get(key)
-        if first is not None:
-            same = "" if first[schema.ID] == item_id else f" (same input as {first[schema.ID]})"
-            rows.append({**first, schema.ID: item_id, schema.ERROR: first[schema.ERROR] + same})
-    return pa.Table.from_pylist(rows, schema=schema.EXTRACT_DEAD_LETTER_SCHEMA).sort_by(schema.ID)
 
 
 def fingerprint(spec: Modality, described: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -425,19 +506,30 @@ def current_fingerprints(specs: Sequence[Modality], manifest_path: Path | None) 
 
 
 class Run:
-    """One extraction run: the modality, its manifest and provenance, the cache, and the job's work folder."""
+    """One extraction run: the modality, its manifest and provenance, the cache, and the job's work folder.
+
+    What it holds per item is the id and the cache key's place (`cache.KeyIndex`): arrays, ~50 bytes an
+    item; the manifest's rows are streamed from the file, a batch at a time."""
 
     def __init__(
         self, spec: Modality, job: JobConfig, manifest_path: Path, out_dir: Path, expect: dict[str, Any] | None
     ):
-        self.spec, self.job, self.out_dir = spec, job, out_dir
-        self.manifest, self.mmeta = schema.read_manifest(manifest_path)
+        self.spec, self.job, self.out_dir, self.manifest_path = spec, job, out_dir, manifest_path
+        fields, self.mmeta = schema.read_manifest_schema(manifest_path)
+        # a fitted kind (meta) fits on the rows; the others check the columns
+        table = schema.read_manifest(manifest_path)[0] if spec.extractor.fitted else fields.empty_table()
         self.manifest_sha256 = features.file_sha256(manifest_path)
-        self.ids = self.manifest[schema.ID].to_pylist()
-        self.described = describe(spec, self.manifest, self.mmeta, expect)
+        self.ids = pq.read_table(manifest_path, columns=[schema.ID])[schema.ID].combine_chunks()
+        self.described = describe(spec, table, self.mmeta, expect)
+        del table
         fp, self.software = fingerprint(spec, self.described)
         self.job_described = {**self.described, "software": self.software}  # what every worker checks
-        self.keys = [cache.item_key(fp, v) for v in spec.extractor.item_inputs(self.manifest, self.described)]
+        keys = [
+            cache.key_array([cache.item_key(fp, v) for v in spec.extractor.item_inputs(batch, self.described)])
+            for batch in self.batches()
+        ]
+        self.index = cache.KeyIndex(np.concatenate(keys) if keys else np.zeros(0, cache.KEY_DTYPE))
+        del keys
         self.work = out_dir / "_work"
         self.store = cache.FeatureCache(
             Path(job.cache_dir) if job.cache_dir else self.work / "cache",
@@ -446,7 +538,12 @@ class Run:
             self.described["dim"],
             {"described": self.described, "params": to_dict(spec.cfg), "software": self.software},
         )
-        self.workers: dict[str, int] = {}  # tasks per cluster worker, where the runner reports them
+        self.workers: dict[str, int] = {}  # items per cluster worker, where the runner reports them
+
+    def batches(self, rows: int = 65536) -> Iterator[pa.Table]:
+        """The manifest's rows, a batch at a time, in file order."""
+        for batch in pq.ParquetFile(self.manifest_path).iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([batch])
 
     def meta(self) -> dict[str, Any]:
         """The provenance features.parquet records."""
@@ -459,81 +556,122 @@ class Run:
             "software": self.software,
         }
 
-    def compute(self, todo: pa.Table, tag: str = "job") -> tuple[pa.Table, Iterator[pa.Table]]:
-        """Run the Beam job on the manifest rows `todo`; returns its dead letters (sorted by id) and its
-        feature shards' rows (a stream). `tag` names its work files (one run may run two jobs)."""
-        manifest, shards = self.work / f"todo-{tag}.parquet", self.work / f"shards-{tag}"
-        pq.write_table(todo, manifest)
-        shards.mkdir()
-        log.info("%s: extracting %d items on %s", self.spec.name, todo.num_rows, self.job.runner)
+    def write_todo(self, todo: np.ndarray, folder: Path) -> int:
+        """The manifest rows `todo` selects (a mask) with their cache keys, as work files of at most
+        job.partition_items rows; returns the rows written."""
+        folder.mkdir(parents=True)
+        writer, in_file, files, start, written = None, 0, 0, 0, 0
+        try:
+            for batch in self.batches():
+                end = start + batch.num_rows
+                picked = np.flatnonzero(todo[start:end])
+                if len(picked):
+                    rows = batch.take(pa.array(picked)).append_column(
+                        TODO_KEY, pa.array(self.index.uniq[self.index.inv[start + picked]].astype(str), pa.string())
+                    )
+                    while rows.num_rows:
+                        if writer is None:
+                            writer = pq.ParquetWriter(folder / f"todo-{files:06d}.parquet", rows.schema)
+                            files, in_file = files + 1, 0
+                        take = min(rows.num_rows, self.job.partition_items - in_file)
+                        writer.write_table(rows.slice(0, take))
+                        rows, in_file, written = rows.slice(take), in_file + take, written + take
+                        if in_file == self.job.partition_items:
+                            writer.close()
+                            writer = None
+                start = end
+        finally:
+            if writer is not None:
+                writer.close()
+        return written
+
+    def compute(self, todo: np.ndarray, tag: str = "job") -> pa.Table:
+        """Run the Beam job on the manifest rows `todo` selects; their results are committed to the cache
+        as the job runs and placed in the index after it. Returns the job's dead letters (sorted by id).
+        `tag` names its work files (one run may run two jobs)."""
+        folder, dead = self.work / f"todo-{tag}", self.work / f"dead-{tag}"
+        total = self.write_todo(todo, folder)
+        dead.mkdir()
+        log.info("%s: extracting %d items on %s", self.spec.name, total, self.job.runner)
+        before = set(self.store.parts())
         p = beam.Pipeline(options=beam_options(self.job))
-        build(
-            p,
-            JobPlan(
-                self.spec, self.job_described, str(manifest), self.mmeta["dataset"]["dir"], str(shards), todo.num_rows
-            ),
-            self.job,
+        plan = JobPlan(
+            self.spec, self.job_described, str(folder), self.mmeta["dataset"]["dir"], self.store, str(dead), total
         )
+        build(p, plan, self.job)
         result = p.run()
         result.wait_until_finish()
-        self.workers.update(getattr(result, "worker_task_counts", None) or {})
-        dead = list(_read_shards(shards, "dead", schema.EXTRACT_DEAD_LETTER_SCHEMA))
-        dead = pa.concat_tables(dead) if dead else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
-        return dead.sort_by(schema.ID), _read_shards(shards, "features", features.feature_schema(self.described["dim"]))
+        for worker, n in (getattr(result, "worker_items", None) or {}).items():
+            self.workers[worker] = self.workers.get(worker, 0) + n
+        self.store.locate(self.index, sorted(set(self.store.parts()) - before))
+        shutil.rmtree(folder, ignore_errors=True)
+        return _read_dead(dead)
 
-    def store_rows(self, rows: Iterator[pa.Table], found: dict[str, Any]) -> None:
-        """The job's rows as a new cache part (keyed by their items' keys), added to `found`."""
-        key_of = dict(zip(self.ids, self.keys))
-        part, _ = self.store.write_part(
-            t.set_column(0, cache.KEY, pa.array([key_of[i] for i in t[schema.ID].to_pylist()], pa.string()))
-            for t in rows
-        )
-        if part is not None:
-            found.update({k: v for k, v in self.store.locate(self.keys, [part]).items() if k not in found})
+    def positions(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Manifest positions of `ids` (each a manifest id)."""
+        return pc.index_in(ids, value_set=self.ids).to_numpy(zero_copy_only=False).astype(np.int64)
 
-    def compute_missing(self, found: dict[str, Any]) -> tuple[pa.Table, int]:
-        """Run the Beam job once per distinct key that is not `found`, store the results as a new cache
-        part and add them to `found`; returns (the dead letters of every item, the items sent to the job).
+    def compute_missing(self) -> tuple[pa.Table, int]:
+        """Run the Beam job once per distinct key that is not in the cache; returns (the dead letters of
+        every item, the items sent to the job).
 
         An inference failure belongs to the input, so every item with that key shares it. A prepare failure
         belongs to the item's own file (missing, changed since ingest): the other items with that key run
         in a second job, each on its own file."""
-        todo, seen = [], set()
-        for key in self.keys:
-            todo.append(key not in found and key not in seen)
-            seen.add(key)
-        if not any(todo):
+        index, n = self.index, len(self.ids)
+        first = np.unique(index.inv, return_index=True)[1]  # each distinct key's first item
+        todo = np.zeros(n, dtype=bool)
+        todo[first[index.part < 0]] = True
+        if not todo.any():
             return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table(), 0
-        dead, rows = self.compute(self.manifest.filter(pa.array(todo)))
-        self.store_rows(rows, found)
-        key_of = dict(zip(self.ids, self.keys))
-        first_failed = set(dead[schema.ID].to_pylist())
-        own = {key_of[r[schema.ID]] for r in dead.to_pylist() if r[schema.STAGE] == "prepare"}
-        retry = [key_of[i] in own and key_of[i] not in found and i not in first_failed for i in self.ids]
-        dead = _fan_out(dead, self.ids, self.keys)
-        if any(retry):
+        dead = self.compute(todo)
+        retry = np.zeros(n, dtype=bool)
+        if dead.num_rows:
+            at = self.positions(dead[schema.ID])
+            prepare = np.asarray(dead[schema.STAGE].to_pylist()) == "prepare"
+            failed = np.zeros(n, dtype=bool)
+            failed[at] = True
+            own = np.isin(index.inv, index.inv[at[prepare]])
+            retry = own & ~index.found() & ~failed
+            dead = self.fan_out(dead, at, prepare)
+        if retry.any():
             log.info(
                 "%s: %d items share an input whose first item could not be read: each reads its own file",
                 self.spec.name,
-                sum(retry),
+                int(retry.sum()),
             )
-            dead2, rows = self.compute(self.manifest.filter(pa.array(retry)), "retry")
-            self.store_rows(rows, found)
-            dead = pa.concat_tables([dead, dead2]).sort_by(schema.ID)
-        return dead, sum(todo) + sum(retry)
+            dead = pa.concat_tables([dead, self.compute(retry, "retry")]).sort_by(schema.ID)
+        return dead, int(todo.sum() + retry.sum())
 
-    def assemble(self, found: dict[str, Any], dead: pa.Table) -> Counts:
+    def fan_out(self, dead: pa.Table, at: np.ndarray, prepare: np.ndarray) -> pa.Table:
+        """The dead letters of every item whose key is the key of an item that failed in inference
+        (identical inputs are computed once, for the first item that has them, so they fail together); a
+        prepare failure stays the failed item's own."""
+        rows = dead.to_pylist()
+        out = [r for r, p in zip(rows, prepare) if p]
+        by_key = {int(self.index.inv[i]): r for i, r, p in zip(at, rows, prepare) if not p}
+        if by_key:
+            for i in np.flatnonzero(np.isin(self.index.inv, list(by_key))).tolist():
+                first = by_key[int(self.index.inv[i])]
+                item_id = self.ids[i].as_py()
+                same = "" if first[schema.ID] == item_id else f" (same input as {first[schema.ID]})"
+                out.append({**first, schema.ID: item_id, schema.ERROR: first[schema.ERROR] + same})
+        return pa.Table.from_pylist(out, schema=schema.EXTRACT_DEAD_LETTER_SCHEMA).sort_by(schema.ID)
+
+    def assemble(self, dead: pa.Table) -> tuple[Counts, list[str]]:
         """features.parquet from the cache: every item that did not fail, filtered, sorted by id in bounded
-        memory and written last and atomically (a folder holding features.parquet is a finished extraction)."""
-        failed = set(dead[schema.ID].to_pylist())
-        ids_by_key: dict[str, list[str]] = {}
-        for item_id, key in zip(self.ids, self.keys):
-            if item_id not in failed and key in found:
-                ids_by_key.setdefault(key, []).append(item_id)
-        counts = Counts(self.spec, self.ids)
+        memory and written last and atomically (a folder holding features.parquet is a finished extraction).
+        Returns the counts and the ids neither written nor failed (none, when all is well)."""
+        failed = np.zeros(len(self.ids), dtype=bool)
+        if dead.num_rows:
+            failed[self.positions(dead[schema.ID])] = True
+        keep = self.index.found() & ~failed
+        lost = self.ids.filter(pa.array(~keep & ~failed)).to_pylist()
+        expected = self.ids.filter(pa.array(keep))
+        counts = Counts(self.spec, len(self.ids), expected.take(pc.sort_indices(expected)))
         sorter = ExternalSort(schema.ID, self.job.merge_buffer_mb << 20, self.work)
         try:
-            for table in cache.gather({k: found[k] for k in ids_by_key}, ids_by_key, self.described["dim"]):
+            for table in cache.gather(self.index, self.ids, keep, self.described["dim"]):
                 sorter.add(apply_filter(table, self.spec.extractor))
         except cache.PartError as exc:  # damaged after it was verified: moved aside, so the next run heals
             self.store.quarantine(exc.part, f"unreadable during a run: {exc}")
@@ -545,7 +683,7 @@ class Run:
             for table in sorter.sorted():
                 writer.write(table)
                 counts.add(table)
-        return counts
+        return counts, lost
 
 
 def run_extraction(
@@ -559,9 +697,10 @@ def run_extraction(
     """Extract modality `spec` for every manifest row; writes features, dead letters and counts.
 
     Items already in the cache (job.cache_dir) are reused; only the others go to the Beam job, each
-    distinct input once. `expect` is a model bundle's provenance of this modality (scoring new data):
-    the extractor, model, weights and dimension must match it before any item is processed, and a fitted
-    kind (meta) reuses the bundle's training statistics instead of fitting new ones.
+    distinct input once, and what it computes is committed to the cache in slices as it goes (a rerun
+    after a kill computes only the rest). `expect` is a model bundle's provenance of this modality
+    (scoring new data): the extractor, model, weights and dimension must match it before any item is
+    processed, and a fitted kind (meta) reuses the bundle's training statistics instead of fitting new ones.
     """
     _quiet()
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -571,40 +710,39 @@ def run_extraction(
     run = Run(spec, job, manifest_path, out_dir, expect)
     run.work.mkdir(parents=True)
     run.store.clean_partials()
-    found = run.store.locate_verified(run.keys)
-    ids = run.ids
-    reused = sum(k in found for k in run.keys)
+    run.store.locate_verified(run.index)
+    n = len(run.ids)
+    reused = int(run.index.found().sum())
     log.info(
         "%s: %d items (%d distinct inputs), %d in the cache, %d to compute with %s (%s, dim %d)",
         spec.name,
-        len(ids),
-        len(set(run.keys)),
+        n,
+        len(run.index.uniq),
         reused,
-        len(ids) - reused,
+        n - reused,
         run.described["model_id"],
         spec.kind,
         run.described["dim"],
     )
-    dead, sent = run.compute_missing(found)
+    dead, sent = run.compute_missing()
     pq.write_table(dead, out_dir / "dead_letters.parquet", compression="zstd")
-    counts = run.assemble(found, dead)
+    counts, lost = run.assemble(dead)
     shutil.rmtree(run.work, ignore_errors=True)
 
-    computed = len(counts.written) - reused
-    in_process = job.runner.lower() in ("fnapirunner", "directrunner") and job.direct_running_mode != "multi_processing"
-    cpu = time.process_time() - cpu0 if in_process else None  # elsewhere the work ran in other processes
+    computed = counts.written - reused
+    cpu = time.process_time() - cpu0 if in_process(job) else None  # elsewhere the work ran in other processes
     metrics = counts.metrics(dead, computed, reused, job.cache_dir, time.perf_counter() - t0, cpu)
     metrics["sent_to_job"] = sent  # distinct inputs computed (computed counts every item that got a result)
     if run.store.quarantined:
         metrics["cache_quarantined"] = run.store.quarantined
     if run.workers:
-        metrics["worker_tasks"] = dict(sorted(run.workers.items()))  # tasks per cluster worker
+        metrics["worker_items"] = dict(sorted(run.workers.items()))  # items each cluster worker finished
     runtime.write_json(metrics_path, metrics)
     log.info(
         "%s: %d in, %d written (%d computed from %d distinct inputs, %d reused; %d empty sets, %d elements), "
-        "%d failed in %.1f s (%.1f items/s)",
+        "%d failed in %.1f s (%.1f computed items/s)",
         spec.name,
-        len(ids),
+        n,
         metrics["written"],
         computed,
         sent,
@@ -616,7 +754,7 @@ def run_extraction(
         metrics["items_per_s"] or 0.0,
     )
     try:
-        _reconcile(spec, ids, counts.written, dead, job, out_dir)
+        _reconcile(spec, counts, lost, dead, job, out_dir)
     except ExtractionError:  # a folder holding features.parquet is a finished extraction: this one is not
         (out_dir / "features.parquet").unlink(missing_ok=True)
         raise

@@ -202,9 +202,14 @@ class _Buffer(logging.Handler):
         self.records.append(record)
 
 
+# how this process configured its logging (a cluster runner configures its workers the same way)
+LOGGING: dict[str, Any] = {"level": "INFO", "verbose": False}
+
+
 def configure_logging(level: str = "INFO", verbose: bool = False) -> None:
     """Project log lines to stderr at `level`; other libraries' lines only when `verbose` (their errors
     always). Records buffered by quiet_imports are shown now if `verbose`, else dropped."""
+    LOGGING.update(level=level, verbose=verbose)
     root = logging.getLogger()
     buffered = [r for h in root.handlers if isinstance(h, _Buffer) for r in h.records]
     handler = logging.StreamHandler(sys.stderr)

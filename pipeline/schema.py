@@ -142,11 +142,10 @@ class UnreadableFileError(ValueError):
     """A pipeline file that is missing, truncated, corrupted or of another kind."""
 
 
-def read_manifest(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a canonical manifest and its provenance (a file not written by ingest is refused)."""
+def _manifest(path: str | Path, read: Any) -> Any:
     try:
-        table = pq.read_table(path)
-        meta = read_metadata(table.schema)
+        found = read(path)
+        meta = read_metadata(found.schema if isinstance(found, pa.Table) else found)
     except FileNotFoundError:
         raise UnreadableFileError(f"manifest not found: {path}") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -155,7 +154,17 @@ def read_manifest(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         ) from None
     if meta.get("kind") != "manifest":
         raise UnreadableFileError(f"{path}: expected a canonical manifest, found a {meta.get('kind')!r} file")
-    return table, meta
+    return found, meta
+
+
+def read_manifest(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a canonical manifest and its provenance (a file not written by ingest is refused)."""
+    return _manifest(path, pq.read_table)
+
+
+def read_manifest_schema(path: str | Path) -> tuple[pa.Schema, dict[str, Any]]:
+    """A canonical manifest's schema and provenance, without its rows."""
+    return _manifest(path, pq.read_schema)
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,21 +124,31 @@ def test_a_failed_part_write_leaves_nothing_readable(tmp_path, caplog):
     with pytest.raises(KeyboardInterrupt):
         store.write_part(dies_midway())
     assert store.parts() == [] and [p.name for p in store.folder.iterdir()] == ["extractor.json"]
-    assert store.locate(["a", "b"]) == {}
+    assert located(store, ["a", "b"]).entries() == {}
     # what a kill -9 leaves (a half-written file aside) and a damaged part are never read as entries
     (store.folder / ".part-dead.parquet.partial").write_bytes(b"PAR1 half")
     part, n = store.write_part([raw_rows(["a", "b"])])
-    assert n == 2 and store.locate(["a", "b", "c"]) == {"a": (part, 0), "b": (part, 1)}
+    assert n == 2 and located(store, ["a", "b", "c"]).entries() == {"a": (part, 0), "b": (part, 1)}
     part.write_bytes(part.read_bytes()[:40])  # e.g. a disk that lost its end
     with caplog.at_level(logging.WARNING):
-        assert store.locate(["a", "b"]) == {}
+        assert located(store, ["a", "b"]).entries() == {}
     assert "unreadable" in caplog.text
+
+
+def located(store: cache.FeatureCache, keys: list[str], verified: bool = False) -> cache.KeyIndex:
+    index = cache.KeyIndex(cache.key_array(keys))
+    (store.locate_verified if verified else store.locate)(index)
+    return index
+
+
+def gathered(index: cache.KeyIndex, ids: list[str], dim: int = 3) -> pa.Table:
+    return pa.concat_tables(cache.gather(index, pa.array(ids), index.found(), dim))
 
 
 def test_gather_expands_shared_keys_to_every_id(tmp_path):
     store = cache.FeatureCache(tmp_path, "image", "f" * 64, 3)
     part, _ = store.write_part([raw_rows(["k0", "k1", "k2"])])
-    got = pa.concat_tables(cache.gather(store.locate(["k2", "k0"]), {"k0": ["x"], "k2": ["y", "z"]}, 3))
+    got = gathered(located(store, ["k2", "k0", "k2"]), ["y", "x", "z"])
     rows = {r["id"]: r[features.VECTORS][0][0] for r in got.to_pylist()}
     assert rows == {"x": 0.0, "y": 2.0, "z": 2.0}
 
@@ -319,22 +329,16 @@ def test_duplicate_entries_resolve_to_the_first_part_written(tmp_path):
     later = later.set_column(1, features.VECTORS, pa.array([[[9.0] * 3], [[8.0] * 3]], later.schema.field(1).type))
     second, _ = store.write_part([later])
     assert first.name < second.name, "part names sort by the time they were written"
-    found = store.locate(["k0", "k1", "k2"])
-    assert found == {"k0": (first, 0), "k1": (first, 1), "k2": (second, 1)}
-    got = {
-        r["id"]: r[features.VECTORS][0][0]
-        for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()
-    }
+    found = located(store, ["k0", "k1", "k2"])
+    assert found.entries() == {"k0": (first, 0), "k1": (first, 1), "k2": (second, 1)}
+    got = {r["id"]: r[features.VECTORS][0][0] for r in gathered(found, ["a", "b", "c"]).to_pylist()}
     assert got == {"a": 0.0, "b": 1.0, "c": 8.0}
     stats = cache.compact(store)  # one part, one entry per key, the same entries in use
     assert (stats["parts_after"], stats["entries_before"], stats["entries_after"]) == (1, 4, 3)
     [part] = store.parts()
     assert part.name < second.name
-    found = store.locate(["k0", "k1", "k2"])
-    again = {
-        r["id"]: r[features.VECTORS][0][0]
-        for r in pa.concat_tables(cache.gather(found, {"k0": ["a"], "k1": ["b"], "k2": ["c"]}, 3)).to_pylist()
-    }
+    found = located(store, ["k0", "k1", "k2"])
+    again = {r["id"]: r[features.VECTORS][0][0] for r in gathered(found, ["a", "b", "c"]).to_pylist()}
     assert again == got
 
 
@@ -354,9 +358,10 @@ def test_a_part_with_flipped_bytes_is_quarantined_by_name(tmp_path, caplog):
     store = cache.FeatureCache(tmp_path, "image", "f" * 64, 3)
     part, _ = store.write_part([raw_rows([f"k{i}" for i in range(50)])])
     flip_data_page_bytes(part)
-    assert set(store.locate([f"k{i}" for i in range(50)])) == {f"k{i}" for i in range(50)}, "keys still read"
+    keys = [f"k{i}" for i in range(50)]
+    assert set(located(store, keys).entries()) == set(keys), "keys still read"
     with caplog.at_level(logging.WARNING):
-        assert store.locate_verified([f"k{i}" for i in range(50)]) == {}
+        assert located(store, keys, verified=True).entries() == {}
     assert part.name in caplog.text and not part.exists()
     assert (store.folder / cache.QUARANTINE / part.name).exists()
     assert "corrupt" in (store.folder / cache.QUARANTINE / f"{part.name}.reason.txt").read_text()

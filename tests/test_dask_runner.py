@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import apache_beam as beam  # noqa: E402
 import psutil  # noqa: E402  (a dependency of distributed)
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from apache_beam.runners.runner import PipelineState  # noqa: E402
 
@@ -96,8 +98,8 @@ def test_reshuffle_spreads_a_one_bundle_read_over_both_workers(cluster, tmp_path
     got = collected(out)
     assert sorted(x for x, _ in got) == list(range(40)), "every row once"
     assert sorted({w for _, w in got}) == cluster[1], "the rows after the reshuffle ran on both workers"
-    assert sorted(result.worker_task_counts) == cluster[1]
-    assert all(n > 0 for n in result.worker_task_counts.values()), result.worker_task_counts
+    assert sorted(result.worker_items) == cluster[1] and sum(result.worker_items.values()) == 40
+    assert all(n > 0 for n in result.worker_items.values()), result.worker_items
 
 
 class SplitOdd(beam.DoFn):
@@ -229,7 +231,7 @@ def test_without_an_address_a_local_cluster_runs_the_job_and_is_shut_down(tmp_pa
     result = run(p)
     got = collected(out)
     assert {(omp, mkl) for omp, mkl, _ in got} == {("2", "2")}, "threads per worker reach the worker's env"
-    assert len(result.worker_task_counts) == 1 and sum(result.worker_task_counts.values()) > 0
+    assert len(result.worker_items) == 1 and sum(result.worker_items.values()) == 3
     for pid in {pid for _, _, pid in got}:  # the worker process ends: the cluster was closed after the run
         try:
             psutil.Process(pid).wait(timeout=60)
@@ -270,3 +272,107 @@ def test_a_dofn_is_set_up_once_per_worker_process_not_per_bundle(cluster, tmp_pa
         per_process[f.name.split("-")[0]] = per_process.get(f.name.split("-")[0], 0) + 1
     assert set(per_process) == {str(pid) for pid in set(pids)} and len(per_process) == 2
     assert all(n == 1 for n in per_process.values()), f"setups per worker process: {per_process}"
+
+
+class Emit(beam.DoFn):
+    """Counts what it emitted in this bundle where the next step can see it (one task at a time per
+    worker process: 1 thread each)."""
+
+    def start_bundle(self):
+        sys.dmms_emitted = 0
+
+    def process(self, x):
+        sys.dmms_emitted += 1
+        yield x
+
+
+class Seen(beam.DoFn):
+    def start_bundle(self):
+        self.n = 0
+
+    def process(self, x):
+        self.n += 1
+        yield self.n, sys.dmms_emitted  # streaming: the step before has emitted exactly n so far
+
+
+def test_consecutive_pardos_stream_each_element_through(cluster, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    p = beam.Pipeline(options=options(cluster))
+    (
+        p
+        | beam.io.ReadFromParquet(str(write_parquet(tmp_path / "in.parquet", 30)))
+        | beam.ParDo(Emit())
+        | beam.ParDo(Seen())
+        | beam.ParDo(Collect(str(out)))
+    )
+    run(p)
+    got = collected(out)
+    assert len(got) == 30 and all(n == emitted for n, emitted in got), got
+
+
+def test_more_partitions_than_workers_spread_over_both_without_a_reshuffle(cluster, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in range(8):  # 8 files: 8 partitions, more than the 2 x 2 dealt by a reshuffle
+        pq.write_table(pa.table({"x": list(range(f * 5, f * 5 + 5))}), folder / f"todo-{f}.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    p = beam.Pipeline(options=options(cluster))
+    (p | beam.io.ReadFromParquet(str(folder / "todo-*.parquet")) | beam.ParDo(Where()) | beam.ParDo(Collect(str(out))))
+    result = run(p)
+    got = collected(out)
+    assert sorted(x for x, _ in got) == list(range(40))
+    assert sorted({w for _, w in got}) == cluster[1], "both workers took partitions"
+    assert sum(result.worker_items.values()) == 40 and all(result.worker_items.values()), result.worker_items
+
+
+class Model:
+    """A 'model' a ModelHandler loads: something to find on the workers after a run."""
+
+    def __init__(self, run: int):
+        self.run, self.weights = run, bytearray(1 << 20)
+
+
+class Handler(ModelHandler):
+    def __init__(self, run: int):
+        super().__init__()
+        self.run = run
+
+    def load_model(self) -> Model:
+        return Model(self.run)
+
+    def run_inference(self, batch, model, inference_args=None):
+        return [(x, model.run) for x in batch]
+
+
+def live_models() -> list[int]:
+    """On a worker: the runs of the Model objects still alive, and how many set-up groups it keeps."""
+    import gc
+
+    from pipeline import dask_runner
+
+    gc.collect()
+    runs = sorted(o.run for o in gc.get_objects() if type(o).__name__ == "Model" and hasattr(o, "weights"))
+    return runs + [-len(dask_runner._IDLE)]
+
+
+def test_a_long_lived_cluster_keeps_no_dofn_or_model_of_earlier_runs(cluster, tmp_path):
+    with ddist.Client(cluster[0]) as client:
+        for n in range(3):
+            out = tmp_path / f"out{n}"
+            out.mkdir()
+            p = beam.Pipeline(options=options(cluster, "--dask_npartitions=4"))
+            (p | beam.Create(range(20)) | beam.Reshuffle() | RunInference(Handler(n)) | beam.ParDo(Collect(str(out))))
+            result = run(p)
+            assert sorted(collected(out)) == [(x, n) for x in range(20)]
+            assert result.torn_down >= 2, "the run's set-up DoFns were torn down on both workers"
+            assert client.run(live_models) == {w: [0] for w in cluster[1]}, "nothing of this run is left"
+
+
+def test_a_cluster_without_workers_is_a_clear_error(tmp_path):
+    with ddist.LocalCluster(n_workers=0, processes=True, dashboard_address="127.0.0.1:0") as empty:
+        p = beam.Pipeline(options=options((empty.scheduler_address,), "--dask_wait_for_workers_s=1"))
+        p | beam.Create([1]) | beam.Map(lambda x: x)
+        with pytest.raises(RuntimeError, match="has no workers .waited 1 s"):
+            p.run()

@@ -38,7 +38,7 @@ def test_a_two_worker_dask_cluster_equals_the_in_process_runner(grown, tmp_path,
     ]
     assert dead[0] == dead[1] and len(dead[0]) == (1 if name == "image" else 0)
     assert dask_m["items_in"] == dask_m["written"] + dask_m["failed"] == 12
-    tasks = dask_m["worker_tasks"]
-    assert len(tasks) == 2 and min(tasks.values()) > 0, f"both workers ran tasks: {tasks}"
-    assert "worker_tasks" not in local_m
+    items = dask_m["worker_items"]
+    assert len(items) == 2 and min(items.values()) > 0, f"both workers finished items: {items}"
+    assert sum(items.values()) == 12 and "worker_items" not in local_m
     assert np.isclose(dask_m["elements"], local_m["elements"])

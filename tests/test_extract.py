@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -19,9 +20,8 @@ from PIL import Image
 
 from pipeline import features, records, schema
 from pipeline.config import ConfigError, from_dict, section
-from pipeline.extract import ExtractionError, JobConfig, JobPlan, beam_options, build, describe, modality
+from pipeline.extract import ExtractionError, JobConfig, JobPlan, Run, beam_options, build, modality
 from pipeline.extractors import base, faces, image, meta, ocr, text
-from pipeline.schema import read_manifest
 
 MODALITIES = ("image", "faces", "ocr", "title", "description", "tags", "meta")
 
@@ -230,26 +230,36 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 def test_beam_job_in_a_test_pipeline(tiny, tmp_path):
+    """The job alone: every work-file row is committed to the cache with its key, nothing fails."""
     params, manifest = tiny
     spec = modality("tags", params["extract"]["modalities"]["tags"])
-    job = section(params, "extract.job", JobConfig)
+    job = dataclasses.replace(section(params, "extract.job", JobConfig), commit_items=3, partition_items=4)
+    run = Run(spec, job, manifest, tmp_path / "out", None)
+    total = run.write_todo(np.ones(len(run.ids), dtype=bool), tmp_path / "todo")
+    ids = run.ids.to_pylist()
+    (tmp_path / "dead").mkdir()
     with TestPipeline(runner="FnApiRunner") as p:
-        described = describe(spec, *read_manifest(manifest))
-        plan = JobPlan(spec, described, str(manifest), params["dataset"]["dir"], str(tmp_path), 10)
-        rows, dead = build(p, plan, job)
-        expected = {}
-        for row in pq.read_table(manifest).to_pylist():
-            expected[row["id"]] = row["tags"]
-        assert_that(
-            rows
-            | "texts"
-            >> __import__("apache_beam").Map(
-                lambda r: (r["id"], [e["text"] for e in r["elements"]], len(r["vectors"]))
-            ),
-            equal_to([(i, t, len(t)) for i, t in expected.items()]),
-            label="rows",
+        plan = JobPlan(
+            spec,
+            run.job_described,
+            str(tmp_path / "todo"),
+            params["dataset"]["dir"],
+            run.store,
+            str(tmp_path / "dead"),
+            total,
         )
-        assert_that(dead, equal_to([]), label="dead")
+        committed, dead_prepare, dead_inference = build(p, plan, job)
+        assert_that(committed, equal_to(ids), label="committed")
+        assert_that(dead_prepare, equal_to([]), label="dead_prepare")
+        assert_that(dead_inference, equal_to([]), label="dead_inference")
+    assert len(list((tmp_path / "todo").glob("todo-*.parquet"))) == 3  # 10 items, 4 per work file
+    parts = run.store.parts()
+    assert len(parts) >= 4  # at most 3 items per commit
+    stored = pa.concat_tables([pq.read_table(part) for part in parts])
+    keys = dict(zip(ids, run.index.uniq[run.index.inv].astype(str).tolist()))
+    tags = dict(zip(ids, pq.read_table(manifest)["tags"].to_pylist()))
+    texts = {k: [e["text"] for e in el] for k, el in zip(stored["key"].to_pylist(), stored["elements"].to_pylist())}
+    assert {i: texts[keys[i]] for i in ids} == {i: tags[i] or [] for i in ids}
 
 
 def extract(params, manifest, modality, out: Path):
