@@ -84,10 +84,10 @@ class PeakSampler(threading.Thread):
             for proc in me.children(recursive=True):
                 try:
                     rss = proc.memory_info().rss
-                    name = " ".join(proc.cmdline()[-2:])
+                    name = " ".join(proc.cmdline())
                 except psutil.Error:
                     continue
-                key = (proc.pid, "worker" if "spawn" in name or "multiprocessing" in name else name)
+                key = (proc.pid, "worker" if "spawn_main" in name else name)  # a Dask worker process
                 self.peaks[key] = max(self.peaks.get(key, 0), rss)
             time.sleep(self.every_s)
 
@@ -155,6 +155,13 @@ def bare(n: int, dim: int, rounds: int, batch: int = 64) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def calibrate(dim: int, target_us: float) -> int:
+    """The rounds that make the bare loop cost about `target_us` per item at this dimension."""
+    base = bare(2000, dim, 0)
+    per_round = (bare(2000, dim, 8) - base) / 8
+    return max(0, round((target_us * 1e-6 - base) / per_round)) if per_round > 0 else 0
+
+
 def env() -> dict[str, str]:
     # one BLAS thread: the work is the same in the loop, in-process and on each 1-thread Dask worker
     return {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -163,7 +170,7 @@ def env() -> dict[str, str]:
 def measure(manifest: Path, runner: str, dim: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dmms-scale-") as tmp:
         cmd = [sys.executable, __file__, "--child", "--work", tmp, "--manifest", str(manifest)]
-        cmd += ["--runner", runner, "--dim", str(dim), "--rounds", str(rounds)]
+        cmd += ["--runner", runner, "--dim", str(dim), "--rounds", str(rounds)]  # the child's own flags
         out = subprocess.run(cmd, env=env(), check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -173,7 +180,13 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--runners", nargs="+", default=["inprocess", "dask"], choices=["inprocess", "dask"])
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=4, help="dim x dim layers per vector: the work per item")
+    ap.add_argument(
+        "--work-us",
+        type=float,
+        default=500.0,
+        help="the synthetic work per item, in microseconds of the bare loop (rounds calibrated per dimension)",
+    )
+    ap.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-wide", action="store_true", help="skip the 100k run at dim 1,280")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -183,13 +196,16 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; synthetic work: dim {args.dim}, "
-        f"{args.rounds} rounds"
-    )
     cases = [(r, n, args.dim) for r in args.runners for n in args.sizes]
     if not args.no_wide:
         cases += [(r, 100_000, 1280) for r in args.runners]
+    rounds = {dim: calibrate(dim, args.work_us) for dim in sorted({d for _, _, d in cases})}
+    bare_s = {dim: bare(100_000 if dim <= 128 else 20_000, dim, rounds[dim]) for dim in rounds}
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores; synthetic work ~{args.work_us:g} us/item: "
+        + ", ".join(f"dim {d}: {r} rounds, bare loop {bare_s[d] * 1e6:.1f} us/item" for d, r in rounds.items()),
+        flush=True,
+    )
     header = (
         f"{'runner':>9} {'items':>8} {'dim':>5} {'stage MB':>9} {'workers MB':>16} {'us/item':>8} "
         f"{'bare us':>8} {'x bare':>7} {'warm us':>8}"
@@ -201,18 +217,19 @@ def main() -> None:
             manifest = Path(data) / f"manifest-{n}.parquet"
             if not manifest.exists():
                 write_manifest(manifest, n)
-            bare_s = bare(min(n, 100_000), dim, args.rounds)
-            r = measure(manifest, runner, dim, args.rounds)
+            r = measure(manifest, runner, dim, rounds[dim])
             cold, warm = r["runs"]
             assert cold["written"] == n and cold["computed"] == n and warm["reused"] == n, r
             per = cold["wall_s"] / n
             workers = "/".join(f"{w:.0f}" for w in r["worker_peak_mb"]) or "-"
             print(
                 f"{runner:>9} {n:>8} {dim:>5} {r['stage_peak_mb']:>9.0f} {workers:>16} {per * 1e6:>8.1f} "
-                f"{bare_s * 1e6:>8.1f} {per / bare_s:>7.2f} {warm['wall_s'] / n * 1e6:>8.1f}",
+                f"{bare_s[dim] * 1e6:>8.1f} {per / bare_s[dim]:>7.2f} {warm['wall_s'] / n * 1e6:>8.1f}",
                 flush=True,
             )
-            results.append({"runner": runner, "items": n, "dim": dim, "bare_s_per_item": bare_s, **r})
+            results.append(
+                {"runner": runner, "items": n, "dim": dim, "rounds": rounds[dim], "bare_s": bare_s[dim], **r}
+            )
     print(json.dumps(results))
 
 

@@ -55,7 +55,7 @@ from pipeline import features, schema
 log = logging.getLogger(__name__)
 
 KEY = "key"
-KEY_DTYPE = "S32"  # a key: sha256 hex, first 32 characters
+KEY_DTYPE = "S16"  # a key in memory: its 16 bytes (stored as 32 hex characters)
 # params that change how fast an extractor runs, never what it outputs
 RUNTIME_PARAMS = frozenset(
     {"batch_size", "text_batch_size", "crop_batch_size", "device", "parallel_images", "allow_download"}
@@ -147,21 +147,49 @@ def raw_schema(dim: int) -> pa.Schema:
     return pa.schema([pa.field(KEY, pa.string(), nullable=False), *[f for f in sch if f.name != schema.ID]])
 
 
+_NIBBLE = np.full(256, 255, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
 def key_array(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
-    """Cache keys (32 hex characters each) as a numpy bytes array: 32 bytes per key, no Python objects."""
+    """Cache keys (32 lowercase hex characters each) as 16-byte values, no Python objects. Compare and
+    sort them as they are; turn them back into text with key_text() (the bytes may end in NULs, which
+    numpy drops from a single value)."""
     values = keys.to_numpy(zero_copy_only=False) if isinstance(keys, pa.Array | pa.ChunkedArray) else keys
-    return np.asarray(values, dtype=KEY_DTYPE)
+    text = np.asarray(values, dtype="S32")
+    digits = _NIBBLE[text.view(np.uint8).reshape(-1, 32)]
+    if len(text) and (digits.max() > 15 or np.char.str_len(text).min() < 32):
+        bad = next(k for k in text.tolist() if len(k) != 32 or _NIBBLE[np.frombuffer(k, np.uint8)].max() > 15)
+        raise ValueError(f"not a cache key (32 hex characters): {bad!r}")
+    return np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view(KEY_DTYPE).reshape(-1)
+
+
+def key_text(keys: np.ndarray) -> np.ndarray:
+    """16-byte keys (key_array) back to their 32 hex characters."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)
+    out = np.empty((len(raw), 32), np.uint8)
+    out[:, 0::2], out[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
+    return out.view("S32").reshape(-1)
 
 
 class KeyIndex:
-    """Where the cache holds each item's entry, kept as arrays (a million items: ~50 bytes each).
+    """Where the cache holds each item's entry, kept as arrays (~36 bytes an item).
 
     Built from the items' keys in manifest order: `inv` maps an item to its distinct key, and for each
     distinct key `part` (an index into `parts`, -1 while not found) and `row` say where its entry is."""
 
     def __init__(self, keys: np.ndarray):
-        self.uniq, inv = np.unique(keys, return_inverse=True)
-        self.inv = inv.astype(np.int32 if len(self.uniq) < 2**31 else np.int64)
+        order = np.argsort(keys, kind="stable").astype(np.int32 if len(keys) < 2**31 else np.int64)
+        ordered = keys[order]
+        new = np.empty(len(keys), dtype=bool)
+        new[:1] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+        self.uniq = ordered[new]
+        del ordered
+        # item -> its distinct key (np.unique(return_inverse) does the same with more temporaries)
+        self.inv = np.empty(len(keys), np.int32 if len(keys) < 2**31 else np.int64)
+        self.inv[order] = np.cumsum(new, dtype=self.inv.dtype) - 1
         self.clear()
 
     def clear(self) -> None:
@@ -188,7 +216,8 @@ class KeyIndex:
     def entries(self) -> dict[str, tuple[Path, int]]:
         """{key: (part, row)} of the keys found (for a look; the run itself keeps the arrays)."""
         placed = np.flatnonzero(self.part >= 0)
-        return {self.uniq[i].decode(): (self.parts[self.part[i]], int(self.row[i])) for i in placed.tolist()}
+        text = key_text(self.uniq[placed])
+        return {k.decode(): (self.parts[self.part[i]], int(self.row[i])) for k, i in zip(text, placed.tolist())}
 
     def used_parts(self) -> set[Path]:
         return {self.parts[p] for p in np.unique(self.part[self.part >= 0]).tolist()}

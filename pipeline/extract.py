@@ -76,7 +76,7 @@ class JobConfig:
     options: dict[str, Any] = field(default_factory=dict)  # any other Beam option, passed as --key=value
     flags: tuple[str, ...] = ()  # Beam flags as on a command line (the stage adds those its parser does not know)
     cache_dir: str | None = None  # the per-item extraction cache; null: off (every item is computed)
-    merge_buffer_mb: int = 64  # rows held in memory while sorting the features by id; more spill to disk
+    merge_buffer_mb: int = 32  # rows held in memory while sorting the features by id (twice that at a spill)
     dask: DaskConfig = field(default_factory=DaskConfig)
 
     def validate(self, where: str) -> None:
@@ -524,11 +524,12 @@ class Run:
         del table
         fp, self.software = fingerprint(spec, self.described)
         self.job_described = {**self.described, "software": self.software}  # what every worker checks
-        keys = [
-            cache.key_array([cache.item_key(fp, v) for v in spec.extractor.item_inputs(batch, self.described)])
-            for batch in self.batches()
-        ]
-        self.index = cache.KeyIndex(np.concatenate(keys) if keys else np.zeros(0, cache.KEY_DTYPE))
+        keys, at = np.empty(len(self.ids), cache.KEY_DTYPE), 0  # filled in place: no list of batches to join
+        for batch in self.batches():
+            inputs = spec.extractor.item_inputs(batch, self.described)
+            keys[at : at + batch.num_rows] = cache.key_array([cache.item_key(fp, v) for v in inputs])
+            at += batch.num_rows
+        self.index = cache.KeyIndex(keys)
         del keys
         self.work = out_dir / "_work"
         self.store = cache.FeatureCache(
@@ -542,7 +543,8 @@ class Run:
 
     def batches(self, rows: int = 65536) -> Iterator[pa.Table]:
         """The manifest's rows, a batch at a time, in file order."""
-        for batch in pq.ParquetFile(self.manifest_path).iter_batches(batch_size=rows):
+        # no read-ahead: a buffered stream decodes the file a page at a time
+        for batch in pq.ParquetFile(self.manifest_path, pre_buffer=False, buffer_size=1 << 20).iter_batches(rows):
             yield pa.Table.from_batches([batch])
 
     def meta(self) -> dict[str, Any]:
@@ -567,7 +569,7 @@ class Run:
                 picked = np.flatnonzero(todo[start:end])
                 if len(picked):
                     rows = batch.take(pa.array(picked)).append_column(
-                        TODO_KEY, pa.array(self.index.uniq[self.index.inv[start + picked]].astype(str), pa.string())
+                        TODO_KEY, pa.array(cache.key_text(self.index.uniq[self.index.inv[start + picked]]).astype(str))
                     )
                     while rows.num_rows:
                         if writer is None:
@@ -667,8 +669,13 @@ class Run:
             failed[self.positions(dead[schema.ID])] = True
         keep = self.index.found() & ~failed
         lost = self.ids.filter(pa.array(~keep & ~failed)).to_pylist()
-        expected = self.ids.filter(pa.array(keep))
-        counts = Counts(self.spec, len(self.ids), expected.take(pc.sort_indices(expected)))
+        expected = self.ids.filter(pa.array(keep))  # ingest writes the manifest sorted by id
+        if (
+            len(expected) > 1
+            and not pc.all(pc.greater(expected.slice(1), expected.slice(0, len(expected) - 1))).as_py()
+        ):
+            expected = expected.take(pc.sort_indices(expected))
+        counts = Counts(self.spec, len(self.ids), expected)
         sorter = ExternalSort(schema.ID, self.job.merge_buffer_mb << 20, self.work)
         try:
             for table in cache.gather(self.index, self.ids, keep, self.described["dim"]):

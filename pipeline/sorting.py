@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -37,28 +38,34 @@ class ExternalSort:
         if self.buffered >= self.max_bytes:
             self._spill()
 
-    def _sorted_buffer(self) -> pa.Table | None:
+    def _sorted_buffer(self) -> Iterator[pa.Table]:
+        """The buffered rows sorted by key, a chunk at a time, taken by sorted index (memory holds the
+        buffer, copied once into one array per column, and one chunk); empties the buffer."""
         if not self.buffer:
-            return None
-        table = pa.concat_tables(self.buffer).sort_by(self.key)
+            return
+        table = pa.concat_tables(self.buffer).combine_chunks()  # a take from many chunks would copy them each time
         self.buffer, self.buffered = [], 0
-        return table
+        order = pc.sort_indices(table, sort_keys=[(self.key, "ascending")])
+        for start in range(0, table.num_rows, self.chunk_rows):
+            yield table.take(order.slice(start, self.chunk_rows))
 
     def _spill(self) -> None:
-        table = self._sorted_buffer()
-        if table is not None:
-            path = self.tmp / f"run-{len(self.runs):05d}.parquet"
-            pq.write_table(table, path, row_group_size=self.chunk_rows)
-            self.runs.append(path)
+        chunks = self._sorted_buffer()
+        first = next(chunks, None)
+        if first is None:
+            return
+        path = self.tmp / f"run-{len(self.runs):05d}.parquet"
+        with pq.ParquetWriter(path, first.schema) as writer:
+            writer.write_table(first, row_group_size=self.chunk_rows)
+            for chunk in chunks:
+                writer.write_table(chunk, row_group_size=self.chunk_rows)
+        self.runs.append(path)
 
     def sorted(self) -> Iterator[pa.Table]:
         """Every row added, sorted by key, in chunks; removes the runs when done."""
         try:
             if not self.runs:
-                table = self._sorted_buffer()
-                if table is not None:
-                    for start in range(0, table.num_rows, self.chunk_rows):
-                        yield table.slice(start, self.chunk_rows)
+                yield from self._sorted_buffer()
                 return
             self._spill()
             yield from self._merge()
@@ -66,7 +73,7 @@ class ExternalSort:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _merge(self) -> Iterator[pa.Table]:
-        readers = [pq.ParquetFile(p).iter_batches(batch_size=self.chunk_rows) for p in self.runs]
+        readers = [self._chunks(p) for p in self.runs]
         heads: list[pa.Table | None] = [self._next(r) for r in readers]
         while any(h is not None for h in heads):
             live = [h for h in heads if h is not None]
@@ -83,6 +90,13 @@ class ExternalSort:
             yield pa.concat_tables(out).sort_by(self.key)
 
     @staticmethod
-    def _next(reader: Iterator[pa.RecordBatch]) -> pa.Table | None:
-        batch = next(reader, None)
-        return None if batch is None else pa.Table.from_batches([batch])
+    def _chunks(path: Path) -> Iterator[pa.Table]:
+        """A run's row groups (one chunk each), read one at a time: iter_batches would read ahead the
+        whole file."""
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            yield pf.read_row_group(g)
+
+    @staticmethod
+    def _next(reader: Iterator[pa.Table]) -> pa.Table | None:
+        return next(reader, None)

@@ -3,6 +3,7 @@ not rerun detectors, killed writes are never read back, and the cache can be tur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -99,11 +100,16 @@ def test_every_project_module_an_extractor_imports_is_in_its_code_version():
         assert cache.code_digest(cls.sources)
 
 
+def hk(name: str) -> str:
+    """A cache key (32 hex characters) standing for a readable name in these tests."""
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 def raw_rows(keys, dim=3):
     return pa.Table.from_pylist(
         [
             {
-                cache.KEY: k,
+                cache.KEY: hk(k),
                 features.VECTORS: [[float(i)] * dim],
                 features.ELEMENTS: [features.element(index=0)],
                 features.CATEGORY_IDS: None,
@@ -124,21 +130,28 @@ def test_a_failed_part_write_leaves_nothing_readable(tmp_path, caplog):
     with pytest.raises(KeyboardInterrupt):
         store.write_part(dies_midway())
     assert store.parts() == [] and [p.name for p in store.folder.iterdir()] == ["extractor.json"]
-    assert located(store, ["a", "b"]).entries() == {}
+    assert named(located(store, ["a", "b"])) == {}
     # what a kill -9 leaves (a half-written file aside) and a damaged part are never read as entries
     (store.folder / ".part-dead.parquet.partial").write_bytes(b"PAR1 half")
     part, n = store.write_part([raw_rows(["a", "b"])])
-    assert n == 2 and located(store, ["a", "b", "c"]).entries() == {"a": (part, 0), "b": (part, 1)}
+    assert n == 2 and named(located(store, ["a", "b", "c"])) == {"a": (part, 0), "b": (part, 1)}
     part.write_bytes(part.read_bytes()[:40])  # e.g. a disk that lost its end
     with caplog.at_level(logging.WARNING):
-        assert located(store, ["a", "b"]).entries() == {}
+        assert named(located(store, ["a", "b"])) == {}
     assert "unreadable" in caplog.text
 
 
 def located(store: cache.FeatureCache, keys: list[str], verified: bool = False) -> cache.KeyIndex:
-    index = cache.KeyIndex(cache.key_array(keys))
+    index = cache.KeyIndex(cache.key_array([hk(k) for k in keys]))
     (store.locate_verified if verified else store.locate)(index)
+    index.names = keys
     return index
+
+
+def named(index: cache.KeyIndex) -> dict[str, tuple[Path, int]]:
+    """index.entries() by the names `located` was given."""
+    found = index.entries()
+    return {k: found[hk(k)] for k in index.names if hk(k) in found}
 
 
 def gathered(index: cache.KeyIndex, ids: list[str], dim: int = 3) -> pa.Table:
@@ -330,7 +343,7 @@ def test_duplicate_entries_resolve_to_the_first_part_written(tmp_path):
     second, _ = store.write_part([later])
     assert first.name < second.name, "part names sort by the time they were written"
     found = located(store, ["k0", "k1", "k2"])
-    assert found.entries() == {"k0": (first, 0), "k1": (first, 1), "k2": (second, 1)}
+    assert named(found) == {"k0": (first, 0), "k1": (first, 1), "k2": (second, 1)}
     got = {r["id"]: r[features.VECTORS][0][0] for r in gathered(found, ["a", "b", "c"]).to_pylist()}
     assert got == {"a": 0.0, "b": 1.0, "c": 8.0}
     stats = cache.compact(store)  # one part, one entry per key, the same entries in use
@@ -359,9 +372,9 @@ def test_a_part_with_flipped_bytes_is_quarantined_by_name(tmp_path, caplog):
     part, _ = store.write_part([raw_rows([f"k{i}" for i in range(50)])])
     flip_data_page_bytes(part)
     keys = [f"k{i}" for i in range(50)]
-    assert set(located(store, keys).entries()) == set(keys), "keys still read"
+    assert set(named(located(store, keys))) == set(keys), "keys still read"
     with caplog.at_level(logging.WARNING):
-        assert located(store, keys, verified=True).entries() == {}
+        assert named(located(store, keys, verified=True)) == {}
     assert part.name in caplog.text and not part.exists()
     assert (store.folder / cache.QUARANTINE / part.name).exists()
     assert "corrupt" in (store.folder / cache.QUARANTINE / f"{part.name}.reason.txt").read_text()

@@ -18,7 +18,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import extract_modality, ingested_demo
 from PIL import Image
 
-from pipeline import features, records, schema
+from pipeline import cache, features, records, schema
 from pipeline.config import ConfigError, from_dict, section
 from pipeline.extract import ExtractionError, JobConfig, JobPlan, Run, beam_options, build, modality
 from pipeline.extractors import base, faces, image, meta, ocr, text
@@ -256,7 +256,7 @@ def test_beam_job_in_a_test_pipeline(tiny, tmp_path):
     parts = run.store.parts()
     assert len(parts) >= 4  # at most 3 items per commit
     stored = pa.concat_tables([pq.read_table(part) for part in parts])
-    keys = dict(zip(ids, run.index.uniq[run.index.inv].astype(str).tolist()))
+    keys = dict(zip(ids, cache.key_text(run.index.uniq[run.index.inv]).astype(str).tolist()))
     tags = dict(zip(ids, pq.read_table(manifest)["tags"].to_pylist()))
     texts = {k: [e["text"] for e in el] for k, el in zip(stored["key"].to_pylist(), stored["elements"].to_pylist())}
     assert {i: texts[keys[i]] for i in ids} == {i: tags[i] or [] for i in ids}
