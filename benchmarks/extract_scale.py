@@ -162,9 +162,19 @@ def calibrate(dim: int, target_us: float) -> int:
     return max(0, round((target_us * 1e-6 - base) / per_round)) if per_round > 0 else 0
 
 
+# what dvc.yaml's extract command sets
+STAGE_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "536870912",
+    "MIMALLOC_PURGE_DELAY": "0",
+}
+
+
 def env() -> dict[str, str]:
     # one BLAS thread: the work is the same in the loop, in-process and on each 1-thread Dask worker
-    return {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    threads = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {**os.environ, **STAGE_ENV, **threads}
 
 
 def measure(manifest: Path, runner: str, dim: int, rounds: int) -> dict:
@@ -196,6 +206,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    sys.path.insert(0, str(REPO))
+    from pipeline import runtime
+
+    runtime.quiet_imports([])  # the apitools note Beam logs while importing
+    runtime.configure_logging("WARNING")
     cases = [(r, n, args.dim) for r in args.runners for n in args.sizes]
     if not args.no_wide:
         cases += [(r, 100_000, 1280) for r in args.runners]

@@ -176,17 +176,17 @@ def key_text(keys: np.ndarray) -> np.ndarray:
 class KeyIndex:
     """Where the cache holds each item's entry, kept as arrays (~36 bytes an item).
 
-    Built from the items' keys in manifest order: `inv` maps an item to its distinct key, and for each
+    Built from the items' keys in manifest order (the array given is sorted in place: consumed), `inv`
+    maps an item to its distinct key, and for each
     distinct key `part` (an index into `parts`, -1 while not found) and `row` say where its entry is."""
 
     def __init__(self, keys: np.ndarray):
         order = np.argsort(keys, kind="stable").astype(np.int32 if len(keys) < 2**31 else np.int64)
-        ordered = keys[order]
+        keys.sort(kind="stable")  # in place (the caller's array is consumed): no sorted copy beside it
         new = np.empty(len(keys), dtype=bool)
         new[:1] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
-        self.uniq = ordered[new]
-        del ordered
+        np.not_equal(keys[1:], keys[:-1], out=new[1:])
+        self.uniq = keys[new]
         # item -> its distinct key (np.unique(return_inverse) does the same with more temporaries)
         self.inv = np.empty(len(keys), np.int32 if len(keys) < 2**31 else np.int64)
         self.inv[order] = np.cumsum(new, dtype=self.inv.dtype) - 1
@@ -194,7 +194,7 @@ class KeyIndex:
 
     def clear(self) -> None:
         self.part = np.full(len(self.uniq), -1, np.int32)
-        self.row = np.zeros(len(self.uniq), np.int64)
+        self.row = np.zeros(len(self.uniq), np.int32)  # a part holds fewer than 2**31 rows
         self.parts: list[Path] = []
 
     def add_part(self, path: Path, part_keys: np.ndarray) -> int:
@@ -412,7 +412,7 @@ def gather(index: KeyIndex, ids: pa.Array, keep: np.ndarray, dim: int, batch_row
         for sel in np.split(np.arange(len(items)), bounds):
             g = int(groups[sel[0]])
             try:
-                table = pf.read_row_group(g).cast(raw_schema(dim))
+                table = pf.read_row_group(g, use_threads=False).cast(raw_schema(dim))
             except _READ_ERRORS as exc:
                 raise PartError(part, exc) from None
             for start in range(0, len(sel), batch_rows):

@@ -76,7 +76,7 @@ class JobConfig:
     options: dict[str, Any] = field(default_factory=dict)  # any other Beam option, passed as --key=value
     flags: tuple[str, ...] = ()  # Beam flags as on a command line (the stage adds those its parser does not know)
     cache_dir: str | None = None  # the per-item extraction cache; null: off (every item is computed)
-    merge_buffer_mb: int = 32  # rows held in memory while sorting the features by id (twice that at a spill)
+    merge_buffer_mb: int = 16  # rows held in memory while sorting the features by id (twice that at a spill)
     dask: DaskConfig = field(default_factory=DaskConfig)
 
     def validate(self, where: str) -> None:
@@ -420,16 +420,20 @@ def apply_filter(table: pa.Table, extractor: Extractor) -> pa.Table:
 
 class Counts:
     """The extraction metrics, accumulated as feature rows stream past, and the proof that they are the
-    rows expected: the ids written must be `expected` (sorted), in order, each once."""
+    rows expected: the ids written must be those of `ids` (the manifest's) at positions `expected`, in id
+    order, each once."""
 
-    def __init__(self, spec: Modality, items: int, expected: pa.Array):
-        self.spec, self.items, self.expected = spec, items, expected
+    def __init__(self, spec: Modality, items: int, ids: pa.Array, expected: np.ndarray):
+        self.spec, self.items, self.ids, self.expected = spec, items, ids, expected
+        if len(ids) > 1 and not pc.all(pc.greater(ids.slice(1), ids.slice(0, len(ids) - 1))).as_py():
+            by_id = pc.sort_indices(ids).to_numpy()  # ingest writes manifests sorted; any other order works too
+            self.expected = by_id[np.isin(by_id, expected)].astype(np.int32)
         self.written = self.empty_sets = self.elements = self.max_elements = 0
         self.unexpected: list[str] = []
 
     def add(self, table: pa.Table) -> None:
         ids = table[schema.ID].combine_chunks()
-        want = self.expected.slice(self.written, len(ids))
+        want = self.ids.take(pa.array(self.expected[self.written : self.written + len(ids)]))
         if len(want) != len(ids) or not pc.all(pc.equal(ids, want)).as_py():
             self.unexpected.extend(sorted(set(ids.to_pylist()) - set(want.to_pylist()))[:5] or ids.to_pylist()[:1])
         self.written += table.num_rows
@@ -519,7 +523,10 @@ class Run:
         # a fitted kind (meta) fits on the rows; the others check the columns
         table = schema.read_manifest(manifest_path)[0] if spec.extractor.fitted else fields.empty_table()
         self.manifest_sha256 = features.file_sha256(manifest_path)
-        self.ids = pq.read_table(manifest_path, columns=[schema.ID])[schema.ID].combine_chunks()
+        # the ids (~15 bytes an item), read without read-ahead; one array (a take from chunks copies them)
+        chunks = [c for b in self.batches(65536, [schema.ID]) for c in b.column(0).chunks]
+        self.ids = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+        del chunks
         self.described = describe(spec, table, self.mmeta, expect)
         del table
         fp, self.software = fingerprint(spec, self.described)
@@ -541,10 +548,11 @@ class Run:
         )
         self.workers: dict[str, int] = {}  # items per cluster worker, where the runner reports them
 
-    def batches(self, rows: int = 65536) -> Iterator[pa.Table]:
-        """The manifest's rows, a batch at a time, in file order."""
-        # no read-ahead: a buffered stream decodes the file a page at a time
-        for batch in pq.ParquetFile(self.manifest_path, pre_buffer=False, buffer_size=1 << 20).iter_batches(rows):
+    def batches(self, rows: int = 16384, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The manifest's rows (or `columns`), a batch at a time, in file order; no read-ahead: a buffered
+        stream decodes the file a page at a time."""
+        pf = pq.ParquetFile(self.manifest_path, pre_buffer=False, buffer_size=1 << 20)
+        for batch in pf.iter_batches(rows, columns=columns):
             yield pa.Table.from_batches([batch])
 
     def meta(self) -> dict[str, Any]:
@@ -621,7 +629,8 @@ class Run:
         belongs to the item's own file (missing, changed since ingest): the other items with that key run
         in a second job, each on its own file."""
         index, n = self.index, len(self.ids)
-        first = np.unique(index.inv, return_index=True)[1]  # each distinct key's first item
+        first = np.full(len(index.uniq), n, index.inv.dtype)  # each distinct key's first item
+        np.minimum.at(first, index.inv, np.arange(n, dtype=index.inv.dtype))
         todo = np.zeros(n, dtype=bool)
         todo[first[index.part < 0]] = True
         if not todo.any():
@@ -669,13 +678,7 @@ class Run:
             failed[self.positions(dead[schema.ID])] = True
         keep = self.index.found() & ~failed
         lost = self.ids.filter(pa.array(~keep & ~failed)).to_pylist()
-        expected = self.ids.filter(pa.array(keep))  # ingest writes the manifest sorted by id
-        if (
-            len(expected) > 1
-            and not pc.all(pc.greater(expected.slice(1), expected.slice(0, len(expected) - 1))).as_py()
-        ):
-            expected = expected.take(pc.sort_indices(expected))
-        counts = Counts(self.spec, len(self.ids), expected)
+        counts = Counts(self.spec, len(self.ids), self.ids, np.flatnonzero(keep).astype(np.int32))
         sorter = ExternalSort(schema.ID, self.job.merge_buffer_mb << 20, self.work)
         try:
             for table in cache.gather(self.index, self.ids, keep, self.described["dim"]):

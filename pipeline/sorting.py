@@ -23,12 +23,18 @@ import pyarrow.parquet as pq
 class ExternalSort:
     """add() tables in any order; sorted() yields them back sorted by `key` in chunks."""
 
-    def __init__(self, key: str, max_bytes: int, tmp_dir: Path, chunk_rows: int = 1024):
-        self.key, self.max_bytes, self.chunk_rows = key, max_bytes, chunk_rows
+    def __init__(
+        self, key: str, max_bytes: int, tmp_dir: Path, chunk_rows: int = 1024, run_rows: int = 1024, fan_in: int = 8
+    ):
+        # runs are written and read back in row groups of `run_rows`; a merge reads at most `fan_in` runs
+        # at once (more are merged in passes), so it holds at most fan_in row groups and file footers
+        self.key, self.max_bytes, self.chunk_rows, self.run_rows = key, max_bytes, chunk_rows, run_rows
+        self.fan_in = max(2, fan_in)
         self.tmp = Path(tempfile.mkdtemp(prefix="sort-", dir=tmp_dir))
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.runs: list[Path] = []
+        self.passes = 0  # merge passes done to bring the runs down to fan_in
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -50,15 +56,17 @@ class ExternalSort:
             yield table.take(order.slice(start, self.chunk_rows))
 
     def _spill(self) -> None:
-        chunks = self._sorted_buffer()
+        self._write_run(self._sorted_buffer())
+
+    def _write_run(self, chunks: Iterator[pa.Table]) -> None:
         first = next(chunks, None)
         if first is None:
             return
-        path = self.tmp / f"run-{len(self.runs):05d}.parquet"
+        path = self.tmp / f"run-{len(self.runs):05d}-{self.passes:02d}.parquet"
         with pq.ParquetWriter(path, first.schema) as writer:
-            writer.write_table(first, row_group_size=self.chunk_rows)
+            writer.write_table(first, row_group_size=self.run_rows)
             for chunk in chunks:
-                writer.write_table(chunk, row_group_size=self.chunk_rows)
+                writer.write_table(chunk, row_group_size=self.run_rows)
         self.runs.append(path)
 
     def sorted(self) -> Iterator[pa.Table]:
@@ -68,12 +76,18 @@ class ExternalSort:
                 yield from self._sorted_buffer()
                 return
             self._spill()
-            yield from self._merge()
+            while len(self.runs) > self.fan_in:
+                group, self.runs = self.runs[: self.fan_in], self.runs[self.fan_in :]
+                self.passes += 1
+                self._write_run(self._merge(group))
+                for path in group:
+                    path.unlink()
+            yield from self._merge(self.runs)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _merge(self) -> Iterator[pa.Table]:
-        readers = [self._chunks(p) for p in self.runs]
+    def _merge(self, runs: list[Path]) -> Iterator[pa.Table]:
+        readers = [self._chunks(p) for p in runs]
         heads: list[pa.Table | None] = [self._next(r) for r in readers]
         while any(h is not None for h in heads):
             live = [h for h in heads if h is not None]
@@ -95,7 +109,7 @@ class ExternalSort:
         whole file."""
         pf = pq.ParquetFile(path)
         for g in range(pf.num_row_groups):
-            yield pf.read_row_group(g)
+            yield pf.read_row_group(g, use_threads=False)
 
     @staticmethod
     def _next(reader: Iterator[pa.Table]) -> pa.Table | None:
