@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# one BLAS thread everywhere, set before numpy loads: the bare loop (this process), the in-process stage
+# and each 1-thread Dask worker do the same work the same way
+THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+os.environ.update(THREADS)
 
 
 def write_manifest(path: Path, n: int) -> None:
@@ -172,9 +176,7 @@ STAGE_ENV = {
 
 
 def env() -> dict[str, str]:
-    # one BLAS thread: the work is the same in the loop, in-process and on each 1-thread Dask worker
-    threads = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return {**os.environ, **STAGE_ENV, **threads}
+    return {**os.environ, **STAGE_ENV, **THREADS}
 
 
 def measure(manifest: Path, runner: str, dim: int, rounds: int) -> dict:

@@ -157,9 +157,12 @@ def key_array(keys: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
     sort them as they are; turn them back into text with key_text() (the bytes may end in NULs, which
     numpy drops from a single value)."""
     values = keys.to_numpy(zero_copy_only=False) if isinstance(keys, pa.Array | pa.ChunkedArray) else keys
-    text = np.asarray(values, dtype="S32")
-    digits = _NIBBLE[text.view(np.uint8).reshape(-1, 32)]
-    if len(text) and (digits.max() > 15 or np.char.str_len(text).min() < 32):
+    try:
+        text = np.asarray(values, dtype="S33")  # one byte more than a key: a longer value is seen, not cut
+    except UnicodeEncodeError:
+        raise ValueError("not a cache key (32 hex characters): a non-ASCII value") from None
+    digits = _NIBBLE[text.view(np.uint8).reshape(-1, 33)[:, :32]]
+    if len(text) and (digits.max() > 15 or (np.char.str_len(text) != 32).any()):
         bad = next(k for k in text.tolist() if len(k) != 32 or _NIBBLE[np.frombuffer(k, np.uint8)].max() > 15)
         raise ValueError(f"not a cache key (32 hex characters): {bad!r}")
     return np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2]).view(KEY_DTYPE).reshape(-1)
@@ -187,6 +190,7 @@ class KeyIndex:
         new[:1] = True
         np.not_equal(keys[1:], keys[:-1], out=new[1:])
         self.uniq = keys[new]
+        self.first = order[new]  # each distinct key's first item (the stable sort keeps item order)
         # item -> its distinct key (np.unique(return_inverse) does the same with more temporaries)
         self.inv = np.empty(len(keys), np.int32 if len(keys) < 2**31 else np.int64)
         self.inv[order] = np.cumsum(new, dtype=self.inv.dtype) - 1
@@ -311,12 +315,11 @@ class FeatureCache:
         for part in self.parts() if parts is None else sorted(parts):
             try:
                 part_keys = pq.ParquetFile(part, page_checksum_verification=True).read(columns=[KEY])[KEY]
+                index.add_part(part, key_array(part_keys))
             except FileNotFoundError:
                 continue  # compacted or quarantined by another process meanwhile
             except _READ_ERRORS as exc:
                 self.quarantine(part, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            index.add_part(part, key_array(part_keys))
 
     def verify(self, parts: Iterable[Path]) -> list[Path]:
         """Read every page of `parts` with its checksum, a row group at a time; quarantine the parts that
@@ -394,23 +397,21 @@ class PartError(Exception):
 def gather(index: KeyIndex, ids: pa.Array, keep: np.ndarray, dim: int, batch_rows: int = PART_ROW_GROUP):
     """The stored rows of the items `keep` selects (a mask over `ids`, the items of `index`) as feature
     tables, part by part and row group by row group: memory holds one row group, not the modality."""
-    item_part, item_row = index.item_part(), index.item_row()
-    for p, part in enumerate(index.parts):
-        items = np.flatnonzero(keep & (item_part == p))
-        if not len(items):
-            continue
-        rows = item_row[items]
-        order = np.argsort(rows, kind="stable")
-        items, rows = items[order], rows[order]
+    items = np.flatnonzero(keep & index.found()).astype(np.int32)
+    parts, rows = index.item_part()[items], index.item_row()[items]
+    order = np.lexsort((rows, parts))  # by part, then by row: each part read once, front to back
+    items, parts, rows = items[order], parts[order], rows[order]
+    bounds = np.flatnonzero(np.diff(parts)) + 1
+    for in_part in np.split(np.arange(len(items)), bounds) if len(items) else []:
+        part = index.parts[int(parts[in_part[0]])]
         try:
             pf = pq.ParquetFile(part, page_checksum_verification=True)
         except _READ_ERRORS as exc:
             raise PartError(part, exc) from None
         starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
-        groups = np.searchsorted(starts, rows, side="right") - 1
-        bounds = np.flatnonzero(np.diff(groups)) + 1
-        for sel in np.split(np.arange(len(items)), bounds):
-            g = int(groups[sel[0]])
+        groups = np.searchsorted(starts, rows[in_part], side="right") - 1
+        for sel in np.split(in_part, np.flatnonzero(np.diff(groups)) + 1):
+            g = int(groups[sel[0] - in_part[0]])
             try:
                 table = pf.read_row_group(g, use_threads=False).cast(raw_schema(dim))
             except _READ_ERRORS as exc:

@@ -174,9 +174,10 @@ class _Receivers(dict):
         return self._Drop()
 
 
-def _count(partition: Iterable) -> list[int]:
-    """A sink's partition reduced to its element count (nothing else travels back to the caller)."""
-    return [sum(1 for _ in partition)]
+def _count(partition: Iterable) -> list[tuple[int, str | None]]:
+    """A sink's partition reduced to its element count and the worker that counted it (nothing else
+    travels back to the caller)."""
+    return [(sum(1 for _ in partition), _where())]
 
 
 def _runner(step: _ParDoSpec, receivers: _Receivers, side_inputs: Sequence[Any] = ()) -> DoFnRunner:
@@ -224,6 +225,7 @@ class _FusedSpec:
     routes: dict[tuple[int, str | None], list[int]]  # (step, output tag) -> the steps that read that output
     exports: list[tuple[int, str | None]]  # outputs read by transforms outside: collected and returned
     sinks: list[tuple[int, str | None]]  # outputs nobody reads: counted
+    run: str  # the run's id: its groups are torn down when it ends, never reused by another run
 
 
 class _Route(Receiver):
@@ -271,10 +273,21 @@ class _WarmFused:
 # `_teardown` empties the entries of a run when it ends (Beam's contract: setup once per instance,
 # start/finish_bundle around each bundle, teardown when the instance is discarded).
 _IDLE: dict[str, list[_WarmFused]] = {}
+_ENDED: set[str] = set()  # keys of groups whose run ended: a partition still running then tears its group down
 _IDLE_LOCK = threading.Lock()
 
 
-def _run_fused(elements: Iterable, blob: bytes) -> tuple[list[list], list[int]]:
+def _where() -> str | None:
+    """The address of the Dask worker running this task (None outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
+
+
+def _run_fused(elements: Iterable, blob: bytes) -> tuple[list[list], list[int], str | None]:
     """Run a fused group over one partition: start every step's bundle, push each element through the
     steps as it comes, finish the bundles in topological order (what a step emits in `finish_bundle`
     reaches the next step before that one finishes: mends (c)). Returns the collected exports and the
@@ -300,13 +313,14 @@ def _run_fused(elements: Iterable, blob: bytes) -> tuple[list[list], list[int]]:
             r.finish()
         ok = True
     finally:
-        out = (warm.exports, warm.counts)
+        out = (warm.exports, warm.counts, _where())
         warm.exports, warm.counts = [], []
-        if ok:
-            with _IDLE_LOCK:
+        with _IDLE_LOCK:
+            park = ok and key not in _ENDED  # a failed group is not trusted with another partition
+            if park:
                 _IDLE.setdefault(key, []).append(warm)
-        else:
-            warm.teardown()  # a group that failed mid-partition is not trusted with another one
+        if not park:
+            warm.teardown()
     return out
 
 
@@ -314,6 +328,7 @@ def _teardown(keys: Sequence[str]) -> int:
     """On a worker, when a run ends: tear down the set-up groups of that run (`keys`); returns how many."""
     with _IDLE_LOCK:
         warm = [w for k in keys for w in _IDLE.pop(k, [])]
+        _ENDED.update(keys)
     for w in warm:
         w.teardown()
     n = len(warm)
@@ -328,9 +343,10 @@ def _teardown(keys: Sequence[str]) -> int:
     return n
 
 
-def _pick(result: tuple[list[list], list[int]], which: int, index: int) -> list:
-    """One export (which=0) or one sink count (which=1, as [n]) of a fused partition's result."""
-    return result[which][index] if which == 0 else [result[1][index]]
+def _pick(result: tuple[list[list], list[int], str | None], which: int, index: int) -> list:
+    """One export (which=0) or one sink count (which=1, as [(n, the worker that ran the group)]) of a
+    fused partition's result."""
+    return result[0][index] if which == 0 else [(result[1][index], result[2])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +411,7 @@ class _BagBuilder:
         self.group_of: dict[int, tuple[_Group, AppliedPTransform]] = {}  # id(PCollection) -> its producer
         self.sink_bags: list[Any] = []  # count bags of every branch end
         self._side: dict[int, Any] = {}  # id(PCollection) -> Delayed of all its elements
+        self.run = uuid.uuid4().hex
 
     def translate(self, pipeline) -> list[Any]:
         """Build the bags of every transform; returns the count bags of the branch ends."""
@@ -411,7 +428,9 @@ class _BagBuilder:
         inputs = [pc for pc in node.inputs if isinstance(pc, beam.pvalue.PCollection)]
         transform = node.transform
         if _fusable(node):
-            if id(inputs[0]) in self.group_of:
+            # join the group of its input unless that group's tasks are built already (something outside
+            # read one of its outputs first): then it starts a group of its own on that exported output
+            if id(inputs[0]) in self.group_of and self.group_of[id(inputs[0])][0].bags is None:
                 group = self.group_of[id(inputs[0])][0]
             else:
                 group = _Group(_name("fused", node.full_label), inputs[0], [])
@@ -473,7 +492,7 @@ class _BagBuilder:
                     export_pcolls.append(pcoll)
                 elif not readers:
                     sinks.append((i, tag))
-        group.blob = pickler.dumps(_FusedSpec(steps, roots, routes, exports, sinks))
+        group.blob = pickler.dumps(_FusedSpec(steps, roots, routes, exports, sinks, self.run))
         fused = self.bag(group.root).map_partitions(_run_fused, group.blob, token=group.name)
         group.bags = {
             id(pcoll): fused.map_partitions(_pick, 0, k, token=f"{group.name}-export{k}")
@@ -598,10 +617,9 @@ class DaskRunnerResult(PipelineResult):
     of a failed task; then `worker_items` says how many elements reached the pipeline's ends from each
     worker's tasks. Either way the run's set-up DoFns are torn down on every worker."""
 
-    def __init__(self, client, cluster, futures: list, stream, sink_keys: list[list], fused_keys: list[str]):
+    def __init__(self, client, cluster, futures: list, fused_keys: list[str]):
         super().__init__(PipelineState.RUNNING)
-        self._client, self._cluster, self._futures = client, cluster, futures
-        self._stream, self._sink_keys, self._fused_keys = stream, sink_keys, fused_keys
+        self._client, self._cluster, self._futures, self._fused_keys = client, cluster, futures, fused_keys
         self.worker_items: dict[str, int] = {}
         self.sink_counts: list[int] = []  # elements at the end of each branch, in graph order
         self.torn_down = 0  # set-up DoFn groups torn down on the workers when the run ended
@@ -617,39 +635,34 @@ class DaskRunnerResult(PipelineResult):
         except TimeoutError:
             return self._state
         try:
-            counts = self._client.gather(self._futures)
-            self.sink_counts = [sum(c) for c in counts]
+            counts = self._client.gather(self._futures)  # per sink: (elements, worker) of each partition
+            self.sink_counts = [sum(n for n, _ in c) for c in counts]
+            for n, worker in (pair for c in counts for pair in c):
+                self.worker_items[worker] = self.worker_items.get(worker, 0) + n
             self._state = PipelineState.DONE
         except BaseException:
             self._state = PipelineState.FAILED
             self._client.cancel(self._futures)
-            counts = []
             raise
         finally:
-            self._finish(counts)
+            self._finish()
         return self._state
 
     def cancel(self) -> str:
         if not PipelineState.is_terminal(self._state):
             self._client.cancel(self._futures)
             self._state = PipelineState.CANCELLED
-            self._finish([])
+            self._finish()
         return self._state
 
-    def _finish(self, counts: list[list[int]]) -> None:
-        """Tear down the run's DoFns on every worker, count the elements each worker finished, then close
-        the client (and the local cluster, if ours)."""
+    def _finish(self) -> None:
+        """Tear down the run's DoFns on every worker (a failure to do so is logged: the run's result
+        stands), then close the client (and the local cluster, if ours)."""
         try:
-            self._stream.__exit__(None, None, None)
-            where = {r["key"]: r["worker"] for r in self._stream.data if r.get("status") == "OK"}
-            items = {w: 0 for w in self._client.scheduler_info(n_workers=-1)["workers"]}
-            for keys, ns in zip(self._sink_keys, counts):
-                for key, n in zip(keys, ns):
-                    if key in where:
-                        items[where[key]] = items.get(where[key], 0) + n
-            self.worker_items = items
             if self._fused_keys:
                 self.torn_down = sum(self._client.run(_teardown, self._fused_keys).values())
+        except Exception as exc:  # a worker gone meanwhile: its DoFns went with it
+            log.warning("Dask: could not tear down this run's DoFns on every worker: %s", exc)
         finally:
             self._client.close()
             if self._cluster is not None:
@@ -687,17 +700,13 @@ class DaskRunner(beam_dask.DaskRunner):
             pipeline.replace_all(dask_overrides())
             with client.as_current():  # dask picks its task-based shuffle (GroupByKey) with a client
                 sinks = builder.translate(pipeline)
-            stream = ddist.get_task_stream(client=client)
-            stream.__enter__()
             futures = client.compute(sinks, optimize_graph=False)  # keeps the reshuffle placement
         except BaseException:
             client.close()
             if cluster is not None:
                 cluster.close()
             raise
-        return DaskRunnerResult(
-            client, cluster, futures, stream, [bag.__dask_keys__() for bag in sinks], builder.fused_keys()
-        )
+        return DaskRunnerResult(client, cluster, futures, builder.fused_keys())
 
     @staticmethod
     def _slots(workers: dict[str, dict]) -> list[str]:

@@ -181,7 +181,8 @@ class PrepareFn(beam.DoFn):
         _quiet()
 
     def process(self, row: dict[str, Any]):
-        item_id, key = row[schema.ID], row.pop(TODO_KEY)
+        item_id, key = row[schema.ID], row[TODO_KEY]
+        row = {k: v for k, v in row.items() if k != TODO_KEY}  # the extractor sees the manifest's row
         try:
             payload = self.extractor.prepare(row, Path(self.root))
         except Exception as exc:
@@ -385,10 +386,15 @@ def check_extractor(name: str, expect: dict[str, Any], described: dict[str, Any]
 
 
 def _read_dead(folder: Path) -> pa.Table:
-    """The dead letters the job wrote, sorted by id."""
+    """The dead letters the job wrote, sorted by id, one per item (a bundle a runner ran twice, after a
+    lost worker, wrote its dead letters twice)."""
     parts = [pq.read_table(f).cast(schema.EXTRACT_DEAD_LETTER_SCHEMA) for f in sorted(folder.glob("dead-*.parquet"))]
     dead = pa.concat_tables(parts) if parts else schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table()
-    return dead.sort_by(schema.ID)
+    dead = dead.sort_by(schema.ID)
+    ids = dead[schema.ID].combine_chunks()
+    if len(ids) > 1:
+        dead = dead.filter(pa.array(np.r_[True, pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy()]))
+    return dead
 
 
 def apply_filter(table: pa.Table, extractor: Extractor) -> pa.Table:
@@ -629,10 +635,8 @@ class Run:
         belongs to the item's own file (missing, changed since ingest): the other items with that key run
         in a second job, each on its own file."""
         index, n = self.index, len(self.ids)
-        first = np.full(len(index.uniq), n, index.inv.dtype)  # each distinct key's first item
-        np.minimum.at(first, index.inv, np.arange(n, dtype=index.inv.dtype))
         todo = np.zeros(n, dtype=bool)
-        todo[first[index.part < 0]] = True
+        todo[index.first[index.part < 0]] = True  # each missing distinct key's first item
         if not todo.any():
             return schema.EXTRACT_DEAD_LETTER_SCHEMA.empty_table(), 0
         dead = self.compute(todo)

@@ -376,3 +376,21 @@ def test_a_cluster_without_workers_is_a_clear_error(tmp_path):
         p | beam.Create([1]) | beam.Map(lambda x: x)
         with pytest.raises(RuntimeError, match="has no workers .waited 1 s"):
             p.run()
+
+
+def test_a_pardo_after_an_output_read_outside_its_group_still_runs(cluster, tmp_path):
+    grouped, after = tmp_path / "grouped", tmp_path / "after"
+    grouped.mkdir()
+    after.mkdir()
+    p = beam.Pipeline(options=options(cluster))
+    pairs = p | beam.Create(range(6)) | "pair" >> beam.Map(lambda v: (v % 2, v))
+    (
+        pairs
+        | beam.GroupByKey()
+        | "sorted" >> beam.MapTuple(lambda k, vs: (k, sorted(vs)))
+        | "g" >> beam.ParDo(Collect(str(grouped)))
+    )
+    pairs | "after" >> beam.ParDo(Collect(str(after)))  # visited after the GroupByKey built the group
+    run(p)
+    assert collected(grouped) == [(0, [0, 2, 4]), (1, [1, 3, 5])]
+    assert collected(after) == sorted((v % 2, v) for v in range(6))
