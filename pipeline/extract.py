@@ -687,6 +687,7 @@ class Run:
         try:
             for table in cache.gather(self.index, self.ids, keep, self.described["dim"]):
                 sorter.add(apply_filter(table, self.spec.extractor))
+            self.index = None  # every row is read: its arrays are not needed while the sort merges
         except cache.PartError as exc:  # damaged after it was verified: moved aside, so the next run heals
             self.store.quarantine(exc.part, f"unreadable during a run: {exc}")
             raise ExtractionError(
